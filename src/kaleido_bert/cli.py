@@ -1,0 +1,169 @@
+"""The ``kaleido`` command line: a thin map from subcommands to plain functions (SPEC §2 flows).
+
+Every command that reads a run config takes ``--config NAME|PATH`` and repeated ``--set a.b=value``. A
+:class:`~kaleido_bert.errors.KaleidoError` anywhere becomes one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from kaleido_bert import __version__
+from kaleido_bert.config import PRESET_NAMES, RunConfig, load_config
+from kaleido_bert.errors import KaleidoError
+
+
+def _add_config_args(parser: argparse.ArgumentParser, default: str = "demo") -> None:
+    parser.add_argument("--config", default=default, help=f"preset ({', '.join(PRESET_NAMES)}) or YAML file")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config field, e.g. --set train.lr=2e-5 (repeatable)",
+    )
+
+
+def _config(args: argparse.Namespace) -> RunConfig:
+    return load_config(args.config, args.overrides)
+
+
+# ---------------------------------------------------------------------------------------------- data
+def cmd_data_synth(args: argparse.Namespace) -> None:
+    from kaleido_bert.synth import synthesize
+
+    synthesize(args.out, products=args.products, seed=args.seed, overwrite=args.overwrite, workers=args.workers)
+    _print_check(args.out, images=False)
+
+
+def cmd_data_import_csv(args: argparse.Namespace) -> None:
+    from kaleido_bert.importers import import_csv
+
+    report = import_csv(
+        args.csv, images=args.images, out=args.out, id_col=args.id_col, text_col=args.text_col,
+        title_col=args.title_col, category_col=args.category_col, subcategory_col=args.subcategory_col,
+        image_col=args.image_col, product_col=args.product_col, split_col=args.split_col,
+        on_error=args.on_error, overwrite=args.overwrite, seed=args.seed,
+    )
+    print(report.summary())
+
+
+def cmd_data_import_fashiongen(args: argparse.Namespace) -> None:
+    from kaleido_bert.importers import import_fashiongen
+
+    report = import_fashiongen(args.files, out=args.out, on_error=args.on_error, overwrite=args.overwrite, seed=args.seed)
+    print(report.summary())
+
+
+def _print_check(root: str | Path, images: bool = True) -> bool:
+    from kaleido_bert.check import check_catalogue
+
+    report = check_catalogue(root, images=images)
+    print(report.format())
+    return report.ok
+
+
+def cmd_data_check(args: argparse.Namespace) -> None:
+    if not _print_check(args.catalogue, images=not args.no_images):
+        raise SystemExit(1)
+
+
+# ---------------------------------------------------------------------------------------------- config / demo
+def cmd_config_show(args: argparse.Namespace) -> None:
+    import yaml
+
+    print(yaml.safe_dump(_config(args).to_dict(), sort_keys=False), end="")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """The whole pipeline on the built-in synthetic catalogue; grows stage by stage (README, "Demo")."""
+    from kaleido_bert.synth import synthesize
+
+    config = _config(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save(out / "run.yaml")
+    catalogue = out / "catalogue"
+    if not (catalogue / "catalogue.jsonl").is_file():
+        print(f"[demo] synthesising {config.data.synthetic_products} products into {catalogue}")
+        synthesize(catalogue, products=config.data.synthetic_products, seed=config.data.synthetic_seed)
+    else:
+        print(f"[demo] re-using the synthetic catalogue in {catalogue}")
+    print("[demo] catalogue statistics:")
+    if not _print_check(catalogue):
+        raise KaleidoError(f"the synthetic catalogue in {catalogue} failed its check")
+
+
+# ---------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kaleido", description="Kaleido-BERT: fashion vision-language pre-training")
+    parser.add_argument("--version", action="version", version=f"kaleido-bert {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="run the whole pipeline on the built-in synthetic catalogue")
+    demo.add_argument("--out", default="runs/demo", help="output directory")
+    _add_config_args(demo)
+    demo.set_defaults(func=cmd_demo)
+
+    data = sub.add_parser("data", help="build and check catalogues").add_subparsers(dest="data_command", required=True)
+    synth = data.add_parser("synth", help="write the built-in synthetic fashion catalogue")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--products", type=int, default=300)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--workers", type=int, default=0, help="worker processes (0 = in process)")
+    synth.add_argument("--overwrite", action="store_true")
+    synth.set_defaults(func=cmd_data_synth)
+
+    csv_ = data.add_parser("import-csv", help="import a CSV of products and an image folder")
+    csv_.add_argument("csv")
+    csv_.add_argument("--images", required=True, help="folder the image paths are relative to")
+    csv_.add_argument("--out", required=True)
+    csv_.add_argument("--id-col", default="id")
+    csv_.add_argument("--text-col", default="productDisplayName", help="description column")
+    csv_.add_argument("--title-col", default=None, help="title column (default: first words of the description)")
+    csv_.add_argument("--category-col", default="masterCategory")
+    csv_.add_argument("--subcategory-col", default="articleType")
+    csv_.add_argument("--image-col", default="image", help="image path column (default: <id>.jpg when absent)")
+    csv_.add_argument("--product-col", default=None, help="product id column (default: one product per row)")
+    csv_.add_argument("--split-col", default=None, help="split column (default: assigned by product)")
+    csv_.add_argument("--on-error", choices=("skip", "fail"), default="fail")
+    csv_.add_argument("--seed", type=int, default=0, help="seed of the product split")
+    csv_.add_argument("--overwrite", action="store_true")
+    csv_.set_defaults(func=cmd_data_import_csv)
+
+    fg = data.add_parser("import-fashiongen", help="import the official Fashion-Gen h5 files")
+    fg.add_argument("files", nargs="+")
+    fg.add_argument("--out", required=True)
+    fg.add_argument("--on-error", choices=("skip", "fail"), default="fail")
+    fg.add_argument("--seed", type=int, default=0)
+    fg.add_argument("--overwrite", action="store_true")
+    fg.set_defaults(func=cmd_data_import_fashiongen)
+
+    check = data.add_parser("check", help="validate a catalogue and print its statistics")
+    check.add_argument("catalogue")
+    check.add_argument("--no-images", action="store_true", help="skip opening the image files")
+    check.set_defaults(func=cmd_data_check)
+
+    config = sub.add_parser("config", help="inspect configs").add_subparsers(dest="config_command", required=True)
+    show = config.add_parser("show", help="print the resolved config as YAML")
+    _add_config_args(show)
+    show.set_defaults(func=cmd_config_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except KaleidoError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,339 @@
+"""Typed run configuration: dataclasses per concern, YAML presets shipped in the package, dotted overrides.
+
+A run is described by one :class:`RunConfig` made of sections (``model``, ``data``, ``features``, ``masking``,
+``train``, ``eval``). Presets live in ``kaleido_bert/configs/*.yaml`` (``tiny``, ``demo``, ``small``, ``paper``)
+and are loaded with :func:`load_config`; ``--set a.b=value`` overrides are parsed with ``ast.literal_eval`` and
+type-checked against the field (:func:`apply_overrides`). Only :class:`ModelConfig` goes next to the weights
+(``config.json``); the full resolved run config is written as ``run.yaml`` next to every output.
+
+Paper values (§4.1, Implementation details): L=12, H=768, A=12, ResNet-50 2048-d patch features, 64 text tokens,
+1/2/3 masked patches at the 3×3/4×4/5×5 levels, at most 10 masked tokens.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kaleido_bert.errors import KaleidoError
+from kaleido_bert.atomic import atomic_write_text
+
+PRESET_NAMES = ("tiny", "demo", "small", "paper")
+
+
+class ConfigError(KaleidoError):
+    """A config file, preset name or override is invalid."""
+
+
+@dataclass
+class ModelConfig:
+    hidden_size: int = 768
+    """Transformer width D."""
+    num_layers: int = 12
+    """Number of BERT encoder layers L."""
+    num_heads: int = 12
+    """Attention heads A; must divide ``hidden_size``."""
+    intermediate_size: int = 3072
+    """Feed-forward width inside each encoder layer."""
+    vocab_size: int = 30522
+    """WordPiece vocabulary size (bert-base-uncased: 30,522)."""
+    max_text_len: int = 64
+    """Text tokens T including ``[CLS]`` and ``[SEP]``."""
+    patch_feature_size: int = 2048
+    """Patch feature size F (ResNet-50 pooled: 2048); must match the feature store."""
+    num_levels: int = 5
+    """Kaleido levels 1×1 … K×K; 5 gives 55 patches."""
+    dropout: float = 0.1
+    """Dropout on embeddings, attention and hidden states."""
+    init: str | None = None
+    """A BERT checkpoint directory that initialises text embeddings and encoder (None = random)."""
+    tasks: list[str] = field(
+        default_factory=lambda: ["mlm", "itm", "rotation", "jigsaw", "camouflage", "grey_to_color", "blank_to_color"]
+    )
+    """Pre-training tasks switched on (paper §3.5 plus the optional ``itc``)."""
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}")
+        if not 1 <= self.num_levels <= 5:
+            raise ConfigError(f"model.num_levels={self.num_levels} must be between 1 and 5")
+        known = {"mlm", "itm", "itc", "rotation", "jigsaw", "camouflage", "grey_to_color", "blank_to_color"}
+        unknown = sorted(set(self.tasks) - known)
+        if unknown:
+            raise ConfigError(f"model.tasks has unknown task(s) {unknown}; known: {sorted(known)}")
+
+    @property
+    def num_patches(self) -> int:
+        """P = 1 + 4 + … + K² (55 for five levels)."""
+        return sum(k * k for k in range(1, self.num_levels + 1))
+
+
+@dataclass
+class DataConfig:
+    catalogue: str | None = None
+    """Catalogue directory (see README, "Catalogue format"); None = the built-in synthetic catalogue."""
+    synthetic_products: int = 300
+    """Products in the synthetic catalogue when ``catalogue`` is None."""
+    synthetic_seed: int = 0
+    """Seed of the synthetic catalogue."""
+    tokenizer: str | None = None
+    """WordPiece vocabulary directory (bert-base-uncased layout); None = the offline MiniLM vocab."""
+    val_fraction: float = 0.1
+    """Share of products in the validation split when an importer assigns splits."""
+    test_fraction: float = 0.1
+    """Share of products in the test split when an importer assigns splits."""
+    num_workers: int = 2
+    """DataLoader worker processes for image decoding."""
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
+            raise ConfigError("data.val_fraction and data.test_fraction must be in [0, 1) and sum below 1")
+
+
+@dataclass
+class FeaturesConfig:
+    backbone: str = "resnet50"
+    """torchvision backbone (``resnet50``) or ``efficientnet_lite0``."""
+    weights: str = "none"
+    """``imagenet`` (torchvision weights API / offline package), a local weights file, or ``none`` (random init)."""
+    mode: str = "crop"
+    """``crop`` (each patch cropped and encoded, as the paper) or ``roi`` (one pass, ``roi_align``)."""
+    patch_size: int = 224
+    """Side of each resized crop in ``crop`` mode."""
+    image_size: int = 256
+    """Side the whole image is resized to before the box is cut (``roi`` mode input size)."""
+    saliency: str = "threshold"
+    """Foreground box: ``threshold``, ``opencv``, ``unet`` or ``none`` (whole image)."""
+    saliency_checkpoint: str | None = None
+    """Trained U-Net checkpoint directory for ``saliency: unet``."""
+    batch_size: int = 64
+    """Backbone inputs per forward pass."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("crop", "roi"):
+            raise ConfigError(f"features.mode={self.mode!r} must be 'crop' or 'roi'")
+        if self.saliency not in ("threshold", "opencv", "unet", "none"):
+            raise ConfigError(f"features.saliency={self.saliency!r} must be threshold, opencv, unet or none")
+
+
+@dataclass
+class MaskingConfig:
+    strategy: str = "alignment"
+    """``alignment`` (alignment-guided, paper §3.4) or ``random`` (the ablation baseline)."""
+    text_ratio: float = 0.15
+    """Share of text tokens masked."""
+    text_max: int = 10
+    """At most this many masked tokens per description."""
+    camouflage: int = 1
+    """Camouflaged patches at the 3×3 level."""
+    grey: int = 2
+    """Greyed patches at the 4×4 level."""
+    blank: int = 3
+    """Blanked patches at the 5×5 level."""
+    itm_negative_ratio: float = 0.5
+    """Share of pairs whose description comes from another product (same sub-category first)."""
+
+    def __post_init__(self) -> None:
+        if self.strategy not in ("alignment", "random"):
+            raise ConfigError(f"masking.strategy={self.strategy!r} must be 'alignment' or 'random'")
+        if not (0 <= self.camouflage <= 9 and 0 <= self.grey <= 16 and 0 <= self.blank <= 25):
+            raise ConfigError("masking budgets exceed the patches of their level (3×3: 9, 4×4: 16, 5×5: 25)")
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-4
+    """Peak learning rate (released scripts: 1e-4; paper text: 2e-5)."""
+    batch_size: int = 256
+    """Global batch (pairs per optimizer step, across ranks and accumulation)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    max_steps: int = 50683
+    """Optimizer steps."""
+    warmup_ratio: float = 0.1
+    """Linear warm-up as a share of ``max_steps``, then linear decay to 0."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (released scripts: 0)."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip."""
+    precision: str = "auto"
+    """``auto`` (bf16 on a supporting GPU, else fp32), ``fp32``, ``bf16`` or ``fp16``."""
+    seed: int = 0
+    """Seed for weights, data order and masking."""
+    eval_every: int = 1000
+    """Validation every N steps."""
+    save_every: int = 1000
+    """Checkpoint every N steps."""
+    keep_last: int = 3
+    """Checkpoints kept."""
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"train.precision={self.precision!r} must be auto, fp32, bf16 or fp16")
+        if self.batch_size < 1 or self.grad_accum < 1 or self.max_steps < 0:
+            raise ConfigError("train.batch_size and train.grad_accum must be ≥1 and train.max_steps ≥0")
+
+
+@dataclass
+class EvalConfig:
+    num_queries: int = 1000
+    """Queries per direction in the sample-100 protocol (paper Table 2)."""
+    num_negatives: int = 100
+    """Negatives per query, same sub-category first."""
+    seed: int = 0
+    """Seed of the candidate draw."""
+    rerank_k: int = 100
+    """Full-gallery retrieval: dual-encoder top-k re-ranked by ITM."""
+    beam_size: int = 3
+    """Caption beam width."""
+    max_caption_len: int = 40
+    """Generated caption tokens."""
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    name: str = "custom"
+    """Preset name or file the config came from."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        """Write the resolved config as YAML, atomically (``run.yaml`` next to an output)."""
+        atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------- typed building
+def _check_value(key: str, value: Any, annotation: Any) -> Any:
+    """Return ``value`` converted to ``annotation`` or raise a one-line ConfigError naming ``key``."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_value(key, value, option)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_check_value(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, float, str, bool):
+        if isinstance(value, bool) and annotation is not bool or not isinstance(value, annotation):
+            raise ConfigError(f"{key}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {annotation!r}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_value(f"{prefix}{name}", value, hint)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {err}") from None
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """Build a validated RunConfig from a (possibly partial) nested dict."""
+    return _build(RunConfig, data)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.path=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw  # a bare word is a string: --set features.mode=roi
+    if raw.strip().lower() in ("none", "null"):
+        value = None
+    if raw.strip().lower() in ("true", "false"):
+        value = raw.strip().lower() == "true"
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides to a nested dict; unknown keys and wrong types fail in :func:`_build`."""
+    for text in overrides:
+        path, value = _parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def preset_path(name: str) -> Path:
+    return Path(str(resources.files("kaleido_bert") / "configs" / f"{name}.yaml"))
+
+
+def load_config(name_or_path: str | Path = "demo", overrides: list[str] | None = None) -> RunConfig:
+    """Load a shipped preset by name or a YAML file by path, then apply ``--set`` overrides.
+
+    Raises:
+        ConfigError: unknown preset or file, unknown key, wrong type, or an invalid value (one line, names the key).
+    """
+    text = str(name_or_path)
+    path = Path(text)
+    if text in PRESET_NAMES:
+        path, label = preset_path(text), text
+    elif path.suffix in (".yaml", ".yml") or path.exists():
+        label = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+    else:
+        raise ConfigError(f"unknown preset {text!r}: use one of {', '.join(PRESET_NAMES)} or a YAML file path")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    data.setdefault("name", label)
+    apply_overrides(data, list(overrides or []))
+    return config_from_dict(data)

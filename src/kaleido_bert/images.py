@@ -1,0 +1,131 @@
+"""Image validation and loading for catalogue images (the input side of paper §3.2).
+
+Validation reads the header only (size, mode, format) and bounds the pixel count before any decoding, so a
+decompression bomb (a 20000×20000 PNG of a few kB) is refused without allocating it. Integrity (a truncated
+file) is then checked cheaply: JPEGs are decoded in draft mode at 1/8 scale, other formats with ``verify()``.
+Loading returns an RGB ``PIL.Image`` whatever the source mode: CMYK, 16-bit, greyscale, palette and alpha images
+are converted (alpha is composited on white, the background of product photos).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from kaleido_bert.errors import KaleidoError
+
+MAX_PIXELS = 40_000_000
+"""Largest accepted image (about 6300×6300); larger headers are refused before decoding."""
+MIN_SIDE = 16
+"""Smallest accepted side in pixels (the Myntra thumbnails are 60×80)."""
+
+
+class ImageProblem(KaleidoError):
+    """An image that cannot be used: missing, empty, unreadable, truncated, too small or too large."""
+
+
+@dataclass
+class ImageInfo:
+    width: int
+    height: int
+    mode: str
+    format: str | None
+    notes: list[str] = field(default_factory=list)
+    """Conversions that loading will apply (e.g. ``CMYK converted to RGB``)."""
+
+
+def _open_checked(path: Path, max_pixels: int, min_side: int) -> Image.Image:
+    if not path.is_file():
+        raise ImageProblem(f"image file not found: {path}")
+    if path.stat().st_size == 0:
+        raise ImageProblem(f"image file is empty (0 bytes): {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)  # lazy: reads the header only
+    except Image.DecompressionBombError:
+        raise ImageProblem(f"image too large to open safely: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ImageProblem(f"not a readable image ({type(err).__name__}): {path}") from None
+    w, h = img.size
+    if w * h > max_pixels:
+        img.close()
+        raise ImageProblem(f"image too large: {w}x{h} exceeds {max_pixels:,} pixels (decompression-bomb guard): {path}")
+    if min(w, h) < min_side:
+        img.close()
+        raise ImageProblem(f"image too small: {w}x{h}, need at least {min_side} px per side: {path}")
+    return img
+
+
+def _conversion_notes(mode: str) -> list[str]:
+    if mode == "RGB":
+        return []
+    if mode in ("RGBA", "LA", "PA", "RGBa") or mode == "P":
+        return [f"{mode} converted to RGB (transparency composited on white)"]
+    if mode.startswith("I") or mode == "F":
+        return [f"{mode} (high bit depth) scaled to 8-bit RGB"]
+    return [f"{mode} converted to RGB"]
+
+
+def inspect_image(path: str | Path, *, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE) -> ImageInfo:
+    """Validate an image from its header plus a cheap integrity pass; never a full-resolution decode.
+
+    Raises:
+        ImageProblem: one line naming the file and what is wrong with it.
+    """
+    path = Path(path)
+    img = _open_checked(path, max_pixels, min_side)
+    info = ImageInfo(img.width, img.height, img.mode, img.format, _conversion_notes(img.mode))
+    try:
+        if img.format == "JPEG":
+            img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+            img.load()  # decodes at 1/8 scale; a truncated stream raises here
+        else:
+            img.verify()  # walks the chunks (CRCs, end marker) without decoding pixels
+            if img.format == "PNG":
+                # verify() stops at IEND detection for some truncations; a bounded decode catches the rest
+                with Image.open(path) as again:
+                    again.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ImageProblem(f"image is truncated or corrupt ({str(err).splitlines()[0][:80]}): {path}") from None
+    finally:
+        img.close()
+    return info
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB (alpha on white, 16/32-bit scaled, CMYK via PIL's conversion)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode.startswith("I") or img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / top * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    return img.convert("RGB")
+
+
+def load_rgb(path: str | Path, *, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE) -> Image.Image:
+    """Load an image as RGB with the EXIF orientation applied, refusing bombs and tiny images first.
+
+    Raises:
+        ImageProblem: missing, empty, unreadable, truncated, too small or too large (one line, names the file).
+    """
+    path = Path(path)
+    img = _open_checked(path, max_pixels, min_side)
+    try:
+        img.load()
+        img = ImageOps.exif_transpose(img) or img
+        return to_rgb(img)
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageProblem(f"image is truncated or corrupt ({str(err).splitlines()[0][:80]}): {path}") from None

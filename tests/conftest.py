@@ -1,0 +1,44 @@
+"""Shared fixtures: offline hub settings, seeds, the tiny run config and the shared real-data folder."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    random.seed(0)
+    np.random.seed(0)
+    try:
+        import torch
+
+        torch.manual_seed(0)
+    except ImportError:  # pragma: no cover - torch is a core dependency
+        pass
+    yield
+
+
+@pytest.fixture
+def tiny_config():
+    from kaleido_bert.config import load_config
+
+    return load_config("tiny")
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The real Myntra samples beside the project; tests that need them skip (with the reason) where absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real catalogue samples not found at {SHARED_DATA} (only present in the project's workspace/CI)")
+    return SHARED_DATA
