@@ -223,6 +223,16 @@ def _parse_row(line: str, lineno: int) -> Item:
     return Item(**data)
 
 
+def _read_labels(path: Path) -> dict[str, Any]:
+    try:
+        labels = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CatalogueError(f"{LABELS_FILE}: not valid JSON ({str(err).splitlines()[0][:80]})") from None
+    if not isinstance(labels, dict):
+        raise CatalogueError(f"{LABELS_FILE}: expected a JSON object")
+    return labels
+
+
 def load_catalogue(root: str | Path) -> Catalogue:
     """Read and validate a catalogue directory.
 
@@ -236,8 +246,12 @@ def load_catalogue(root: str | Path) -> Catalogue:
         raise CatalogueError(f"{root} is not a catalogue: {CATALOGUE_FILE} not found")
     items = []
     seen: set[str] = set()
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise CatalogueError(f"{CATALOGUE_FILE} line {lineno}: not valid UTF-8") from None
             if not line.strip():
                 continue
             item = _parse_row(line, lineno)
@@ -247,7 +261,7 @@ def load_catalogue(root: str | Path) -> Catalogue:
             items.append(item)
     check_split_rule(items)
     labels_path = root / LABELS_FILE
-    labels = json.loads(labels_path.read_text()) if labels_path.is_file() else build_labels(items)
+    labels = _read_labels(labels_path) if labels_path.is_file() else build_labels(items)
     for it in items:
         for kind in ("category", "subcategory"):
             if getattr(it, kind) not in labels.get(kind, {}):

@@ -68,6 +68,52 @@ def cmd_data_check(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+# ---------------------------------------------------------------------------------------------- patches
+PATCH_COMMANDS = ("extract", "show", "train-saliency")
+
+
+def cmd_patches_extract(args: argparse.Namespace) -> None:
+    import json
+
+    from kaleido_bert.extraction import extract_features
+
+    config = _config(args)
+    summary = extract_features(args.catalogue, args.out, config.features, seed=config.train.seed, device=args.device,
+                               num_workers=args.workers, limit=args.limit)
+    config.save(Path(args.out) / "run.yaml")
+    print(json.dumps(summary, indent=2))
+
+
+def cmd_patches_show(args: argparse.Namespace) -> None:
+    from kaleido_bert.catalogue import load_catalogue
+    from kaleido_bert.images import load_rgb
+    from kaleido_bert.plots import draw_kaleido_grids
+    from kaleido_bert.store import FeatureStore
+
+    store = FeatureStore(args.store)
+    cat = load_catalogue(args.catalogue or store.manifest["catalogue"])
+    by_id = {it.id: it for it in cat.items}
+    ids = args.ids or store.available_ids()[:3]
+    rows = []
+    for item_id in ids:
+        if item_id not in by_id:
+            raise KaleidoError(f"item {item_id} is not in the catalogue {cat.root}")
+        entry = store[item_id]
+        rows.append((item_id, load_rgb(cat.image_path(by_id[item_id])), entry["saliency"].tolist(),
+                     bool(entry["fallback"]), entry["boxes"]))
+    print(draw_kaleido_grids(rows, args.out))
+
+
+def cmd_patches_train_saliency(args: argparse.Namespace) -> None:
+    import json
+
+    from kaleido_bert.saliency import train_saliency
+
+    metrics = train_saliency(args.catalogue, out=args.out, pseudo=args.pseudo, image_size=args.image_size,
+                             epochs=args.epochs, limit=args.limit, seed=args.seed)
+    print(json.dumps(metrics, indent=2))
+
+
 # ---------------------------------------------------------------------------------------------- config / demo
 def cmd_config_show(args: argparse.Namespace) -> None:
     import yaml
@@ -144,6 +190,32 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--no-images", action="store_true", help="skip opening the image files")
     check.set_defaults(func=cmd_data_check)
 
+    patches = sub.add_parser("patches", help="Kaleido Patch Generator: saliency boxes, 55 patches, feature store")
+    psub = patches.add_subparsers(dest="patches_command", required=True)
+    extract = psub.add_parser("extract", help="(default) build or resume a feature store: kaleido patches CATALOGUE --out STORE")
+    extract.add_argument("catalogue")
+    extract.add_argument("--out", required=True, help="feature store directory")
+    extract.add_argument("--device", default="cpu")
+    extract.add_argument("--workers", type=int, default=2, help="image-decoding worker processes")
+    extract.add_argument("--limit", type=int, default=None, help="stop after this many images (resume later)")
+    _add_config_args(extract)
+    extract.set_defaults(func=cmd_patches_extract)
+    show = psub.add_parser("show", help="draw the saliency box and the five grids (paper Fig. 3) into a PNG")
+    show.add_argument("store")
+    show.add_argument("--ids", nargs="*", default=None, help="item ids (default: the first three)")
+    show.add_argument("--catalogue", default=None, help="catalogue directory (default: the one in the manifest)")
+    show.add_argument("--out", default="kaleido-patches.png")
+    show.set_defaults(func=cmd_patches_show)
+    tsal = psub.add_parser("train-saliency", help="train the small saliency U-Net on pseudo-masks")
+    tsal.add_argument("catalogue")
+    tsal.add_argument("--out", required=True, help="checkpoint directory")
+    tsal.add_argument("--pseudo", choices=("threshold", "opencv"), default="threshold")
+    tsal.add_argument("--image-size", type=int, default=128)
+    tsal.add_argument("--epochs", type=int, default=5)
+    tsal.add_argument("--limit", type=int, default=None, help="use at most this many training images")
+    tsal.add_argument("--seed", type=int, default=0)
+    tsal.set_defaults(func=cmd_patches_train_saliency)
+
     config = sub.add_parser("config", help="inspect configs").add_subparsers(dest="config_command", required=True)
     show = config.add_parser("show", help="print the resolved config as YAML")
     _add_config_args(show)
@@ -153,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) > 1 and argv[0] == "patches" and argv[1] not in (*PATCH_COMMANDS, "-h", "--help"):
+        argv.insert(1, "extract")  # `kaleido patches CATALOGUE --out STORE` is the default action
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

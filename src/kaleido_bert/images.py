@@ -2,14 +2,18 @@
 
 Validation reads the header only (size, mode, format) and bounds the pixel count before any decoding, so a
 decompression bomb (a 20000×20000 PNG of a few kB) is refused without allocating it. Integrity (a truncated
-file) is then checked cheaply: JPEGs are decoded in draft mode at 1/8 scale, other formats with ``verify()``.
+file) is then checked cheaply: JPEGs are decoded in draft mode at 1/8 scale, PNGs are walked chunk by chunk
+(CRCs) and their compressed pixel stream is inflated into a counter (no pixel buffer), other formats use
+``verify()``.
 Loading returns an RGB ``PIL.Image`` whatever the source mode: CMYK, 16-bit, greyscale, palette and alpha images
 are converted (alpha is composited on white, the background of product photos).
 """
 
 from __future__ import annotations
 
+import struct
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,6 +75,52 @@ def _conversion_notes(mode: str) -> list[str]:
     return [f"{mode} converted to RGB"]
 
 
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def _png_raw_size(ihdr: bytes) -> int:
+    """Bytes of filtered scanlines the IHDR promises (each row is one filter byte plus the packed samples)."""
+    w, h, depth, color, _, _, interlace = struct.unpack(">IIBBBBB", ihdr[:13])
+    channels = _PNG_CHANNELS.get(color, 4)
+
+    def rows(pw: int, ph: int) -> int:
+        return ph * (1 + (pw * channels * depth + 7) // 8) if pw and ph else 0
+
+    if not interlace:
+        return rows(w, h)
+    return sum(rows((w - x0 + dx - 1) // dx, (h - y0 + dy - 1) // dy) for x0, y0, dx, dy in _ADAM7)
+
+
+def _check_png_pixel_stream(path: Path) -> None:
+    """Inflate the IDAT stream 1 MiB at a time into a byte count; compare it with what the IHDR promises."""
+    expected, produced = 0, 0
+    inflate = zlib.decompressobj()
+    with open(path, "rb") as fh:
+        fh.seek(8)
+        while True:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise OSError("PNG ends before its IEND chunk")
+            length, kind = struct.unpack(">I4s", head)
+            if kind == b"IEND":
+                break
+            if kind == b"IHDR":
+                expected = _png_raw_size(fh.read(length))
+                fh.seek(4, 1)
+                continue
+            if kind != b"IDAT" or produced >= expected:
+                fh.seek(length + 4, 1)
+                continue
+            data = fh.read(length)
+            fh.seek(4, 1)
+            while data and produced < expected:
+                produced += len(inflate.decompress(data, 1 << 20))
+                data = inflate.unconsumed_tail
+    if produced < expected:
+        raise OSError(f"pixel data ends early: {produced:,} of {expected:,} bytes")
+
+
 def inspect_image(path: str | Path, *, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE) -> ImageInfo:
     """Validate an image from its header plus a cheap integrity pass; never a full-resolution decode.
 
@@ -81,16 +131,14 @@ def inspect_image(path: str | Path, *, max_pixels: int = MAX_PIXELS, min_side: i
     img = _open_checked(path, max_pixels, min_side)
     info = ImageInfo(img.width, img.height, img.mode, img.format, _conversion_notes(img.mode))
     try:
-        if img.format == "JPEG":
+        if img.format in ("JPEG", "MPO"):
             img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
             img.load()  # decodes at 1/8 scale; a truncated stream raises here
         else:
             img.verify()  # walks the chunks (CRCs, end marker) without decoding pixels
             if img.format == "PNG":
-                # verify() stops at IEND detection for some truncations; a bounded decode catches the rest
-                with Image.open(path) as again:
-                    again.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+                _check_png_pixel_stream(path)  # CRC-valid chunks can still hold too little pixel data
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, zlib.error, struct.error) as err:
         raise ImageProblem(f"image is truncated or corrupt ({str(err).splitlines()[0][:80]}): {path}") from None
     finally:
         img.close()
