@@ -80,6 +80,10 @@ class ModelConfig:
 class DataConfig:
     catalogue: str | None = None
     """Catalogue directory (see README, "Catalogue format"); None = the built-in synthetic catalogue."""
+    features: str | None = None
+    """Feature store directory (``kaleido patches`` output)."""
+    alignments: str | None = None
+    """Alignment file (``kaleido align`` output); None = no alignments (masking falls back to random)."""
     synthetic_products: int = 300
     """Products in the synthetic catalogue when ``catalogue`` is None."""
     synthetic_seed: int = 0
