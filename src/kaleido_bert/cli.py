@@ -114,6 +114,49 @@ def cmd_patches_train_saliency(args: argparse.Namespace) -> None:
     print(json.dumps(metrics, indent=2))
 
 
+# ---------------------------------------------------------------------------------------------- align
+def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from kaleido_bert.catalogue import load_catalogue
+    from kaleido_bert.tokenizer import train_tokenizer
+
+    cat = load_catalogue(args.catalogue)
+    texts = [it.description for it in cat.split("train")] or [it.description for it in cat.items]
+    print(train_tokenizer(texts, args.out, vocab_size=args.vocab_size, min_frequency=args.min_frequency))
+
+
+def cmd_align_train(args: argparse.Namespace) -> None:
+    import json
+
+    from kaleido_bert.captioner import train_captioner
+
+    history = train_captioner(args.catalogue, args.features, args.out, epochs=args.epochs, seed=args.seed,
+                              device=args.device)
+    print(json.dumps(history, indent=2))
+
+
+def cmd_align_extract(args: argparse.Namespace) -> None:
+    import json
+
+    from kaleido_bert.alignment import extract_alignments
+
+    report = extract_alignments(args.catalogue, args.features, args.captioner, args.out,
+                                tokenizer=args.tokenizer, max_text_len=args.max_text_len)
+    print(json.dumps(report, indent=2))
+
+
+def cmd_align_show(args: argparse.Namespace) -> None:
+    from kaleido_bert.alignment import draw_attention
+
+    print(draw_attention(args.catalogue, args.features, args.captioner, args.ids, args.out))
+
+
+# ---------------------------------------------------------------------------------------------- pretrain
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from kaleido_bert.pretrain import pretrain
+
+    pretrain(_config(args), args.out, resume=args.resume)
+
+
 # ---------------------------------------------------------------------------------------------- config / demo
 def cmd_config_show(args: argparse.Namespace) -> None:
     import yaml
@@ -123,21 +166,9 @@ def cmd_config_show(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """The whole pipeline on the built-in synthetic catalogue; grows stage by stage (README, "Demo")."""
-    from kaleido_bert.synth import synthesize
+    from kaleido_bert.demo import run_demo
 
-    config = _config(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    config.save(out / "run.yaml")
-    catalogue = out / "catalogue"
-    if not (catalogue / "catalogue.jsonl").is_file():
-        print(f"[demo] synthesising {config.data.synthetic_products} products into {catalogue}")
-        synthesize(catalogue, products=config.data.synthetic_products, seed=config.data.synthetic_seed)
-    else:
-        print(f"[demo] re-using the synthetic catalogue in {catalogue}")
-    print("[demo] catalogue statistics:")
-    if not _print_check(catalogue):
-        raise KaleidoError(f"the synthetic catalogue in {catalogue} failed its check")
+    run_demo(_config(args), args.out)
 
 
 # ---------------------------------------------------------------------------------------------- parser
@@ -215,6 +246,46 @@ def build_parser() -> argparse.ArgumentParser:
     tsal.add_argument("--limit", type=int, default=None, help="use at most this many training images")
     tsal.add_argument("--seed", type=int, default=0)
     tsal.set_defaults(func=cmd_patches_train_saliency)
+
+    tok = sub.add_parser("tokenizer", help="WordPiece vocabularies").add_subparsers(dest="tok_command", required=True)
+    ttrain = tok.add_parser("train", help="train a WordPiece vocab on a catalogue's descriptions (bert layout)")
+    ttrain.add_argument("catalogue")
+    ttrain.add_argument("--out", required=True)
+    ttrain.add_argument("--vocab-size", type=int, default=8000)
+    ttrain.add_argument("--min-frequency", type=int, default=2)
+    ttrain.set_defaults(func=cmd_tokenizer_train)
+
+    align = sub.add_parser("align", help="Attention-based Alignment Generator: captioner, word↔patch alignments")
+    asub = align.add_subparsers(dest="align_command", required=True)
+    atrain = asub.add_parser("train", help="train the Show-Attend-Tell captioner on a catalogue + feature store")
+    atrain.add_argument("catalogue")
+    atrain.add_argument("--features", required=True, help="feature store (kaleido patches)")
+    atrain.add_argument("--out", required=True, help="captioner checkpoint directory")
+    atrain.add_argument("--epochs", type=int, default=20)
+    atrain.add_argument("--seed", type=int, default=0)
+    atrain.add_argument("--device", default="cpu")
+    atrain.set_defaults(func=cmd_align_train)
+    aext = asub.add_parser("extract", help="decode captions and write token↔patch alignments (alignments.jsonl)")
+    aext.add_argument("catalogue")
+    aext.add_argument("--features", required=True)
+    aext.add_argument("--captioner", required=True)
+    aext.add_argument("--out", required=True, help="output directory")
+    aext.add_argument("--tokenizer", default=None, help="WordPiece vocab dir (default: bert-base-uncased vocab)")
+    aext.add_argument("--max-text-len", type=int, default=64)
+    aext.set_defaults(func=cmd_align_extract)
+    ashow = asub.add_parser("show", help="generated words with their attention heat maps (paper Fig. 4)")
+    ashow.add_argument("catalogue")
+    ashow.add_argument("--features", required=True)
+    ashow.add_argument("--captioner", required=True)
+    ashow.add_argument("--ids", nargs="+", required=True)
+    ashow.add_argument("--out", default="alignment-attention.png")
+    ashow.set_defaults(func=cmd_align_show)
+
+    pre = sub.add_parser("pretrain", help="pre-train on a catalogue's feature store (single process or torchrun)")
+    pre.add_argument("--out", required=True, help="output directory: checkpoints, metrics.csv, loss curves")
+    pre.add_argument("--resume", action="store_true", help="continue exactly from the latest checkpoint in --out")
+    _add_config_args(pre)
+    pre.set_defaults(func=cmd_pretrain)
 
     config = sub.add_parser("config", help="inspect configs").add_subparsers(dest="config_command", required=True)
     show = config.add_parser("show", help="print the resolved config as YAML")
