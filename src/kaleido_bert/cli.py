@@ -296,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Idle OpenMP threads sleep instead of spinning (read when torch loads, so before any command imports it):
+    # on 2 busy cores spinning threads made training steps up to 10x slower next to DataLoader workers.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) > 1 and argv[0] == "patches" and argv[1] not in (*PATCH_COMMANDS, "-h", "--help"):
         argv.insert(1, "extract")  # `kaleido patches CATALOGUE --out STORE` is the default action

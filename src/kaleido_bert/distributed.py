@@ -1,0 +1,115 @@
+"""DDP plumbing for ``torchrun``/``accelerate launch``: read the launcher's environment, join, leave.
+
+The launcher sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (plus ``MASTER_ADDR``/``MASTER_PORT``); a plain
+``python`` run has none of them and is rank 0 of 1. The backend is ``nccl`` on CUDA and ``gloo`` on CPU.
+:func:`shard_batches` says which pairs each rank reads at each step (the ``DistributedSampler`` of this
+package). Only :mod:`kaleido_bert.train` (and evaluation) call these; nothing else knows about ranks.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def rank() -> int:
+    """Global rank of this process (0 without a launcher)."""
+    return int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    """Number of processes (1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def local_rank() -> int:
+    """Rank on this machine: the CUDA device index."""
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main() -> bool:
+    """True on the process that logs and saves (nanoGPT's ``master_process``)."""
+    return rank() == 0
+
+
+def is_distributed() -> bool:
+    return world_size() > 1
+
+
+def device() -> torch.device:
+    """``cuda:LOCAL_RANK`` when CUDA is available, else the CPU."""
+    return torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def init() -> None:
+    """Join the process group when launched with ``WORLD_SIZE > 1`` (idempotent; a no-op for one process)."""
+    if not is_distributed() or dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank()))
+    else:
+        dist.init_process_group("gloo")
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over ranks in place (unchanged for one process) and return it."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Average ``tensor`` over ranks in place (unchanged for one process) and return it."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor /= dist.get_world_size()
+    return tensor
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` in rank order (``[obj]`` for one process)."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def epoch_order(num_items: int, *, seed: int, epoch: int) -> list[int]:
+    """The seeded permutation of one epoch (the same on every rank and after a resume)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_items, generator=generator).tolist()
+
+
+def shard_batches(num_items: int, *, seed: int, epoch: int, position: int, batch_size: int,
+                  grad_accum: int) -> Iterator[list[tuple[int, int]]]:
+    """This rank's micro-batches from step ``position`` of ``epoch`` on, endlessly, as ``(epoch, index)``.
+
+    Step ``s`` of an epoch is the global batch ``perm[s·B:(s+1)·B]`` of :func:`epoch_order`; rank ``r`` takes
+    its contiguous ``B/W`` share and splits it into ``grad_accum`` micro-batches. An incomplete last batch of
+    an epoch is dropped, so every step sees exactly ``B`` pairs whatever ``W`` and ``grad_accum`` are.
+    """
+    share, micro = batch_size // world_size(), batch_size // (world_size() * grad_accum)
+    while True:
+        order = epoch_order(num_items, seed=seed, epoch=epoch)
+        for step in range(position, num_items // batch_size):
+            mine = order[step * batch_size:(step + 1) * batch_size][rank() * share:(rank() + 1) * share]
+            for m in range(grad_accum):
+                yield [(epoch, i) for i in mine[m * micro:(m + 1) * micro]]
+        epoch, position = epoch + 1, 0
+
+
+def cleanup() -> None:
+    """Leave the process group (safe to call when none was started)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
