@@ -6,8 +6,19 @@ import pytest
 import torch
 
 from kaleido_bert.masking import (
-    IGNORE, JIGSAW_PERMUTATIONS, AlignedPair, MaskPlan, blank_patches, camouflage, corrupt_patches, grey_patches,
-    jigsaw, mask_text, plan_masks, rotate_patch, text_budget,
+    IGNORE,
+    JIGSAW_PERMUTATIONS,
+    AlignedPair,
+    MaskPlan,
+    blank_patches,
+    camouflage,
+    corrupt_patches,
+    grey_patches,
+    jigsaw,
+    mask_text,
+    plan_masks,
+    rotate_patch,
+    text_budget,
 )
 from kaleido_bert.patches import level_slice
 

@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from kaleido_bert.patches import (
-    crop_and_resize, grey, kaleido_boxes, level_ids, level_sizes, level_slice, pixel_variants, positions, rotate,
+    crop_and_resize,
+    grey,
+    kaleido_boxes,
+    level_ids,
+    level_sizes,
+    level_slice,
+    pixel_variants,
+    positions,
+    rotate,
 )
 
 BOX = (13.0, 7.0, 213.0, 157.0)  # off-centre, non-square

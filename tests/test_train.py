@@ -5,6 +5,7 @@ under gradient accumulation and ``torchrun`` (2 CPU processes, gloo), non-finite
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
 import shutil
 import signal
@@ -339,7 +340,8 @@ def test_torchrun_two_processes_give_the_losses_of_one_process(tmp_path, real_da
             if value:  # val columns are empty between evaluations
                 assert float(b[key]) == pytest.approx(float(value), abs=1e-5), (a["step"], key)
     assert load_train_state(two / "step-000006")["world_size"] == 2
-    assert len(list((two / "tensorboard").iterdir())) == 1  # rank 0 logs alone
+    if importlib.util.find_spec("tensorboard") is not None:  # TensorBoard is optional; metrics.csv is not
+        assert len(list((two / "tensorboard").iterdir())) == 1  # rank 0 logs alone
 
 
 def test_cli_pretrain_refusals_are_one_line(tmp_path, real_data, capsys):

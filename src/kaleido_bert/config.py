@@ -23,8 +23,8 @@ from typing import Any
 
 import yaml
 
-from kaleido_bert.errors import KaleidoError
 from kaleido_bert.atomic import atomic_write_text
+from kaleido_bert.errors import KaleidoError
 
 PRESET_NAMES = ("tiny", "demo", "small", "paper")
 

@@ -94,7 +94,8 @@ class PatchEncoder:
     def _encode_roi(self, images: list[Tensor], boxes: list[Tensor]) -> Tensor:
         s, p = self.image_size, self.patch_size
         box_images = torch.cat([crop_and_resize(img, box[:1], s) for img, box in zip(images, boxes, strict=True)])
-        rotated_in = torch.cat([pixel_variants(crop_and_resize(img, box[:1], p)[0]) for img, box in zip(images, boxes)])
+        rotated_in = torch.cat([pixel_variants(crop_and_resize(img, box[:1], p)[0])
+                                for img, box in zip(images, boxes, strict=True)])
         b = len(images)
         maps = []
         for chunk in torch.cat([box_images, grey(box_images)]).split(self.batch_size):  # colour then grey, (2B, 3, s, s)

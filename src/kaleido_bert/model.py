@@ -17,7 +17,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from transformers import BertConfig
-from transformers.models.bert.modeling_bert import BertEmbeddings, BertEncoder, BertPooler, BertPreTrainedModel
+from transformers.models.bert.modeling_bert import (
+    BertEmbeddings,
+    BertEncoder,
+    BertPooler,
+    BertPreTrainedModel,
+)
 
 from kaleido_bert.config import ModelConfig
 from kaleido_bert.patches import level_ids

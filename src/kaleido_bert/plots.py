@@ -28,7 +28,7 @@ def _save(fig, out: str | Path) -> Path:
     return out
 
 
-def draw_kaleido_grids(rows: list[tuple[str, Image.Image, tuple, bool, "object"]], out: str | Path) -> Path:
+def draw_kaleido_grids(rows: list[tuple[str, Image.Image, tuple, bool, object]], out: str | Path) -> Path:
     """Draw, for each item, the image with its saliency box and the five Kaleido grids (paper Fig. 3).
 
     Args:
