@@ -29,6 +29,18 @@ def _seed_everything():
     yield
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models spend their time in OpenMP barriers: on a busy 2-core box two threads can be 20-100x slower
+    than one. Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_config():
     from kaleido_bert.config import load_config

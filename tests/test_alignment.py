@@ -30,12 +30,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 SMALL = {"hidden": 32, "embed": 16, "attention": 16, "batch_size": 8, "max_len": 24, "progress": False}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

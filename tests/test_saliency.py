@@ -189,13 +189,7 @@ def test_unet_shapes():
     assert model(torch.rand(2, 3, 64, 64)).shape == (2, 1, 64, 64)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny convolutions spend their time in thread barriers: on a busy CI box two threads took 20-40 s, one 1 s."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

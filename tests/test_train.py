@@ -52,13 +52,7 @@ class RandomPairs(Dataset):
         return sample
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two busy threads on a shared 2-core machine can be 100× slower than one; these tests need one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _config(*overrides: str):
