@@ -1,0 +1,380 @@
+"""Pre-training step throughput and MFU: Kaleido-BERT vs transformers' VisualBertForPreTraining, ± compile.
+
+A step is forward + backward + AdamW on a synthetic batch shaped like ``data.collate``'s output (T =
+``max_text_len`` tokens, the MLM budget of ``masking.text_budget``, 2 grey and 3 blank indices, ITM labels
+half 0 / half 1); VisualBert gets the same width, depth, heads, FFN, vocabulary, T text + 55 visual tokens
+(the patch features), MLM labels over T+55 and ITM labels. Each configuration runs in a fresh subprocess
+(fp32, 2 threads on CPU): 2 warm-up steps (the first compiles), then 3-5 timed steps, median reported. FLOPs:
+``FlopCounterMode`` over one eager forward + backward (plus the CPU flash-attention kernels it does not know);
+MFU = FLOPs / step time / the matmul peak measured in the same run. Peak RSS: the subprocess's own ``VmHWM``
+(``ru_maxrss`` inherits the parent's across exec), Δ = over its RSS after imports.
+
+    python benchmarks/bench_pretrain.py                # tiny, demo, small; eager and compiled (< 10 min)
+    python benchmarks/bench_pretrain.py --quick        # tiny and demo, eager only (< 2 min)
+    python benchmarks/bench_pretrain.py --paper        # paper preset on a CUDA GPU: bf16 autocast, batch 64
+    python benchmarks/bench_pretrain.py --paper --cpu  # reduced paper run on CPU: fp32, batch 4, eager
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+USER_INDUCTOR_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR")  # importing torchvision sets it to /tmp's
+
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, matmul_peak_gflops, write_result  # noqa: E402
+
+from kaleido_bert.config import MaskingConfig, ModelConfig, load_config  # noqa: E402
+from kaleido_bert.masking import IGNORE, text_budget  # noqa: E402
+
+BATCH_CAP = {"tiny": 32, "demo": 32, "small": 16, "paper": 64}
+"""Batch = min(the preset's train.batch_size, this cap); tiny's own batch is 6."""
+COMPILE_TIMEOUT_S = 240  # a compiled configuration (compilation + 7 steps) that takes longer is reported
+
+
+# -------------------------------------------------------------------------------------------- the worker side
+def synthetic_batch(m: ModelConfig, masking: MaskingConfig, b: int, seed: int = 0) -> dict[str, Tensor]:
+    """A batch shaped like ``collate``'s: (B, T) text, (B, 55, F) patches, the AKPM labels and targets."""
+    g = torch.Generator().manual_seed(seed)
+    t, p, f = m.max_text_len, m.num_patches, m.patch_feature_size
+    text_ids = torch.randint(0, m.vocab_size, (b, t), generator=g)
+    mlm_labels = torch.full((b, t), IGNORE, dtype=torch.long)
+    k = text_budget(t - 2, masking.text_ratio, masking.text_max)  # candidates: not [CLS] nor the final [SEP]
+    for row in range(b):
+        picked = 1 + torch.randperm(t - 2, generator=g)[:k]
+        mlm_labels[row, picked] = text_ids[row, picked]
+
+    def index(level: int, n: int) -> Tensor:
+        return torch.stack([torch.randperm(level * level, generator=g)[:n] for _ in range(b)])
+
+    return {
+        "text_ids": text_ids, "text_mask": torch.ones(b, t, dtype=torch.long), "mlm_labels": mlm_labels,
+        "patch_features": torch.randn(b, p, f, generator=g).relu(),
+        "patch_positions": torch.rand(b, p, 5, generator=g), "itm_label": torch.arange(b) % 2,
+        "rotation_label": torch.randint(0, 4, (b,), generator=g),
+        "jigsaw_label": torch.randint(0, 24, (b,), generator=g),
+        "camouflage_label": torch.randint(0, 9, (b,), generator=g),
+        "grey_index": index(4, masking.grey), "grey_target": torch.randn(b, masking.grey, f, generator=g),
+        "blank_index": index(5, masking.blank), "blank_target": torch.randn(b, masking.blank, f, generator=g),
+    }
+
+
+LossFn = Callable[[nn.Module], Tensor]
+
+
+def build(kind: str, m: ModelConfig, batch: dict[str, Tensor]) -> tuple[nn.Module, LossFn]:
+    """The model and a ``loss(model)`` closure over its inputs (VisualBert's built from the same batch)."""
+    if kind == "kaleido":
+        from kaleido_bert.heads import KaleidoBertForPreTraining
+        from kaleido_bert.model import KaleidoBertConfig
+
+        model = KaleidoBertForPreTraining(KaleidoBertConfig.from_model_config(m))
+        return model, lambda mod: mod(batch).loss
+    from transformers import VisualBertConfig, VisualBertForPreTraining
+
+    config = VisualBertConfig(hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
+                              num_attention_heads=m.num_heads, intermediate_size=m.intermediate_size,
+                              vocab_size=m.vocab_size, visual_embedding_dim=m.patch_feature_size,
+                              hidden_dropout_prob=m.dropout, attention_probs_dropout_prob=m.dropout)
+    b, p = batch["patch_features"].shape[:2]
+    inputs = {"input_ids": batch["text_ids"], "attention_mask": batch["text_mask"],
+              "visual_embeds": batch["patch_features"],
+              "visual_attention_mask": torch.ones(b, p, dtype=torch.long, device=batch["text_ids"].device),
+              "labels": torch.cat([batch["mlm_labels"], torch.full_like(batch["mlm_labels"][:, :1], IGNORE)
+                                   .expand(-1, p)], dim=1),
+              "sentence_image_labels": batch["itm_label"]}
+    return VisualBertForPreTraining(config), lambda mod: mod(**inputs).loss
+
+
+def count_flops(loss_fn: Callable[[], Tensor], model: nn.Module) -> dict[str, float]:
+    """GFLOPs of one forward + backward: total, encoder, MLM head (module attribution: FlopCounterMode)."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+    aten = torch.ops.aten
+    extra = {  # the CPU SDPA kernels FlopCounterMode does not register: same formula as the CUDA ones
+        aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, **kw: sdpa_flop_count(q, k, v),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda g, q, k, v, *a, **kw: sdpa_backward_flop_count(g, q, k, v),
+    }
+    counter = FlopCounterMode(display=False, custom_mapping=extra)
+    with counter:
+        loss_fn().backward()
+    model.zero_grad(set_to_none=True)
+    by_module = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    root = type(model).__name__
+    parts = {"encoder": ("bert.encoder", "visual_bert.encoder"), "mlm_head": ("heads.mlm", "cls.predictions")}
+    out = {"total": counter.get_total_flops() / 1e9}
+    for key, names in parts.items():
+        out[key] = sum(by_module.get(f"{root}.{n}", 0) for n in names) / 1e9
+    return out
+
+
+def rss_mib(field: str = "VmHWM") -> float:
+    """This process's peak (``VmHWM``) or current (``VmRSS``) resident set in MiB; ``ru_maxrss`` off Linux."""
+    status = Path("/proc/self/status")
+    for line in status.read_text().splitlines() if status.exists() else []:
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # bytes on macOS
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one configuration in this (fresh) process and return its measurements."""
+    if spec["model"] == "visualbert":  # imported before the RSS baseline
+        import transformers.models.visual_bert.modeling_visual_bert  # noqa: F401
+    import kaleido_bert.heads  # noqa: F401
+
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    device, cuda = spec["device"], spec["device"] == "cuda"
+    peak = cuda_peak_gflops(4096, 3) if cuda else matmul_peak_gflops(2048, 5)  # this process's own view
+    base = rss_mib("VmRSS")
+    run = load_config(spec["preset"])
+    m, b = run.model, spec["batch"]
+    batch = {k: v.to(device) for k, v in synthetic_batch(m, run.masking, b).items()}
+    model, loss_of = build(spec["model"], m, batch)
+    model.to(device).train()
+    params = sum(p.numel() for p in model.parameters())  # tied weights once
+    tables = {id(x): x.weight.numel() for x in model.modules() if isinstance(x, nn.Embedding)}
+    seq = m.max_text_len + m.num_patches
+    out = {**spec, "seq_len": seq, "text_len": m.max_text_len, "params": params, "peak_gflops": peak,
+           "non_embedding_params": params - sum(tables.values()), "load_average": os.getloadavg()[0],
+           "six_n_tokens_gflop": 6 * (params - sum(tables.values())) * b * seq / 1e9,
+           "attn_implementation": getattr(model.config, "_attn_implementation", None)}
+    runner = torch.compile(model) if spec["compile"] else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> float:
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=spec["bf16"]):
+            loss = loss_of(runner)
+        loss.backward()
+        optimizer.step()
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    out["warmup_s"] = [step() for _ in range(2)]
+    times: list[float] = []
+    while len(times) < spec["steps"] and (len(times) < 3 or sum(times) < spec["budget_s"]):
+        times.append(step())
+    median = statistics.median(times)
+    out.update(step_ms=1000 * median, best_step_ms=1000 * min(times), timed_steps=len(times),
+               pairs_per_s=b / median, peak_rss_mib=rss_mib(), base_rss_mib=base)
+    if cuda:
+        out["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    if spec["compile"]:
+        from torch._dynamo.utils import counters
+
+        out["graphs"] = counters["stats"]["unique_graphs"]
+    else:  # counted on the eager model after the RSS reading; the compiled rows reuse the count
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=spec["bf16"]):
+            out["gflop"] = count_flops(lambda: loss_of(model), model)
+    return out
+
+
+# -------------------------------------------------------------------------------------------- the parent side
+def cuda_peak_gflops(n: int = 8192, repeats: int = 5) -> float:
+    """Best bf16 GFLOP/s of an n×n CUDA matmul (the dtype the --paper run computes in)."""
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    best = float("inf")
+    for i in range(repeats + 1):  # the first is a warm-up
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        torch.mm(a, b)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start) if i else best
+    return 2 * n**3 / best / 1e9
+
+
+def launch(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Run :func:`worker` in a fresh interpreter; failures and timeouts come back as ``error`` rows."""
+    cache = tempfile.mkdtemp(prefix="bench_pretrain_inductor_")  # a cold compile unless the user set one
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": USER_INDUCTOR_CACHE or cache}
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
+                              text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {**spec, "error": f"timed out after {timeout:.0f} s"}
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {**spec, "error": f"exit {proc.returncode}: {tail[:300]}"}
+    return {**json.loads(lines[-1][len("RESULT "):]), "wall_s": time.perf_counter() - start}
+
+
+def plan(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
+    """Every eager configuration first, then the compiled ones (which the run-time budget may cut)."""
+    if args.paper:
+        presets, compiled = ["paper"], ([False, True] if device == "cuda" else [False])
+    else:
+        presets = ["tiny", "demo"] if args.quick else args.presets
+        compiled = [False] if args.quick or args.no_compile else [False, True]
+    try:
+        from transformers import VisualBertForPreTraining  # noqa: F401
+        models = ("kaleido", "visualbert")
+    except ImportError:
+        models = ("kaleido",)
+    specs = []
+    for comp in compiled:
+        for preset in presets:
+            own = load_config(preset).train.batch_size
+            batch = args.batch or (4 if device == "cpu" and args.paper else min(own, BATCH_CAP[preset]))
+            if comp and not args.paper and preset not in args.compile_presets:
+                continue
+            specs += [{"preset": preset, "model": model, "compile": comp, "batch": batch, "device": device,
+                       "bf16": device == "cuda", "threads": args.threads, "steps": args.steps,
+                       "budget_s": 3 if args.quick else 20} for model in models]
+    return specs
+
+
+def report(rows: list[dict[str, Any]], peaks: list[float], device: str, loads: list[str]) -> str:
+    peak = max(peaks + [r["peak_gflops"] for r in rows if "peak_gflops" in r])
+    eager = {(r["preset"], r["model"]): r for r in rows if not r["compile"] and "gflop" in r}
+    unit = "bf16 CUDA" if device == "cuda" else f"fp32 CPU, {rows[0]['threads']} threads"
+    memory_head = "peak CUDA MiB" if device == "cuda" else "peak RSS MiB (Δ)"
+    lines = ["# Pre-training step: Kaleido-BERT vs transformers' VisualBertForPreTraining", "",
+             f"Measured matmul peak ({unit}): {peak:.0f} GFLOP/s, the best of the parent's before and after "
+             f"the runs ({' / '.join(f'{p:.0f}' for p in peaks)}) and a smaller one in each subprocess; "
+             f"MFU is against it. torch {torch.__version__}, "
+             f"transformers {__import__('transformers').__version__}. Load average before / after: "
+             f"{loads[0]} / {loads[1]}.", "",
+             "| preset | model | compile | batch | seq len (T+P) | params | step ms | pairs/s | GFLOP/step "
+             f"| 6·N·tok GFLOP | GFLOP/s | MFU | {memory_head} |", "|" + "---|" * 13]
+    for r in rows:
+        head = f"| {r['preset']} | {r['model']} | {'on' if r['compile'] else 'off'} | {r['batch']} |"
+        flops = eager.get((r["preset"], r["model"]), {}).get("gflop")
+        if "error" in r or not flops:
+            lines.append(head + f" {r.get('error', 'no eager FLOP count')} |" + " |" * 8)
+            continue
+        r["gflop"] = flops
+        r["achieved_gflops"] = flops["total"] / (r["step_ms"] / 1000)
+        r["mfu"] = r["achieved_gflops"] / peak
+        memory = (f"{r['peak_cuda_mib']:.0f}" if device == "cuda"
+                  else f"{r['peak_rss_mib']:.0f} (+{r['peak_rss_mib'] - r['base_rss_mib']:.0f})")
+        lines.append(head + f" {r['seq_len']} ({r['text_len']}+{r['seq_len'] - r['text_len']}) | "
+                     f"{r['params'] / 1e6:.2f} M | {r['step_ms']:.0f} | {r['pairs_per_s']:.1f} | "
+                     f"{flops['total']:.2f} | {r['six_n_tokens_gflop']:.2f} | {r['achieved_gflops']:.1f} | "
+                     f"{r['mfu']:.1%} | {memory} |")
+    if not any(r["model"] == "visualbert" for r in rows):
+        lines += ["", "VisualBertForPreTraining is not in this transformers: its rows are skipped."]
+    lines += ["", "Where the counted FLOPs of one forward + backward go:", "",
+              "| preset | model | GFLOP/step | encoder | MLM head | rest (embeddings, other heads, pooler) |",
+              "|---|---|---|---|---|---|"]
+    for (preset, model), r in eager.items():
+        f = r["gflop"]
+        rest = 1 - (f["encoder"] + f["mlm_head"]) / f["total"]
+        lines.append(f"| {preset} | {model} | {f['total']:.2f} | {f['encoder'] / f['total']:.0%} | "
+                     f"{f['mlm_head'] / f['total']:.0%} | {rest:.0%} |")
+    for preset in dict.fromkeys(p for p, _ in eager):
+        k, v = eager.get((preset, "kaleido")), eager.get((preset, "visualbert"))
+        if k and v:
+            cfg = load_config(preset)
+            masked = text_budget(k["text_len"] - 2, cfg.masking.text_ratio, cfg.masking.text_max)
+            kf, vf = k["gflop"], v["gflop"]
+            lines.append(f"\n{preset}: VisualBert's MLM head costs {vf['mlm_head']:.2f} GFLOP/step "
+                         f"({vf['mlm_head'] / vf['total']:.0%} of its step) and Kaleido-BERT's "
+                         f"{kf['mlm_head']:.2f} ({kf['mlm_head'] / kf['total']:.0%}): VisualBert projects "
+                         f"all T+P = {v['seq_len']} positions of a pair onto the {cfg.model.vocab_size}-word "
+                         f"vocabulary, Kaleido-BERT only its {masked} masked text positions. Eager step "
+                         f"time, VisualBert / Kaleido-BERT: {v['step_ms'] / k['step_ms']:.2f}×.")
+    compiled = [r for r in rows if r["compile"] and "error" not in r]
+    if compiled:
+        lines += ["", "torch.compile (the first warm-up step includes compilation, each from an empty "
+                  "inductor cache unless TORCHINDUCTOR_CACHE_DIR is set; graphs = FX graphs dynamo compiled, "
+                  "1 = no graph break):", ""]
+        for r in compiled:
+            e = eager.get((r["preset"], r["model"]))
+            speed = f"; eager step / compiled step = {e['step_ms'] / r['step_ms']:.2f}" if e else ""
+            lines.append(f"- {r['preset']} / {r['model']}: first step {r['warmup_s'][0]:.0f} s, "
+                         f"{r['graphs']} graphs{speed}.")
+    return "\n".join(lines) + "\n"
+
+
+NOTES = """
+Step = forward + backward + AdamW, {precision}. Batch = {batch}. Timed steps follow 2 warm-up steps; the
+median is shown (best step, load average and settings per row in the JSON). GFLOP/step is counted by
+FlopCounterMode on the eager model (matmuls and attention; element-wise ops, softmax, LayerNorm and the
+optimizer count nothing) and reused for the compiled rows. 6·N·tok = 6 × non-embedding parameters × B·(T+P),
+the textbook estimate: it leaves out attention scores and the tied vocabulary projection, and it charges every
+token with all five patch projections and every head. VisualBert computes MLM and ITM only (Kaleido-BERT: 7
+tasks); Kaleido-BERT runs BERT's SDPA attention, VisualBert its eager attention. Peak RSS is each
+configuration subprocess's VmHWM (Δ: over its RSS after imports; inductor's compile workers, separate
+processes, are not in it). Two-thread CPU timings are very sensitive to other load on the machine (an OpenMP
+thread waits for a descheduled peer at every barrier).
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny and demo, eager only (< 2 min)")
+    parser.add_argument("--paper", action="store_true", help="paper preset on a CUDA GPU (bf16, batch 64)")
+    parser.add_argument("--cpu", action="store_true", help="with --paper: a reduced fp32 CPU run (batch 4)")
+    parser.add_argument("--presets", nargs="+", default=["tiny", "demo", "small"], choices=list(BATCH_CAP))
+    parser.add_argument("--compile-presets", nargs="+", default=["tiny", "demo", "small"],
+                        help="presets also run under torch.compile")
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--batch", type=int, default=None, help="override every preset's batch size")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (fewer, ≥3, when a config is slow)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--budget-min", type=float, default=8.5,
+                        help="stop launching configurations (compiled ones run last) after this many minutes")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
+        return
+    if args.paper and not args.cpu and not torch.cuda.is_available():
+        sys.exit("bench_pretrain.py --paper needs a CUDA GPU (bf16 autocast, batch 64) and none is visible; "
+                 "use --paper --cpu for a reduced fp32 run on CPU (batch 4, eager only).")
+    device = "cuda" if args.paper and not args.cpu else "cpu"
+    specs = plan(args, device)
+    torch.set_num_threads(args.threads)
+    measure_peak = cuda_peak_gflops if device == "cuda" else matmul_peak_gflops
+    loads, peaks, rows, start = [os.getloadavg()], [measure_peak()], [], time.perf_counter()
+    for spec in specs:
+        left = args.budget_min * 60 - (time.perf_counter() - start)
+        timeout = min(COMPILE_TIMEOUT_S if spec["compile"] else 600, left)
+        skipped = {**spec, "error": f"skipped: past --budget-min {args.budget_min}"}
+        r = launch(spec, timeout) if timeout > 30 else skipped
+        rows.append(r)
+        done = r.get("error") or (f"{r['step_ms']:.0f} ms/step, {r['pairs_per_s']:.1f} pairs/s, first step "
+                                  f"{r['warmup_s'][0]:.1f} s, peak RSS {r['peak_rss_mib']:.0f} MiB")
+        print(f"{spec['preset']:>5} {spec['model']:>10} compile={spec['compile']!s:5} {done}", flush=True)
+    peaks.append(measure_peak())
+    load_text = [" ".join(f"{x:.1f}" for x in la) for la in loads + [os.getloadavg()]]
+    caps = ", ".join(f"{k} {v}" for k, v in BATCH_CAP.items() if k != "paper" or args.paper)
+    batch = (f"{args.batch} (--batch)" if args.batch else "4 (the reduced --paper --cpu run)"
+             if args.paper and device == "cpu" else f"min(preset train.batch_size, {caps})")
+    precision = "bf16 autocast on CUDA" if device == "cuda" else f"fp32 on CPU, {args.threads} threads"
+    rows.sort(key=lambda r: (list(BATCH_CAP).index(r["preset"]), r["model"], r["compile"]))
+    markdown = report(rows, peaks, device, load_text) + NOTES.format(precision=precision, batch=batch)
+    name = "pretrain" + ("_paper" if args.paper else "_quick" if args.quick else "")
+    write_result(name, {"peak_gflops": peaks, "load_average": load_text, "device": device,
+                        "machine": machine(), "transformers": __import__("transformers").__version__,
+                        "rows": rows}, markdown)
+
+
+if __name__ == "__main__":
+    main()
