@@ -265,12 +265,10 @@ def draw_attention(catalogue: str | Path | Catalogue, features: str | Path | Fea
     Returns:
         ``out_png`` (written atomically).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
     from PIL import Image
+
+    from kaleido_bert.plots import plt, save_figure
 
     cat, store = open_inputs(catalogue, features)
     by_id = {it.id: it for it in cat.items}
@@ -311,8 +309,4 @@ def draw_attention(catalogue: str | Path | Catalogue, features: str | Path | Fea
             if not ax.images and not ax.texts:
                 ax.axis("off")
     fig.suptitle("AAG: generated words with their attention over the 5×5 Kaleido grid (paper Fig. 4)", fontsize=10)
-    out_png = Path(out_png)
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png)

@@ -1,4 +1,5 @@
-"""Pictures a person would rather look at than read: the Kaleido grids (paper Fig. 3).
+"""Pictures a person would rather look at than read: the Kaleido grids (paper Fig. 3), and the one PNG writer
+(:func:`save_figure`) every figure of the package goes through.
 
 matplotlib runs headless (Agg); every figure is written atomically as a PNG.
 """
@@ -20,10 +21,11 @@ from kaleido_bert.patches import level_slice  # noqa: E402
 LEVEL_COLOURS = ("#e41a1c", "#377eb8", "#4daf4a", "#984ea3", "#ff7f00")
 
 
-def _save(fig, out: str | Path) -> Path:
+def save_figure(fig, out: str | Path, *, dpi: int = 110, tight: bool = True) -> Path:
+    """Write ``fig`` as a PNG atomically (a reader never sees half a file) and close it."""
     out = Path(out)
     with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight" if tight else None)
     plt.close(fig)
     return out
 
@@ -54,4 +56,4 @@ def draw_kaleido_grids(rows: list[tuple[str, Image.Image, tuple, bool, object]],
             ax.set_xticks([])
             ax.set_yticks([])
     fig.suptitle("Kaleido patches: saliency box, then 1×1 … 5×5 grids (55 patches)", fontsize=10)
-    return _save(fig, out)
+    return save_figure(fig, out)

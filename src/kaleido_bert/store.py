@@ -30,7 +30,7 @@ import torch
 
 from kaleido_bert.atomic import atomic_path, atomic_write_json, atomic_write_text
 from kaleido_bert.errors import KaleidoError
-from kaleido_bert.features import FEATURE_LAYOUT, FEATURES_PER_IMAGE, NUM_COLOUR
+from kaleido_bert.features import FEATURE_LAYOUT, FEATURES_PER_IMAGE, GREYED, NUM_COLOUR, ROTATED
 
 STORE_VERSION = 1
 MANIFEST = "manifest.json"
@@ -201,8 +201,8 @@ class FeatureStore:
         sal = self.arrays["saliency"][i]
         return {
             "colour": feats[:NUM_COLOUR],
-            "rotated": feats[55:58],
-            "grey": feats[58:74],
+            "rotated": feats[ROTATED],
+            "grey": feats[GREYED],
             "positions": torch.from_numpy(np.array(self.arrays["positions"][i])),
             "boxes": torch.from_numpy(np.array(self.arrays["boxes"][i])),
             "saliency": torch.from_numpy(np.array(sal[:4])),

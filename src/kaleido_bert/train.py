@@ -154,10 +154,7 @@ class _Metrics:
         """One subplot per task (and the total), train and validation loss against the step (paper Fig. 6)."""
         if not (self.enabled and self.history):
             return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from kaleido_bert.plots import plt, save_figure
 
         tasks = [c.split("/", 1)[1] for c in self._columns(self.history[0]) if c.startswith("train/")]
         cols = min(4, len(tasks))
@@ -174,9 +171,7 @@ class _Metrics:
         for ax in list(axes.flat)[len(tasks):]:
             ax.axis("off")
         fig.tight_layout()
-        with atomic_path(self.out_dir / "loss_curves.png") as tmp:
-            fig.savefig(tmp, format="png", dpi=100)
-        plt.close(fig)
+        save_figure(fig, self.out_dir / "loss_curves.png", dpi=100, tight=False)
 
     def close(self) -> None:
         if self.tb is not None:
