@@ -31,6 +31,8 @@ from kaleido_bert.masking import IGNORE, AlignedPair, corrupt_patches, mask_text
 from kaleido_bert.patches import level_slice
 from kaleido_bert.store import FeatureStore
 
+PADDED_LABELS = ("mlm_labels", "labels")  # per-token label sequences, padded with -100
+
 
 def _seeded(*parts: int) -> torch.Generator:
     seed = 0
@@ -151,18 +153,30 @@ class PretrainDataset(Dataset):
 
 
 def collate(samples: list[dict[str, Any]], pad_id: int = 0) -> dict[str, Any]:
-    """Stack samples; text is padded to the longest in the batch (``text_mask`` marks real tokens)."""
+    """Stack samples into a batch.
+
+    Variable-length 1-d keys are right-padded to the longest in the batch: ``text_ids`` with ``pad_id`` (and
+    ``text_mask`` marks real tokens), label sequences (``mlm_labels``, ``labels``) with -100. Strings (``id``
+    → ``ids`` and any other) become lists; every other tensor is stacked.
+    """
     longest = max(len(s["text_ids"]) for s in samples)
     b = len(samples)
-    text_ids = torch.full((b, longest), pad_id, dtype=torch.long)
-    mlm_labels = torch.full((b, longest), IGNORE, dtype=torch.long)
     text_mask = torch.zeros((b, longest), dtype=torch.long)
+    batch: dict[str, Any] = {"text_mask": text_mask}
+    for key, fill in (("text_ids", pad_id), *((k, IGNORE) for k in PADDED_LABELS)):
+        if key in samples[0]:
+            batch[key] = torch.full((b, longest), fill, dtype=torch.long)
     for i, s in enumerate(samples):
         n = len(s["text_ids"])
-        text_ids[i, :n], mlm_labels[i, :n], text_mask[i, :n] = s["text_ids"], s["mlm_labels"], 1
-    batch: dict[str, Any] = {"ids": [s["id"] for s in samples], "text_ids": text_ids, "text_mask": text_mask,
-                             "mlm_labels": mlm_labels}
-    for key in samples[0]:
-        if key not in batch and key not in ("id", "text_ids", "mlm_labels"):
-            batch[key] = torch.stack([s[key] for s in samples])
+        text_mask[i, :n] = 1
+        for key in batch:
+            if key != "text_mask":
+                batch[key][i, :n] = s[key]
+    for key, value in samples[0].items():
+        if key in batch:
+            continue
+        if isinstance(value, str):
+            batch["ids" if key == "id" else key] = [s[key] for s in samples]
+        else:
+            batch[key] = torch.stack([torch.as_tensor(s[key]) for s in samples])
     return batch
