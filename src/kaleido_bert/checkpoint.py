@@ -229,6 +229,67 @@ def save_checkpoint(out_dir: str | Path, step: int, *, model: nn.Module, run_con
 
 
 # ---------------------------------------------------------------------------------------------- loading
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory (``config.json`` inside) or a run directory (its ``latest`` checkpoint).
+
+    Raises:
+        KaleidoError: neither, naming the path.
+    """
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    found = latest_checkpoint(path) if path.is_dir() else None
+    if found is None or not (found / "config.json").is_file():
+        raise KaleidoError(f"{path} is neither a checkpoint (config.json + {WEIGHTS}) nor a run directory "
+                           "holding one")
+    return found
+
+
+def weight_names(checkpoint: str | Path) -> set[str]:
+    """The tensor names in a checkpoint's ``model.safetensors`` (read from the header, no tensor loaded)."""
+    from safetensors import safe_open
+
+    path = Path(checkpoint) / WEIGHTS
+    if not path.is_file():
+        raise KaleidoError(f"checkpoint {Path(checkpoint)} has no {WEIGHTS}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return set(f.keys())
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for a corrupt header
+        raise KaleidoError(f"{path} is corrupt ({type(err).__name__})") from None
+
+
+def require_head(checkpoint: str | Path, prefix: str, task: str) -> None:
+    """Refuse, in one line, a checkpoint that lacks the head ``task`` needs (weights named ``prefix*``)."""
+    if not any(name.startswith(prefix) for name in weight_names(checkpoint)):
+        raise KaleidoError(f"checkpoint {Path(checkpoint)} has no {prefix.rstrip('.')} head, which {task} needs: "
+                           "use a checkpoint trained with it")
+
+
+def load_pretrained(cls: type, checkpoint: str | Path, **overrides: Any) -> nn.Module:
+    """``cls.from_pretrained`` with transformers' load report silenced and our one-line errors.
+
+    ``overrides`` replace config fields (e.g. ``tasks``, ``num_labels``); weights the checkpoint lacks are
+    initialised, so callers check for required heads with :func:`require_head` first.
+    """
+    checkpoint = resolve_checkpoint(checkpoint)
+    weight_names(checkpoint)
+    with _quiet_transformers():
+        from transformers.utils import logging as hf_logging
+
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            config = cls.config_class.from_pretrained(str(checkpoint))
+            for key, value in overrides.items():  # new attributes too (from_pretrained would pass those to __init__)
+                setattr(config, key, value)
+            return cls.from_pretrained(str(checkpoint), config=config)
+        except (OSError, ValueError) as err:
+            raise KaleidoError(f"cannot load {checkpoint}: {str(err).splitlines()[0][:200]}") from None
+        finally:
+            hf_logging.set_verbosity(level)
+
+
 def check_model_config(checkpoint: str | Path, model_config: ModelConfig) -> None:
     """Refuse a checkpoint whose ``config.json`` disagrees with the run's ``model`` section (names the field).
 

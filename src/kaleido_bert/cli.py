@@ -157,6 +157,33 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     pretrain(_config(args), args.out, resume=args.resume)
 
 
+# ---------------------------------------------------------------------------------------------- finetune / evaluate
+def cmd_finetune(args: argparse.Namespace) -> None:
+    import json
+
+    from kaleido_bert.finetune import finetune
+
+    summary = finetune(args.task, _config(args), args.init, args.out, image_only=args.image_only, resume=args.resume)
+    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict | list)}, indent=2))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from kaleido_bert.evaluate import evaluate_run
+    from kaleido_bert.report import print_tables
+
+    out = Path(args.out) if args.out else Path(args.run) / "report"
+    metrics = evaluate_run(args.run, _config(args), out, candidates=args.candidates, dataset_label=args.dataset,
+                           gallery=not args.no_gallery)
+    print(print_tables(metrics))
+    print(f"\nreport: {out / 'report.md'}")
+
+
+def cmd_ablate(args: argparse.Namespace) -> None:
+    from kaleido_bert.ablation import ablate
+
+    ablate(_config(args), args.out, protocols=tuple(args.protocols.split(",")), only=args.only)
+
+
 # ---------------------------------------------------------------------------------------------- config / demo
 def cmd_config_show(args: argparse.Namespace) -> None:
     import yaml
@@ -286,6 +313,32 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--resume", action="store_true", help="continue exactly from the latest checkpoint in --out")
     _add_config_args(pre)
     pre.set_defaults(func=cmd_pretrain)
+
+    fine = sub.add_parser("finetune", help="fine-tune a pre-trained model: category, subcategory, caption, retrieval")
+    fine.add_argument("task", choices=["category", "subcategory", "caption", "retrieval"])
+    fine.add_argument("--init", required=True, help="pre-training checkpoint or run directory (its latest)")
+    fine.add_argument("--out", required=True, help="output directory (RUN/finetune/TASK[-image] for `evaluate`)")
+    fine.add_argument("--image-only", action="store_true", help="classify from the image alone (no description)")
+    fine.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    _add_config_args(fine)
+    fine.set_defaults(func=cmd_finetune)
+
+    ev = sub.add_parser("evaluate", help="the paper's protocols over a run: report.md, metrics.json, plots")
+    ev.add_argument("run", help="run directory (RUN/pretrain, RUN/finetune/...) or a pre-training checkpoint")
+    ev.add_argument("--out", help="report directory (default RUN/report)")
+    ev.add_argument("--candidates", help="re-use a sample-100 candidate file (candidates.json of an earlier report)")
+    ev.add_argument("--dataset", default="", help="dataset name printed in the report's column headers")
+    ev.add_argument("--no-gallery", action="store_true", help="skip full-gallery retrieval of the pre-trained model")
+    _add_config_args(ev)
+    ev.set_defaults(func=cmd_evaluate)
+
+    abl = sub.add_parser("ablate", help="the paper's Table 4: pre-train + evaluate each ablation column")
+    abl.add_argument("--out", required=True, help="output root (one run per column, ablation.md)")
+    abl.add_argument("--protocols", default="retrieval,classification,caption",
+                     help="comma-separated subset of retrieval,classification,caption")
+    abl.add_argument("--only", nargs="+", help="column names or run slugs to run (default all 12 columns)")
+    _add_config_args(abl)
+    abl.set_defaults(func=cmd_ablate)
 
     config = sub.add_parser("config", help="inspect configs").add_subparsers(dest="config_command", required=True)
     show = config.add_parser("show", help="print the resolved config as YAML")

@@ -53,6 +53,8 @@ class ModelConfig:
     """Kaleido levels 1×1 … K×K; 5 gives 55 patches."""
     dropout: float = 0.1
     """Dropout on embeddings, attention and hidden states."""
+    patch_levels: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
+    """Kaleido levels the encoder attends to; ``[5]`` is the ablation's scale-fixed grid (25 equal patches)."""
     init: str | None = None
     """A BERT checkpoint directory that initialises text embeddings and encoder (None = random)."""
     tasks: list[str] = field(
@@ -65,6 +67,8 @@ class ModelConfig:
             raise ConfigError(f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}")
         if not 1 <= self.num_levels <= 5:
             raise ConfigError(f"model.num_levels={self.num_levels} must be between 1 and 5")
+        if not self.patch_levels or any(not 1 <= k <= self.num_levels for k in self.patch_levels):
+            raise ConfigError(f"model.patch_levels={self.patch_levels} must be a non-empty subset of 1..{self.num_levels}")
         known = {"mlm", "itm", "itc", "rotation", "jigsaw", "camouflage", "grey_to_color", "blank_to_color"}
         unknown = sorted(set(self.tasks) - known)
         if unknown:
@@ -144,12 +148,17 @@ class MaskingConfig:
     """Blanked patches at the 5×5 level."""
     itm_negative_ratio: float = 0.5
     """Share of pairs whose description comes from another product (same sub-category first)."""
+    itm_hard_ratio: float = 1.0
+    """Share of those negatives drawn from the same sub-category (the paper); the rest come from any product."""
 
     def __post_init__(self) -> None:
         if self.strategy not in ("alignment", "random"):
             raise ConfigError(f"masking.strategy={self.strategy!r} must be 'alignment' or 'random'")
         if not (0 <= self.camouflage <= 9 and 0 <= self.grey <= 16 and 0 <= self.blank <= 25):
             raise ConfigError("masking budgets exceed the patches of their level (3×3: 9, 4×4: 16, 5×5: 25)")
+        for name in ("itm_negative_ratio", "itm_hard_ratio", "text_ratio"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"masking.{name}={getattr(self, name)} must be between 0 and 1")
 
 
 @dataclass
@@ -187,6 +196,38 @@ class TrainConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    lr: float = 2e-5
+    """Peak learning rate of every fine-tuning task (the released ``finetune_main.py``)."""
+    batch_size: int = 64
+    """Global batch."""
+    max_steps: int = 2000
+    """Optimizer steps per task."""
+    caption_max_steps: int = 0
+    """Optimizer steps of caption fine-tuning (0 = ``max_steps``): generation needs more than a linear head."""
+    caption_lr: float = 0.0
+    """Peak learning rate of caption fine-tuning (0 = ``lr``)."""
+    warmup_ratio: float = 0.1
+    """Linear warm-up over this fraction of the steps, then linear decay to 0."""
+    eval_every: int = 500
+    """Validation loss every this many steps."""
+    caption_objectives: list[str] = field(default_factory=lambda: ["seq2seq", "one_shot"])
+    """Caption training: ``seq2seq`` (generation, SPEC §3.5) and/or ``one_shot`` (the authors' mask-all baseline)."""
+    inputs: list[str] = field(default_factory=lambda: ["image+text", "image"])
+    """Classifier inputs fine-tuned by ``kaleido demo``/``ablate``: ``image+text`` (paper) and ``image``."""
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ConfigError("finetune.max_steps, finetune.batch_size and finetune.lr must be positive")
+        bad = sorted(set(self.caption_objectives) - {"seq2seq", "one_shot"})
+        if bad or not self.caption_objectives:
+            raise ConfigError(f"finetune.caption_objectives must be a non-empty subset of seq2seq, one_shot; got {bad}")
+        bad = sorted(set(self.inputs) - {"image+text", "image"})
+        if bad:
+            raise ConfigError(f"finetune.inputs has unknown input(s) {bad}; known: image+text, image")
+
+
+@dataclass
 class EvalConfig:
     num_queries: int = 1000
     """Queries per direction in the sample-100 protocol (paper Table 2)."""
@@ -200,6 +241,12 @@ class EvalConfig:
     """Caption beam width."""
     max_caption_len: int = 40
     """Generated caption tokens."""
+    caption_items: int = 0
+    """Test images captioned for the FC metrics (0 = all)."""
+    batch_size: int = 64
+    """Pairs or images per forward pass when scoring."""
+    split: str = "test"
+    """The split evaluated."""
 
 
 @dataclass
@@ -209,6 +256,7 @@ class RunConfig:
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     name: str = "custom"
     """Preset name or file the config came from."""

@@ -54,12 +54,15 @@ class PretrainDataset(Dataset):
         tokenizer: a BERT WordPiece tokenizer.
         alignments: item id → aligned pairs (``alignment.load_alignments``); None or missing ids = no alignment.
         masking: budgets, strategy and the ITM negative ratio.
+        corrupt: False gives clean pairs (no text masking, no patch corruption, every task label -100): the
+            image-text matching pairs of retrieval fine-tuning.
     """
 
     def __init__(self, catalogue: Catalogue, store: FeatureStore, tokenizer, *, split: str = "train",
                  alignments: dict[str, list[AlignedPair]] | None = None, masking: MaskingConfig | None = None,
-                 max_text_len: int = 64, seed: int = 0) -> None:
+                 max_text_len: int = 64, seed: int = 0, corrupt: bool = True) -> None:
         self.masking = masking or MaskingConfig()
+        self.corrupt = corrupt
         self.store, self.tokenizer, self.seed, self.epoch = store, tokenizer, seed, 0
         self.alignments = alignments or {}
         split_items = catalogue.split(split)
@@ -85,6 +88,7 @@ class PretrainDataset(Dataset):
             by_cat.setdefault(it.category, set()).add(it.product_id)
             self.product_of[it.product_id] = it
         everything = sorted(self.product_of)
+        self.products, self.product_rank = everything, {pid: i for i, pid in enumerate(everything)}
         self.negative_pool: dict[str, list[str]] = {}
         self.negative_sources: Counter = Counter()
         for pid, it in self.product_of.items():
@@ -95,6 +99,10 @@ class PretrainDataset(Dataset):
                     self.negative_pool[pid] = others
                     self.negative_sources[source] += 1
                     break
+
+    def _other_product(self, product_id: str, generator: torch.Generator) -> str:
+        j = int(torch.randint(0, len(self.products) - 1, (1,), generator=generator))
+        return self.products[j + (j >= self.product_rank[product_id])]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -108,8 +116,13 @@ class PretrainDataset(Dataset):
         m = self.masking
         negatives = self.negative_pool.get(item.product_id)
         is_negative = bool(negatives) and torch.rand((1,), generator=g).item() < m.itm_negative_ratio
-        text_product = _pick(negatives, g) if is_negative else item.product_id
+        if is_negative and m.itm_hard_ratio < 1 and torch.rand((1,), generator=g).item() >= m.itm_hard_ratio:
+            text_product = self._other_product(item.product_id, g)  # an easy negative: any other product
+        else:
+            text_product = _pick(negatives, g) if is_negative else item.product_id
         ids = self.text_ids[text_product]
+        if not self.corrupt:
+            return self._clean(item, ids, is_negative)
         pairs = [] if is_negative else self.alignments.get(item.id, [])
         candidates = list(range(1, len(ids) - 1))  # not [CLS] (0) nor the final [SEP]
         plan = plan_masks(candidates, pairs, budgets=self.budgets, text_ratio=m.text_ratio, text_max=m.text_max,
@@ -133,6 +146,19 @@ class PretrainDataset(Dataset):
             "rotation_label": labels["rotation"], "jigsaw_label": labels["jigsaw"],
             "camouflage_label": labels["camouflage"], "grey_index": grey_index, "grey_target": grey_target,
             "blank_index": blank_index, "blank_target": blank_target,
+        }
+
+    def _clean(self, item: Item, ids: Tensor, is_negative: bool) -> dict[str, Any]:
+        feats, m = self.store[item.id], self.masking
+        none = torch.tensor(IGNORE)
+        return {
+            "id": item.id, "text_ids": ids, "mlm_labels": torch.full_like(ids, IGNORE),
+            "patch_features": feats["colour"], "patch_positions": feats["positions"],
+            "itm_label": torch.tensor(0 if is_negative else 1), "rotation_label": none, "jigsaw_label": none,
+            "camouflage_label": none, "grey_index": torch.full((m.grey,), IGNORE),
+            "grey_target": torch.zeros(m.grey, feats["colour"].shape[1]),
+            "blank_index": torch.full((m.blank,), IGNORE),
+            "blank_target": torch.zeros(m.blank, feats["colour"].shape[1]),
         }
 
     @staticmethod

@@ -1,8 +1,10 @@
 """``kaleido demo``: the whole pipeline on the built-in synthetic catalogue, stage by stage (SPEC §2, demo flow).
 
 Every stage writes into ``OUT/<stage>`` and is skipped when its output is already complete, so a re-run after an
-interruption picks up where it stopped. Stages: synthetic catalogue → Kaleido patches and features → alignment
-captioner and token↔patch alignments → pre-training (seven tasks, loss curves). The wall time of each stage is printed at the end.
+interruption picks up where it stopped (training stages resume from their last checkpoint). Stages: synthetic
+catalogue → Kaleido patches and features → alignment captioner and token↔patch alignments → pre-training (loss
+curves) → fine-tuning (retrieval, category and sub-category from image+text and from the image alone, captioning)
+→ evaluation (``OUT/report``: the paper's Tables 2–3 beside ours). The wall time of each stage is printed at the end.
 """
 
 from __future__ import annotations
@@ -13,7 +15,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kaleido_bert.config import RunConfig
+from kaleido_bert.checkpoint import latest_checkpoint
+from kaleido_bert.config import RunConfig, config_from_dict
+
+
+def training_state(out_dir: Path, max_steps: int) -> str:
+    """``done`` (a checkpoint at ``max_steps``), ``resume`` (an earlier one) or ``fresh``."""
+    found = latest_checkpoint(out_dir)
+    if found is None:
+        return "fresh"
+    return "done" if int(found.name.split("-")[1]) >= max_steps else "resume"
 
 
 def _stage(name: str, timings: dict[str, float], fn: Callable[[], Any]) -> Any:
@@ -70,22 +81,51 @@ def run_demo(config: RunConfig, out: str | Path) -> dict[str, Any]:
         print("[demo] attention maps (paper Fig. 4):",
               draw_attention(catalogue, features, captioner, ids, out / "alignment-attention.png"))
 
+    data = config.to_dict()
+    data["data"].update(catalogue=str(catalogue), features=str(features),
+                        alignments=str(alignments / "alignments.jsonl"))
+    run = config_from_dict(data)
+
     def make_pretrained() -> None:
-        from kaleido_bert.config import config_from_dict
         from kaleido_bert.pretrain import pretrain
 
-        data = config.to_dict()
-        data["data"].update(catalogue=str(catalogue), features=str(features),
-                            alignments=str(alignments / "alignments.jsonl"))
-        run = config_from_dict(data)
-        resume = (out / "pretrain" / "latest").is_file()
-        summary = pretrain(run, out / "pretrain", resume=resume)
-        print(json.dumps({k: v for k, v in summary.items() if k not in ("data_counts", "init")}, indent=2))
+        state = training_state(out / "pretrain", run.train.max_steps)
+        if state != "done":
+            summary = pretrain(run, out / "pretrain", resume=state == "resume")
+            print(json.dumps({k: v for k, v in summary.items() if k not in ("data_counts", "init")}, indent=2))
         print("[demo] loss curves (paper Fig. 6):", out / "pretrain" / "loss_curves.png")
+
+    def make_finetuned() -> None:
+        from kaleido_bert.finetune import finetune, finetune_config
+
+        jobs = [("retrieval", False), ("caption", False)]
+        jobs += [(task, source == "image") for task in ("category", "subcategory") for source in run.finetune.inputs]
+        for task, image_only in jobs:
+            name = task + ("-image" if image_only else "")
+            target = out / "finetune" / name
+            state = training_state(target, finetune_config(run, task).train.max_steps)
+            print(f"[demo] fine-tune {name}: {state}", flush=True)
+            if state != "done":
+                start = time.perf_counter()
+                summary = finetune(task, run, out / "pretrain", target, image_only=image_only,
+                                   resume=state == "resume")
+                timings[f"finetune {name}"] = time.perf_counter() - start
+                print(json.dumps({k: v for k, v in summary.items() if k in ("steps", "seconds", "pairs_per_s", "final")}))
+
+    def make_report() -> dict[str, Any]:
+        from kaleido_bert.evaluate import evaluate_run
+        from kaleido_bert.report import print_tables
+
+        metrics = evaluate_run(out, run, out / "report", dataset_label="synthetic demo catalogue")
+        print("\n" + print_tables(metrics))
+        print(f"\n[demo] report: {out / 'report' / 'report.md'}")
+        return metrics
 
     _stage("catalogue", timings, make_catalogue)
     _stage("patches", timings, make_features)
     _stage("align", timings, make_alignments)
     _stage("pretrain", timings, make_pretrained)
+    _stage("finetune", timings, make_finetuned)
+    metrics = _stage("evaluate", timings, make_report)
     print("\n[demo] stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
-    return {"out": str(out), "timings": timings}
+    return {"out": str(out), "timings": timings, "metrics": metrics}

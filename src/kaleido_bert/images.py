@@ -7,15 +7,19 @@ file) is then checked cheaply: JPEGs are decoded in draft mode at 1/8 scale, PNG
 ``verify()``.
 Loading returns an RGB ``PIL.Image`` whatever the source mode: CMYK, 16-bit, greyscale, palette and alpha images
 are converted (alpha is composited on white, the background of product photos).
+The ``*_bytes`` variants apply the same checks to an image held in memory (an upload, see
+:mod:`kaleido_bert.uploads`).
 """
 
 from __future__ import annotations
 
+import io
 import struct
 import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -32,6 +36,10 @@ class ImageProblem(KaleidoError):
     """An image that cannot be used: missing, empty, unreadable, truncated, too small or too large."""
 
 
+class ImageTooLarge(ImageProblem):
+    """An image whose header promises more pixels than the decompression-bomb guard allows."""
+
+
 @dataclass
 class ImageInfo:
     width: int
@@ -42,27 +50,40 @@ class ImageInfo:
     """Conversions that loading will apply (e.g. ``CMYK converted to RGB``)."""
 
 
+def _open_header(source: Path | BinaryIO, label: str, max_pixels: int, min_side: int) -> Image.Image:
+    """Open lazily (header only) and bound the size before anything is decoded; ``label`` names the image."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(source)  # lazy: reads the header only
+    except Image.DecompressionBombError:
+        raise ImageTooLarge(f"image too large to open safely: {label}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ImageProblem(f"not a readable image ({type(err).__name__}): {label}") from None
+    w, h = img.size
+    if w * h > max_pixels:
+        img.close()
+        raise ImageTooLarge(
+            f"image too large: {w}x{h} exceeds {max_pixels:,} pixels (decompression-bomb guard): {label}"
+        )
+    if min(w, h) < min_side:
+        img.close()
+        raise ImageProblem(f"image too small: {w}x{h}, need at least {min_side} px per side: {label}")
+    return img
+
+
 def _open_checked(path: Path, max_pixels: int, min_side: int) -> Image.Image:
     if not path.is_file():
         raise ImageProblem(f"image file not found: {path}")
     if path.stat().st_size == 0:
         raise ImageProblem(f"image file is empty (0 bytes): {path}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)  # lazy: reads the header only
-    except Image.DecompressionBombError:
-        raise ImageProblem(f"image too large to open safely: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ImageProblem(f"not a readable image ({type(err).__name__}): {path}") from None
-    w, h = img.size
-    if w * h > max_pixels:
-        img.close()
-        raise ImageProblem(f"image too large: {w}x{h} exceeds {max_pixels:,} pixels (decompression-bomb guard): {path}")
-    if min(w, h) < min_side:
-        img.close()
-        raise ImageProblem(f"image too small: {w}x{h}, need at least {min_side} px per side: {path}")
-    return img
+    return _open_header(path, str(path), max_pixels, min_side)
+
+
+def _open_bytes(data: bytes, name: str, max_pixels: int, min_side: int) -> Image.Image:
+    if not data:
+        raise ImageProblem(f"image is empty (0 bytes): {name}")
+    return _open_header(io.BytesIO(data), name, max_pixels, min_side)
 
 
 def _conversion_notes(mode: str) -> list[str]:
@@ -92,43 +113,36 @@ def _png_raw_size(ihdr: bytes) -> int:
     return sum(rows((w - x0 + dx - 1) // dx, (h - y0 + dy - 1) // dy) for x0, y0, dx, dy in _ADAM7)
 
 
-def _check_png_pixel_stream(path: Path) -> None:
+def _check_png_pixel_stream(fh: BinaryIO) -> None:
     """Inflate the IDAT stream 1 MiB at a time into a byte count; compare it with what the IHDR promises."""
     expected, produced = 0, 0
     inflate = zlib.decompressobj()
-    with open(path, "rb") as fh:
-        fh.seek(8)
-        while True:
-            head = fh.read(8)
-            if len(head) < 8:
-                raise OSError("PNG ends before its IEND chunk")
-            length, kind = struct.unpack(">I4s", head)
-            if kind == b"IEND":
-                break
-            if kind == b"IHDR":
-                expected = _png_raw_size(fh.read(length))
-                fh.seek(4, 1)
-                continue
-            if kind != b"IDAT" or produced >= expected:
-                fh.seek(length + 4, 1)
-                continue
-            data = fh.read(length)
+    fh.seek(8)
+    while True:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise OSError("PNG ends before its IEND chunk")
+        length, kind = struct.unpack(">I4s", head)
+        if kind == b"IEND":
+            break
+        if kind == b"IHDR":
+            expected = _png_raw_size(fh.read(length))
             fh.seek(4, 1)
-            while data and produced < expected:
-                produced += len(inflate.decompress(data, 1 << 20))
-                data = inflate.unconsumed_tail
+            continue
+        if kind != b"IDAT" or produced >= expected:
+            fh.seek(length + 4, 1)
+            continue
+        data = fh.read(length)
+        fh.seek(4, 1)
+        while data and produced < expected:
+            produced += len(inflate.decompress(data, 1 << 20))
+            data = inflate.unconsumed_tail
     if produced < expected:
         raise OSError(f"pixel data ends early: {produced:,} of {expected:,} bytes")
 
 
-def inspect_image(path: str | Path, *, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE) -> ImageInfo:
-    """Validate an image from its header plus a cheap integrity pass; never a full-resolution decode.
-
-    Raises:
-        ImageProblem: one line naming the file and what is wrong with it.
-    """
-    path = Path(path)
-    img = _open_checked(path, max_pixels, min_side)
+def _inspect_opened(img: Image.Image, source: Path | bytes, label: str) -> ImageInfo:
+    """The integrity pass on a header-checked image (closes it); ``source`` is re-read for the PNG stream walk."""
     info = ImageInfo(img.width, img.height, img.mode, img.format, _conversion_notes(img.mode))
     try:
         if img.format in ("JPEG", "MPO"):
@@ -136,13 +150,36 @@ def inspect_image(path: str | Path, *, max_pixels: int = MAX_PIXELS, min_side: i
             img.load()  # decodes at 1/8 scale; a truncated stream raises here
         else:
             img.verify()  # walks the chunks (CRCs, end marker) without decoding pixels
-            if img.format == "PNG":
-                _check_png_pixel_stream(path)  # CRC-valid chunks can still hold too little pixel data
+            if img.format == "PNG":  # CRC-valid chunks can still hold too little pixel data
+                with open(source, "rb") if isinstance(source, Path) else io.BytesIO(source) as fh:
+                    _check_png_pixel_stream(fh)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, zlib.error, struct.error) as err:
-        raise ImageProblem(f"image is truncated or corrupt ({str(err).splitlines()[0][:80]}): {path}") from None
+        raise ImageProblem(f"image is truncated or corrupt ({str(err).splitlines()[0][:80]}): {label}") from None
     finally:
         img.close()
     return info
+
+
+def inspect_image(path: str | Path, *, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE) -> ImageInfo:
+    """Validate an image from its header plus a cheap integrity pass; never a full-resolution decode.
+
+    Raises:
+        ImageProblem: one line naming the file and what is wrong with it (:class:`ImageTooLarge` for the
+            decompression-bomb guard).
+    """
+    path = Path(path)
+    return _inspect_opened(_open_checked(path, max_pixels, min_side), path, str(path))
+
+
+def inspect_image_bytes(
+    data: bytes, *, name: str = "image", max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE
+) -> ImageInfo:
+    """:func:`inspect_image` for an image held in memory; ``name`` is what the error messages call it.
+
+    Raises:
+        ImageProblem: one line naming ``name`` and what is wrong (:class:`ImageTooLarge` for the bomb guard).
+    """
+    return _inspect_opened(_open_bytes(data, name, max_pixels, min_side), data, name)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -163,6 +200,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _decode_rgb(img: Image.Image, label: str) -> Image.Image:
+    try:
+        img.load()
+        img = ImageOps.exif_transpose(img) or img
+        return to_rgb(img)
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageProblem(f"image is truncated or corrupt ({str(err).splitlines()[0][:80]}): {label}") from None
+
+
 def load_rgb(path: str | Path, *, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE) -> Image.Image:
     """Load an image as RGB with the EXIF orientation applied, refusing bombs and tiny images first.
 
@@ -170,10 +216,15 @@ def load_rgb(path: str | Path, *, max_pixels: int = MAX_PIXELS, min_side: int = 
         ImageProblem: missing, empty, unreadable, truncated, too small or too large (one line, names the file).
     """
     path = Path(path)
-    img = _open_checked(path, max_pixels, min_side)
-    try:
-        img.load()
-        img = ImageOps.exif_transpose(img) or img
-        return to_rgb(img)
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ImageProblem(f"image is truncated or corrupt ({str(err).splitlines()[0][:80]}): {path}") from None
+    return _decode_rgb(_open_checked(path, max_pixels, min_side), str(path))
+
+
+def load_rgb_bytes(
+    data: bytes, *, name: str = "image", max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE
+) -> Image.Image:
+    """:func:`load_rgb` for an image held in memory; ``name`` is what the error messages call it.
+
+    Raises:
+        ImageProblem: empty, unreadable, truncated, too small or too large (one line, names ``name``).
+    """
+    return _decode_rgb(_open_bytes(data, name, max_pixels, min_side), name)

@@ -36,8 +36,9 @@ class KaleidoBertConfig(BertConfig):
     model_type = "kaleido_bert"
 
     def __init__(self, patch_feature_size: int = 2048, num_levels: int = 5, tasks: list[str] | None = None,
-                 max_text_len: int = 64, **kwargs) -> None:
+                 max_text_len: int = 64, patch_levels: list[int] | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
+        self.patch_levels = list(range(1, num_levels + 1) if patch_levels is None else patch_levels)
         self.patch_feature_size = patch_feature_size
         self.num_levels = num_levels
         self.tasks = list(ALL_TASKS if tasks is None else tasks)
@@ -56,6 +57,7 @@ class KaleidoBertConfig(BertConfig):
             hidden_dropout_prob=m.dropout, attention_probs_dropout_prob=m.dropout,
             max_position_embeddings=max(512, m.max_text_len), patch_feature_size=m.patch_feature_size,
             num_levels=m.num_levels, tasks=list(m.tasks), max_text_len=m.max_text_len,
+            patch_levels=list(m.patch_levels),
         )
 
 
@@ -71,6 +73,7 @@ class KaleidoPatchEmbeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.register_buffer("level_ids", level_ids(config.num_levels), persistent=False)
+        self.register_buffer("keep", _kept_patches(config), persistent=False)
 
     def forward(self, patch_features: Tensor, patch_positions: Tensor) -> Tensor:
         # project each level with its own Linear; levels are contiguous slices of the P axis
@@ -101,6 +104,13 @@ class KaleidoBertPreTrainedModel(BertPreTrainedModel):
         if isinstance(module, KaleidoPatchEmbeddings):
             with torch.no_grad():  # non-persistent buffer: rebuilt whenever weights are (re)initialised
                 module.level_ids.copy_(level_ids(self.config.num_levels))
+                module.keep.copy_(_kept_patches(self.config))
+
+
+def _kept_patches(config: KaleidoBertConfig) -> Tensor:
+    """``(P,)`` 1 for patches of the levels in ``config.patch_levels``, 0 for levels hidden from attention."""
+    used = torch.tensor(sorted(getattr(config, "patch_levels", range(1, config.num_levels + 1))))
+    return torch.isin(level_ids(config.num_levels), used - 1).long()
 
 
 def attention_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -146,11 +156,13 @@ class KaleidoBertModel(KaleidoBertPreTrainedModel):
         if patch_features is not None:
             patches = self.patch_embeddings(patch_features, patch_positions)  # (B, P, D)
             parts.append(patches)
-            keys.append(torch.ones(patches.shape[:2], dtype=torch.long, device=patches.device))
+            keys.append(self.patch_embeddings.keep.expand(patches.shape[0], -1))  # hidden levels: 0
         if not parts:
             raise ValueError("KaleidoBertModel needs text_ids, patch_features or both")
         hidden = torch.cat(parts, dim=1)  # (B, S, D)
-        mask = attention_mask if attention_mask is not None else torch.cat(keys, dim=1)
+        mask = torch.cat(keys, dim=1)
+        if attention_mask is not None:  # a full mask still never lets anyone attend a hidden level
+            mask = attention_mask * mask[:, None, :]
         hidden = self.encoder(hidden, attention_mask=attention_bias(mask, hidden.dtype)).last_hidden_state
         num_text = 0 if text_ids is None else text_ids.shape[1]
         return KaleidoBertOutput(hidden=hidden, pooled=self.pooler(hidden), num_text=num_text)

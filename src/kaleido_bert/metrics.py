@@ -1,0 +1,471 @@
+"""Metric definitions of the evaluation protocols (paper §4, Tables 2 and 3; SPEC §4).
+
+Retrieval (ITR / TIR):
+
+* :func:`rank_hits` — ``scores (Q, C)`` float, higher is better, ``positive (Q, C)`` bool with at least one True
+  per row → ``{K: mean P(rank ≤ K)}``. Ties count at their expected rank under random tie-breaking: with ``g``
+  candidates scoring strictly above the query's best positive and ``t`` *other* candidates scoring exactly the
+  same, ``P(rank ≤ K) = clip((K − g) / (t + 1), 0, 1)``. Other positives tied with the best one are counted
+  among the ``t`` like negatives, which is exact for one positive and slightly conservative for several.
+  The sample-100 protocol (Table 2) has ``C = 101``: one positive and 100 negatives.
+* :func:`gallery_recall` — ``similarity (Q, G)`` and one set of correct gallery columns per query →
+  ``{"R@1", "R@5", "R@10", "mean_recall"}`` as fractions (full-gallery protocol).
+* :func:`sum_r` — SumR = (R@1 + R@5 + R@10 of both directions) × 100.
+
+Classification (CR / SUB): :func:`classification_metrics` gives accuracy and macro-F1 over *all* label ids of the
+label map (classes absent from the test set count as F1 = 0, as the original EasyTransfer evaluator did);
+:func:`sum_cls` = (ACC + macro-F1) × 100 summed over both tasks.
+
+Captioning (FC): :func:`caption_metrics` runs the COCO-caption reference code (``pycocoevalcap``, needs Java) on
+PTB-tokenised, lower-cased text and reports BLEU-4, METEOR, ROUGE-L and CIDEr-D × 100 (the scale of the paper's
+Table 3) and SumCAP = their sum.
+
+Inputs are numpy arrays (or anything ``np.asarray`` takes); every result is a plain Python float. Bad input
+raises :class:`~kaleido_bert.errors.KaleidoError` with a one-line message naming the item.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from kaleido_bert.errors import KaleidoError
+
+DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
+SUM_KS: tuple[int, ...] = (1, 5, 10)
+EMPTY_HYPOTHESIS = "<empty>"
+"""Stands in for a hypothesis that is empty after tokenisation; scores like any caption sharing no word."""
+
+JAVA_HINT = "caption metrics need Java: apt install default-jre-headless"
+_CHUNK_ELEMENTS = 4_000_000  # rows of (Q, C) processed at a time in rank_hits, to bound temporary memory
+
+
+# ----------------------------------------------------------------------------------------------- retrieval
+def _check_ks(ks: Iterable[int]) -> tuple[int, ...]:
+    out = tuple(ks)
+    if not out:
+        raise KaleidoError("ks is empty: give at least one cut-off K")
+    for k in out:
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+            raise KaleidoError(f"cut-off K={k!r} is not a positive integer")
+    return tuple(int(k) for k in out)
+
+
+def _as_bool_matrix(positive: Any, name: str) -> np.ndarray:
+    arr = np.asarray(positive)
+    if arr.dtype != bool:
+        if not (np.issubdtype(arr.dtype, np.number) and np.isin(arr, (0, 1)).all()):
+            raise KaleidoError(f"{name} must be a boolean matrix, got dtype {arr.dtype}")
+        arr = arr.astype(bool)
+    return arr
+
+
+def rank_hits(scores: Any, positive: Any, ks: Sequence[int] = DEFAULT_KS) -> dict[int, float]:
+    """Rank@K of the best-scored positive of each query, ties at their expected rank.
+
+    Args:
+        scores: ``(Q, C)`` float array of candidate scores, higher is better (``±inf`` allowed, NaN not).
+        positive: ``(Q, C)`` bool array marking the correct candidates; every row needs at least one True.
+        ks: the cut-offs K.
+
+    Returns:
+        ``{K: mean over queries of P(rank ≤ K)}``, fractions in [0, 1]. With ``g`` candidates strictly above the
+        query's best positive and ``t`` other candidates tied with it, ``P(rank ≤ K) = clip((K − g)/(t + 1), 0, 1)``
+        (exact under random tie-breaking for one positive; tied positives count as negatives, so slightly
+        conservative for several).
+
+    Raises:
+        KaleidoError: on shape mismatch, an empty matrix, NaN scores, a query without a positive or a bad K.
+    """
+    ks = _check_ks(ks)
+    s = np.asarray(scores, dtype=np.float64)
+    pos = _as_bool_matrix(positive, "positive")
+    if s.ndim != 2:
+        raise KaleidoError(f"scores must be a (Q, C) matrix, got shape {s.shape}")
+    if pos.shape != s.shape:
+        raise KaleidoError(f"positive has shape {pos.shape} but scores has shape {s.shape}")
+    q, c = s.shape
+    if q == 0 or c == 0:
+        raise KaleidoError(f"scores is empty (shape {s.shape})")
+    no_pos = np.flatnonzero(~pos.any(axis=1))
+    if no_pos.size:
+        raise KaleidoError(f"query {int(no_pos[0])} has no positive candidate ({no_pos.size} such queries)")
+    nan_rows = np.flatnonzero(np.isnan(s).any(axis=1))
+    if nan_rows.size:
+        raise KaleidoError(f"scores of query {int(nan_rows[0])} contain NaN")
+
+    higher = np.empty(q, dtype=np.int64)
+    ties = np.empty(q, dtype=np.int64)
+    step = max(1, _CHUNK_ELEMENTS // c)
+    for lo in range(0, q, step):
+        blk, pblk = s[lo : lo + step], pos[lo : lo + step]
+        best = np.where(pblk, blk, -np.inf).max(axis=1, keepdims=True)
+        higher[lo : lo + step] = (blk > best).sum(axis=1)
+        ties[lo : lo + step] = (blk == best).sum(axis=1) - 1
+    out: dict[int, float] = {}
+    for k in ks:
+        p = np.clip((k - higher) / (ties + 1), 0.0, 1.0)
+        out[k] = float(p.mean())
+    return out
+
+
+def gallery_recall(
+    similarity: Any, positives: Sequence[Iterable[int]], ks: Sequence[int] = DEFAULT_KS
+) -> dict[str, float]:
+    """Recall@K of a full-gallery search: a query is a hit when one of its positives is in the top K.
+
+    Args:
+        similarity: ``(Q, G)`` float array, query × gallery, higher is better.
+        positives: ``Q`` non-empty collections of gallery column indices that are correct for each query.
+        ks: the cut-offs K.
+
+    Returns:
+        ``{"R@K": fraction of queries hit, ..., "mean_recall": mean of the R@K}``; ties at their expected rank as
+        in :func:`rank_hits`.
+
+    Raises:
+        KaleidoError: on a shape or length mismatch, a query without positives or an index out of range.
+    """
+    ks = _check_ks(ks)
+    sim = np.asarray(similarity, dtype=np.float64)
+    if sim.ndim != 2:
+        raise KaleidoError(f"similarity must be a (Q, G) matrix, got shape {sim.shape}")
+    q, g = sim.shape
+    if len(positives) != q:
+        raise KaleidoError(f"positives has {len(positives)} entries but similarity has {q} query rows")
+    mask = np.zeros((q, g), dtype=bool)
+    for i, cols in enumerate(positives):
+        idx = [int(j) for j in cols]
+        if not idx:
+            raise KaleidoError(f"query {i} has no positive gallery index")
+        bad = [j for j in idx if not 0 <= j < g]
+        if bad:
+            raise KaleidoError(f"query {i} has gallery index {bad[0]} outside [0, {g})")
+        mask[i, idx] = True
+    hits = rank_hits(sim, mask, ks)
+    out = {f"R@{k}": hits[k] for k in ks}
+    out["mean_recall"] = float(np.mean([hits[k] for k in ks]))
+    return out
+
+
+def sum_r(itr: Mapping[int, float], tir: Mapping[int, float]) -> float:
+    """SumR of the sample-100 protocol: (R@1 + R@5 + R@10 of both directions) × 100.
+
+    Args:
+        itr: image→text ``{K: fraction}`` as returned by :func:`rank_hits`.
+        tir: text→image ``{K: fraction}``.
+
+    Returns:
+        SumR in percent points (0–600).
+
+    Raises:
+        KaleidoError: if K = 1, 5 or 10 is missing from either direction.
+    """
+    total = 0.0
+    for name, hits in (("itr", itr), ("tir", tir)):
+        for k in SUM_KS:
+            if k not in hits:
+                raise KaleidoError(f"{name} lacks R@{k} needed for SumR")
+            total += float(hits[k])
+    return total * 100.0
+
+
+def expected_rank_chance(num_candidates: int, k: int) -> float:
+    """Chance level of Rank@K: a random ranking puts the one positive in the top K with probability K / C.
+
+    Args:
+        num_candidates: the number of candidates C per query (101 for the sample-100 protocol).
+        k: the cut-off K.
+
+    Returns:
+        ``min(K, C) / C``.
+
+    Raises:
+        KaleidoError: if either is below 1.
+    """
+    if num_candidates < 1 or k < 1:
+        raise KaleidoError(f"chance level needs num_candidates ≥ 1 and k ≥ 1, got {num_candidates} and {k}")
+    return min(k, num_candidates) / num_candidates
+
+
+# ------------------------------------------------------------------------------------------ classification
+def _as_labels(y: Any, name: str) -> np.ndarray:
+    arr = np.asarray(y)
+    if arr.ndim != 1:
+        raise KaleidoError(f"{name} must be a 1-D label array, got shape {arr.shape}")
+    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.number):
+        raise KaleidoError(f"{name} must hold integer label ids, got dtype {arr.dtype}")
+    if not np.issubdtype(arr.dtype, np.integer):
+        if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
+            raise KaleidoError(f"{name} must hold integer label ids, got non-integer values")
+        arr = arr.astype(np.int64)
+    return arr
+
+
+def classification_metrics(y_true: Any, y_pred: Any, num_labels: int) -> dict[str, float]:
+    """Accuracy and macro-F1 over all label ids of the label map (CR / SUB).
+
+    Args:
+        y_true: ``(N,)`` integer gold label ids.
+        y_pred: ``(N,)`` integer predicted label ids.
+        num_labels: size of the label map; ids live in ``[0, num_labels)``.
+
+    Returns:
+        ``{"accuracy", "macro_f1"}`` as fractions. Macro-F1 averages over every id of the label map, so a class
+        absent from both gold and predictions counts as F1 = 0 (the original EasyTransfer evaluator's rule).
+
+    Raises:
+        KaleidoError: on a length mismatch, no examples, non-integer labels or a label outside the map.
+    """
+    from sklearn.metrics import f1_score
+
+    if num_labels < 1:
+        raise KaleidoError(f"num_labels must be at least 1, got {num_labels}")
+    yt, yp = _as_labels(y_true, "y_true"), _as_labels(y_pred, "y_pred")
+    if yt.shape != yp.shape:
+        raise KaleidoError(f"y_true has {yt.size} labels but y_pred has {yp.size}")
+    if yt.size == 0:
+        raise KaleidoError("no examples to score")
+    for name, arr in (("y_true", yt), ("y_pred", yp)):
+        bad = np.flatnonzero((arr < 0) | (arr >= num_labels))
+        if bad.size:
+            i = int(bad[0])
+            raise KaleidoError(f"{name}[{i}] = {int(arr[i])} is outside the label map [0, {num_labels})")
+    acc = float(np.mean(yt == yp))
+    f1 = f1_score(yt, yp, labels=list(range(num_labels)), average="macro", zero_division=0)
+    return {"accuracy": acc, "macro_f1": float(f1)}
+
+
+def sum_cls(category: Mapping[str, float], subcategory: Mapping[str, float]) -> float:
+    """SumCLS = (ACC + macro-F1) × 100 summed over category (CR) and sub-category (SUB) recognition.
+
+    Args:
+        category: :func:`classification_metrics` of the category task.
+        subcategory: :func:`classification_metrics` of the sub-category task.
+
+    Returns:
+        SumCLS in percent points (0–400).
+
+    Raises:
+        KaleidoError: if ``accuracy`` or ``macro_f1`` is missing.
+    """
+    total = 0.0
+    for name, res in (("category", category), ("subcategory", subcategory)):
+        for key in ("accuracy", "macro_f1"):
+            if key not in res:
+                raise KaleidoError(f"{name} metrics lack {key!r} needed for SumCLS")
+            total += float(res[key])
+    return total * 100.0
+
+
+# ---------------------------------------------------------------------------------------------- captioning
+def _require_java() -> None:
+    if shutil.which("java") is None:
+        raise KaleidoError(JAVA_HINT)
+
+
+def _import_coco() -> Any:
+    try:
+        import pycocoevalcap  # noqa: F401
+    except ImportError as exc:
+        raise KaleidoError("caption metrics need pycocoevalcap: pip install 'kaleido-bert[metrics]'") from exc
+    import pycocoevalcap as mod
+
+    return mod
+
+
+def ptb_tokenize(texts: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
+    """Tokenise captions as the COCO-caption code does: lower-case, Stanford PTBTokenizer, punctuation removed.
+
+    A thin wrapper over ``pycocoevalcap.tokenizer.ptbtokenizer.PTBTokenizer`` (one Java run for all texts). Text
+    is lower-cased and its whitespace (newlines included) collapsed to single spaces first. Blank texts are not
+    sent to Java (an empty line would shift PTBTokenizer's line alignment) and come back as ``""``; a text of
+    punctuation only also comes back as ``""``. Brackets come out as ``-lrb-``/``-rrb-``, as in the reference code.
+
+    Args:
+        texts: ``{id: [caption, ...]}``.
+
+    Returns:
+        ``{id: [tokens joined by single spaces, ...]}``, same ids and list lengths, in input order.
+
+    Raises:
+        KaleidoError: if Java or pycocoevalcap is missing, or the tokenizer's output does not line up.
+    """
+    _require_java()
+    _import_coco()
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    out: dict[str, list[str]] = {}
+    batch: dict[str, list[dict[str, str]]] = {}
+    slots: list[tuple[str, int]] = []
+    for key, captions in texts.items():
+        if isinstance(captions, str):
+            raise KaleidoError(f"captions of id {key!r} must be a list of strings, got one string")
+        out[key] = []
+        for i, text in enumerate(captions):
+            clean = " ".join(str(text).lower().split())
+            out[key].append("")
+            if clean:
+                # one pseudo-id per caption keeps the mapping explicit whatever order the tokenizer returns
+                batch[str(len(slots))] = [{"caption": clean}]
+                slots.append((key, i))
+    if not batch:
+        return out
+    tokenized = PTBTokenizer().tokenize(batch)
+    if len(tokenized) != len(batch):
+        raise KaleidoError(f"PTBTokenizer returned {len(tokenized)} lines for {len(batch)} captions")
+    for n, (key, i) in enumerate(slots):
+        (line,) = tokenized[str(n)]
+        out[key][i] = " ".join(line.split())
+    return out
+
+
+def _meteor_class() -> type:
+    """A ``Meteor`` subclass with ``close()`` and a ``__del__`` that never blocks (v1.2 has neither)."""
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    class _ClosableMeteor(Meteor):
+        def close(self) -> None:
+            proc = getattr(self, "meteor_p", None)
+            if proc is None:
+                return
+            if proc.poll() is None:
+                try:
+                    proc.stdin.close()
+                except OSError:
+                    pass
+                proc.kill()
+                proc.wait()
+            for pipe in (proc.stdin, proc.stdout, proc.stderr):
+                if pipe is not None:
+                    pipe.close()
+
+        def __del__(self) -> None:  # the parent's __del__ takes a lock that a failed call may still hold
+            self.close()
+
+    return _ClosableMeteor
+
+
+def _check_caption_ids(references: Mapping[str, Sequence[str]], hypotheses: Mapping[str, str]) -> None:
+    if not references:
+        raise KaleidoError("no reference captions to score")
+    for key in references:
+        if key not in hypotheses:
+            raise KaleidoError(f"hypothesis missing for id {key!r}")
+    for key, hyp in hypotheses.items():
+        if key not in references:
+            raise KaleidoError(f"references missing for id {key!r}")
+        if not isinstance(hyp, str):
+            raise KaleidoError(f"hypothesis of id {key!r} must be a string, got {type(hyp).__name__}")
+
+
+class CaptionScorer:
+    """The COCO-caption scorers with one METEOR Java process kept open for several :meth:`score` calls.
+
+    METEOR loads its paraphrase table when it scores first (several seconds); reuse one scorer to pay that once.
+    Use it as a context manager, or call :meth:`close`, so the Java process ends.
+    """
+
+    def __init__(self) -> None:
+        """Start METEOR's Java process.
+
+        Raises:
+            KaleidoError: if Java or pycocoevalcap is missing.
+        """
+        _require_java()
+        _import_coco()
+        self._meteor: Any = _meteor_class()()
+
+    def __enter__(self) -> CaptionScorer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """End the METEOR process (idempotent)."""
+        if self._meteor is not None:
+            self._meteor.close()
+            self._meteor = None
+
+    def score(
+        self, references: Mapping[str, Sequence[str]], hypotheses: Mapping[str, str]
+    ) -> dict[str, float]:
+        """See :func:`caption_metrics`."""
+        from pycocoevalcap.bleu.bleu import Bleu
+        from pycocoevalcap.cider.cider import Cider
+        from pycocoevalcap.rouge.rouge import Rouge
+
+        if self._meteor is None:
+            raise KaleidoError("this CaptionScorer is closed")
+        _check_caption_ids(references, hypotheses)
+        ids = list(references)
+        # one tokenizer run for both sides; hypothesis ids are kept apart by a tuple key
+        joint: dict[Any, Sequence[str]] = {("ref", k): references[k] for k in ids}
+        joint.update({("hyp", k): [hypotheses[k]] for k in ids})
+        tok = ptb_tokenize(joint)  # type: ignore[arg-type]
+        gts: dict[str, list[str]] = {}
+        res: dict[str, list[str]] = {}
+        for n, key in enumerate(ids):
+            refs = [r.replace("|||", " ") for r in tok[("ref", key)] if r]  # type: ignore[index]
+            if not refs:
+                raise KaleidoError(f"id {key!r} has no non-empty reference caption")
+            hyp = tok[("hyp", key)][0].replace("|||", " ") or EMPTY_HYPOTHESIS  # type: ignore[index]
+            gts[str(n)], res[str(n)] = refs, [" ".join(hyp.split())]
+
+        bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+        try:
+            meteor, _ = self._meteor.compute_score(gts, res)
+        except (ValueError, OSError) as exc:
+            proc = self._meteor.meteor_p
+            err = ""  # when Java died, its last stderr line says why
+            if proc.poll() is not None and proc.stderr is not None:
+                lines = proc.stderr.read().decode(errors="replace").strip().splitlines()
+                err = lines[-1] if lines else ""
+            self.close()
+            raise KaleidoError(f"METEOR subprocess failed: {err or exc}") from exc
+        rouge, _ = Rouge().compute_score(gts, res)
+        cider, _ = Cider().compute_score(gts, res)
+        out = {
+            "bleu4": float(bleu[3]) * 100.0,
+            "meteor": float(meteor) * 100.0,
+            "rouge_l": float(rouge) * 100.0,
+            "cider": float(cider) * 100.0,
+        }
+        out["sum_cap"] = sum(out.values())
+        return out
+
+
+def caption_metrics(
+    references: Mapping[str, Sequence[str]],
+    hypotheses: Mapping[str, str],
+    *,
+    scorer: CaptionScorer | None = None,
+) -> dict[str, float]:
+    """BLEU-4, METEOR, ROUGE-L, CIDEr-D and SumCAP of generated captions (FC), with the COCO-caption code.
+
+    Both sides are lower-cased and PTB-tokenised (:func:`ptb_tokenize`) before scoring. A hypothesis that is
+    empty after tokenisation becomes the placeholder token ``"<empty>"`` (the scorers and METEOR's line protocol
+    need a word); it shares no word with a reference and scores near 0. Empty reference strings are dropped.
+    CIDEr-D takes its IDF from the reference set, so it is only meaningful over many ids (one id scores 0).
+
+    Args:
+        references: ``{id: [reference caption, ...]}``.
+        hypotheses: ``{id: generated caption}`` with the same ids.
+        scorer: an open :class:`CaptionScorer` to reuse; by default one is opened and closed for this call.
+
+    Returns:
+        ``{"bleu4", "meteor", "rouge_l", "cider", "sum_cap"}``, each × 100 (the paper's Table 3 scale).
+
+    Raises:
+        KaleidoError: if the ids differ (naming one), an id has no non-empty reference, or Java / pycocoevalcap
+            is missing.
+    """
+    if scorer is not None:
+        return scorer.score(references, hypotheses)
+    _check_caption_ids(references, hypotheses)  # before starting Java
+    with CaptionScorer() as own:
+        return own.score(references, hypotheses)
