@@ -184,6 +184,38 @@ def cmd_ablate(args: argparse.Namespace) -> None:
     ablate(_config(args), args.out, protocols=tuple(args.protocols.split(",")), only=args.only)
 
 
+# ---------------------------------------------------------------------------------------------- index / serve
+def cmd_index(args: argparse.Namespace) -> None:
+    import json
+
+    from kaleido_bert.catalogue_index import index_catalogue
+
+    summary = index_catalogue(args.run, args.out, catalogue=args.catalogue, features=args.features, kind=args.kind,
+                              add=args.add, overwrite=args.overwrite, device=args.device)
+    print(json.dumps(summary, indent=2))
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import time
+
+    try:
+        from kaleido_bert.serve import create_app, serve
+    except ImportError as err:
+        raise KaleidoError(f"kaleido serve needs the serve extra ({err.name} is missing): "
+                           "pip install 'kaleido-bert[serve]'") from None
+    from kaleido_bert.pipeline import KaleidoBertPipeline
+
+    start = time.perf_counter()
+    pipeline = KaleidoBertPipeline.from_pretrained(args.run, index=args.index, catalogue=args.catalogue,
+                                                   features=args.features, device=args.device)
+    info = pipeline.info()
+    print(f"loaded {info['items']} items ({info['products']} products, {info['index']} index) and "
+          f"{len(info['models'])} models in {time.perf_counter() - start:.1f} s; serving "
+          f"http://{args.host}:{args.port}/", flush=True)
+    app = create_app(pipeline, catalogue_root=pipeline.data.catalogue.root, max_upload_bytes=args.max_upload_mb * 2**20)
+    serve(app, host=args.host, port=args.port)
+
+
 # ---------------------------------------------------------------------------------------------- config / demo
 def cmd_config_show(args: argparse.Namespace) -> None:
     import yaml
@@ -195,7 +227,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     """The whole pipeline on the built-in synthetic catalogue; grows stage by stage (README, "Demo")."""
     from kaleido_bert.demo import run_demo
 
-    run_demo(_config(args), args.out)
+    label = args.dataset or (Path(args.catalogue).name if args.catalogue else "synthetic demo catalogue")
+    run_demo(_config(args), args.out, catalogue=args.catalogue, dataset_label=label)
 
 
 # ---------------------------------------------------------------------------------------------- parser
@@ -206,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run the whole pipeline on the built-in synthetic catalogue")
     demo.add_argument("--out", default="runs/demo", help="output directory")
+    demo.add_argument("--catalogue", help="run the same pipeline on this catalogue instead of the synthetic one")
+    demo.add_argument("--dataset", default="", help="the dataset's name in the report (default: the catalogue's)")
     _add_config_args(demo)
     demo.set_defaults(func=cmd_demo)
 
@@ -339,6 +374,28 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("--only", nargs="+", help="column names or run slugs to run (default all 12 columns)")
     _add_config_args(abl)
     abl.set_defaults(func=cmd_ablate)
+
+    idx = sub.add_parser("index", help="embed a catalogue with a run's retrieval model into a search index")
+    idx.add_argument("run", help="run directory (RUN/finetune/retrieval, else RUN/pretrain) or a checkpoint")
+    idx.add_argument("--out", required=True, help="index directory")
+    idx.add_argument("--catalogue", help="catalogue to index (default: data.catalogue of the run config)")
+    idx.add_argument("--features", help="its feature store (default: data.features of the run config)")
+    idx.add_argument("--kind", choices=("exact", "ivf", "hnsw"), default="exact", help="FAISS index kind")
+    idx.add_argument("--add", action="store_true", help="add the items an existing index lacks (same model only)")
+    idx.add_argument("--overwrite", action="store_true", help="rebuild an existing index from scratch")
+    idx.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    idx.set_defaults(func=cmd_index)
+
+    srv = sub.add_parser("serve", help="product search API and web page over a run (search, caption, classify)")
+    srv.add_argument("run", help="run directory (RUN/pretrain, RUN/finetune/...) or a checkpoint")
+    srv.add_argument("--index", help="index directory from kaleido index (default: embed the catalogue at start)")
+    srv.add_argument("--catalogue", help="catalogue served (default: data.catalogue of the run config)")
+    srv.add_argument("--features", help="its feature store (default: data.features of the run config)")
+    srv.add_argument("--host", default="127.0.0.1", help="interface (0.0.0.0 exposes the service to the network)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--max-upload-mb", type=int, default=8, help="largest accepted image upload in MiB")
+    srv.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    srv.set_defaults(func=cmd_serve)
 
     config = sub.add_parser("config", help="inspect configs").add_subparsers(dest="config_command", required=True)
     show = config.add_parser("show", help="print the resolved config as YAML")

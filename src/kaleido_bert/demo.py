@@ -4,7 +4,8 @@ Every stage writes into ``OUT/<stage>`` and is skipped when its output is alread
 interruption picks up where it stopped (training stages resume from their last checkpoint). Stages: synthetic
 catalogue → Kaleido patches and features → alignment captioner and token↔patch alignments → pre-training (loss
 curves) → fine-tuning (retrieval, category and sub-category from image+text and from the image alone, captioning)
-→ evaluation (``OUT/report``: the paper's Tables 2–3 beside ours). The wall time of each stage is printed at the end.
+→ evaluation (``OUT/report``: the paper's Tables 2–3 beside ours) → the product index of the search service
+(``OUT/index``). The wall time of each stage and the command that serves the demo model are printed at the end.
 """
 
 from __future__ import annotations
@@ -35,8 +36,17 @@ def _stage(name: str, timings: dict[str, float], fn: Callable[[], Any]) -> Any:
     return result
 
 
-def run_demo(config: RunConfig, out: str | Path) -> dict[str, Any]:
-    """Run every stage built so far with ``config`` (the ``demo`` preset by default) into ``out``."""
+def run_demo(config: RunConfig, out: str | Path, *, catalogue: str | Path | None = None,
+             dataset_label: str = "synthetic demo catalogue") -> dict[str, Any]:
+    """Run every stage with ``config`` (the ``demo`` preset by default) into ``out``.
+
+    Args:
+        config: the run config.
+        out: output root (``catalogue/`` unless given, ``features/``, ``captioner/``, ``alignments/``,
+            ``pretrain/``, ``finetune/<task>/``, ``report/``).
+        catalogue: run the pipeline on this catalogue (e.g. an imported one) instead of the synthetic one.
+        dataset_label: the dataset's name in the report's column headers.
+    """
     from kaleido_bert.alignment import draw_attention, extract_alignments
     from kaleido_bert.captioner import train_captioner
     from kaleido_bert.catalogue import load_catalogue
@@ -51,12 +61,14 @@ def run_demo(config: RunConfig, out: str | Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     config.save(out / "run.yaml")
     timings: dict[str, float] = {}
-    catalogue, features = out / "catalogue", out / "features"
+    own = catalogue is not None
+    catalogue, features = (Path(catalogue) if own else out / "catalogue"), out / "features"
     captioner, alignments = out / "captioner", out / "alignments"
 
     def make_catalogue() -> None:
-        if not (catalogue / "catalogue.jsonl").is_file():
-            synthesize(catalogue, products=config.data.synthetic_products, seed=config.data.synthetic_seed)
+        if not own and not (catalogue / "catalogue.jsonl").is_file():
+            synthesize(catalogue, products=config.data.synthetic_products, seed=config.data.synthetic_seed,
+                       val_fraction=config.data.val_fraction, test_fraction=config.data.test_fraction)
         print(check_catalogue(catalogue, progress=False).format())
 
     def make_features() -> None:
@@ -116,7 +128,7 @@ def run_demo(config: RunConfig, out: str | Path) -> dict[str, Any]:
         from kaleido_bert.evaluate import evaluate_run
         from kaleido_bert.report import print_tables
 
-        metrics = evaluate_run(out, run, out / "report", dataset_label="synthetic demo catalogue")
+        metrics = evaluate_run(out, run, out / "report", dataset_label=dataset_label)
         print("\n" + print_tables(metrics))
         print(f"\n[demo] report: {out / 'report' / 'report.md'}")
         return metrics
@@ -125,7 +137,16 @@ def run_demo(config: RunConfig, out: str | Path) -> dict[str, Any]:
     _stage("patches", timings, make_features)
     _stage("align", timings, make_alignments)
     _stage("pretrain", timings, make_pretrained)
+    def make_index() -> None:
+        from kaleido_bert.catalogue_index import index_catalogue
+
+        if not (out / "index" / "index.json").is_file():
+            index_catalogue(out, out / "index", catalogue=catalogue, features=features)
+
     _stage("finetune", timings, make_finetuned)
     metrics = _stage("evaluate", timings, make_report)
+    _stage("index", timings, make_index)
     print("\n[demo] stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    print(f"[demo] serve the demo model (search page at http://127.0.0.1:8000/):\n"
+          f"    kaleido serve {out} --index {out / 'index'} --catalogue {catalogue} --features {features}")
     return {"out": str(out), "timings": timings, "metrics": metrics}

@@ -145,12 +145,24 @@ def evaluate_run(run: str | Path, config: RunConfig, out: str | Path, *, candida
     Returns:
         The metrics dict (flat protocol-named keys plus ``timings`` and ``examples``).
     """
-    from kaleido_bert.metrics import sum_cls
     from kaleido_bert.report import write_report
+    from kaleido_bert.train import _autocast, _autocast_dtype
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     parts = run_parts(run)
+    with _autocast(_device(), _autocast_dtype(config.train.precision, _device())):  # the run's precision
+        metrics, extras = _evaluate_parts(parts, config, out, candidates=candidates, progress=progress,
+                                          dataset_label=dataset_label, gallery=gallery, run=run)
+    atomic_write_json(out / "metrics.json", metrics)
+    write_report(metrics, extras, config, out)
+    return metrics
+
+
+def _evaluate_parts(parts: dict[str, Path], config: RunConfig, out: Path, *, candidates, progress: bool,
+                    dataset_label: str, gallery: bool, run) -> tuple[dict[str, Any], dict[str, Any]]:
+    from kaleido_bert.metrics import sum_cls
+
     metrics: dict[str, Any] = {"run": str(run), "dataset": dataset_label or str(config.data.catalogue),
                                "checkpoints": {k: str(v) for k, v in parts.items()}, "timings": {}}
     extras: dict[str, Any] = {}
@@ -191,6 +203,4 @@ def evaluate_run(run: str | Path, config: RunConfig, out: str | Path, *, candida
                 for key, value in values.items():
                     metrics[f"fc/{name}/{key}"] = value
         metrics["fc/items"] = captions["items"]
-    atomic_write_json(out / "metrics.json", metrics)
-    write_report(metrics, extras, config, out)
-    return metrics
+    return metrics, extras
