@@ -84,3 +84,31 @@ def chromium_browser(executable: str | Path | None = None, **launch: Any) -> Ite
             yield browser
         finally:
             browser.close()
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: Any, *, timeout: float = 15.0) -> Iterator[str]:
+    """Serve ``app`` with uvicorn in a daemon thread on a free 127.0.0.1 port; yields the base URL."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            pytest.fail(f"uvicorn did not start within {timeout:.0f} s")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()

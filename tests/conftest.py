@@ -54,3 +54,13 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real catalogue samples not found at {SHARED_DATA} (only present in the project's workspace/CI)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def catalogue_root(tmp_path_factory) -> Path:
+    """A 12-product synthetic catalogue with 128-px images (the search-service tests serve it)."""
+    from kaleido_bert.synth import synthesize
+
+    root = tmp_path_factory.mktemp("serve") / "catalogue"
+    synthesize(root, products=12, seed=0, progress=False, image_size=128)
+    return root

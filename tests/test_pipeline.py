@@ -16,7 +16,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -408,27 +407,12 @@ def test_every_endpoint_over_http(served, run_root, tmp_path):
 @pytest.fixture
 def in_process_server(pipeline) -> Iterator[str]:
     """The app over the module's pipeline, served by uvicorn in a thread on a free loopback port."""
-    uvicorn = pytest.importorskip("uvicorn", reason="the serve extra (uvicorn) is not installed")
+    pytest.importorskip("uvicorn", reason="the serve extra (uvicorn) is not installed")
+    from browser import serve_in_thread
     from kaleido_bert.serve import create_app
 
-    app = create_app(pipeline, catalogue_root=pipeline.data.catalogue.root)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            pytest.fail("uvicorn did not start within 15 s")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+    with serve_in_thread(create_app(pipeline, catalogue_root=pipeline.data.catalogue.root)) as url:
+        yield url
 
 
 @pytest.mark.browser

@@ -130,15 +130,6 @@ class CataloguePipeline:
 
 
 @pytest.fixture(scope="module")
-def catalogue_root(tmp_path_factory) -> Path:
-    from kaleido_bert.synth import synthesize
-
-    root = tmp_path_factory.mktemp("serve") / "catalogue"
-    synthesize(root, products=12, seed=0, progress=False, image_size=128)
-    return root
-
-
-@pytest.fixture(scope="module")
 def pipeline(catalogue_root) -> CataloguePipeline:
     return CataloguePipeline(catalogue_root)
 

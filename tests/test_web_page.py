@@ -7,15 +7,11 @@ reason, where no Chromium or Playwright is installed.
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from browser import chromium_browser, skip_without_browser
+from browser import chromium_browser, serve_in_thread, skip_without_browser
 
 pytest.importorskip("fastapi", reason="the serve extra (fastapi) is not installed")
 uvicorn = pytest.importorskip("uvicorn", reason="the serve extra (uvicorn) is not installed")
@@ -27,37 +23,10 @@ pytestmark = [pytest.mark.browser, skip_without_browser, pytest.mark.timeout(120
 
 
 @pytest.fixture(scope="module")
-def catalogue_root(tmp_path_factory) -> Path:
-    from kaleido_bert.synth import synthesize
-
-    root = tmp_path_factory.mktemp("web") / "catalogue"
-    synthesize(root, products=12, seed=0, progress=False, image_size=128)
-    return root
-
-
-@pytest.fixture(scope="module")
 def server(catalogue_root) -> Iterator[str]:
     """The app served by uvicorn on 127.0.0.1 (a port the OS picked); yields its base URL."""
-    app = create_app(CataloguePipeline(catalogue_root), catalogue_root=catalogue_root)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="off")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not srv.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            pytest.fail("uvicorn did not start within 15 s")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+    with serve_in_thread(create_app(CataloguePipeline(catalogue_root), catalogue_root=catalogue_root)) as url:
+        yield url
 
 
 def test_search_upload_and_errors_in_chromium(server, catalogue_root, tmp_path):
