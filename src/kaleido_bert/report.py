@@ -94,11 +94,17 @@ def gallery_table(metrics: dict[str, Any]) -> list[str]:
 
 
 def draw_retrieval_examples(ranked: list[dict[str, Any]], catalogue, out: Path, *, rows: int = 4) -> Path | None:
-    """Text→image queries: the description, then the top-5 images (positive framed green, others grey)."""
+    """Text→image queries: the description, then the top-5 images (positive framed green, others grey).
+
+    Half the rows are queries whose positive made the top 5, half are queries whose positive did not (in query
+    order), so the picture shows both what works and what fails.
+    """
     from kaleido_bert.images import load_rgb
     from kaleido_bert.plots import plt, save_figure
 
-    chosen = ranked[:rows]
+    hits = [q for q in ranked if q["positive"] in q["top"]]
+    misses = [q for q in ranked if q["positive"] not in q["top"]]
+    chosen = hits[:rows // 2] + misses[:rows - min(len(hits), rows // 2)]  # successes and failures, both shown
     if not chosen:
         return None
     by_id = {it.id: it for it in catalogue.items}
