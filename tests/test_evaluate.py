@@ -103,28 +103,27 @@ def test_negatives_prefer_the_same_subcategory(pipeline):
 # ---------------------------------------------------------------------------------------------- scoring
 def _scorer(pipeline):
     from kaleido_bert.catalogue import load_catalogue
-    from kaleido_bert.checkpoint import load_pretrained, resolve_checkpoint
-    from kaleido_bert.heads import KaleidoBertForPreTraining
-    from kaleido_bert.retrieval import PairScorer, product_texts
+    from kaleido_bert.checkpoint import resolve_checkpoint
+    from kaleido_bert.retrieval import DualEncoder, PairScorer, product_descriptions
     from kaleido_bert.store import FeatureStore
-    from kaleido_bert.tokenizer import load_tokenizer
 
     ckpt = resolve_checkpoint(pipeline / "run" / "pretrain")
     catalogue, store = load_catalogue(pipeline / "catalogue"), FeatureStore(pipeline / "store")
-    model = load_pretrained(KaleidoBertForPreTraining, ckpt)
-    texts = product_texts(catalogue.items, load_tokenizer(ckpt), 17)
-    return PairScorer(model, store, texts, batch_size=5), catalogue, store, texts
+    encoder = DualEncoder.from_checkpoint(ckpt, batch_size=5)
+    descriptions = product_descriptions(catalogue.items)
+    return PairScorer(encoder, store, descriptions), catalogue, store, descriptions
 
 
 def test_batched_itm_scores_equal_one_pair_at_a_time(pipeline):
     scorer, catalogue, store, texts = _scorer(pipeline)
     pairs = [(it.id, p) for it in catalogue.items[:4] for p in list(texts)[:3]]
     batched = scorer.itm_logits(pairs, progress=False)
-    model = scorer.model
+    model, tokenizer = scorer.encoder.model, scorer.encoder.tokenizer
     for (image, pid), value in zip(pairs, batched, strict=True):
         feats = store[image]
+        ids = torch.tensor([tokenizer(texts[pid], max_length=17, truncation=True)["input_ids"]])
         with torch.no_grad():
-            pooled = model.bert(text_ids=texts[pid][None], patch_features=feats["colour"][None],
+            pooled = model.bert(text_ids=ids, patch_features=feats["colour"][None],
                                 patch_positions=feats["positions"][None]).pooled
             logit = float(model.heads.itm(pooled)[0, 1])
         assert logit == pytest.approx(value, abs=1e-4)

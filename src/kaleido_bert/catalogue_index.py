@@ -2,8 +2,9 @@
 
 Full-gallery search (SPEC §3.5) runs the retrieval model as a dual encoder: text alone gives the text embedding,
 a lone ``[CLS]`` in front of the 55 Kaleido patches gives the image embedding (both through the ITC projections
-when the model has them), and the ITM head re-scores the best candidates as a cross-encoder. :class:`DualEncoder`
-does all three on raw inputs (query strings, patch features of uploads or of feature-store rows).
+when the model has them), and the ITM head re-scores the best candidates as a cross-encoder.
+:class:`~kaleido_bert.retrieval.DualEncoder` does all three on raw inputs (query strings, patch features of uploads
+or of feature-store rows).
 
 ``kaleido index`` embeds a catalogue once into an index directory (:func:`index_catalogue`)::
 
@@ -25,144 +26,26 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor
 from tqdm.auto import tqdm
 
 from kaleido_bert.atomic import atomic_directory, atomic_write_json
 from kaleido_bert.catalogue import Catalogue, Item, load_catalogue
-from kaleido_bert.checkpoint import WEIGHTS, load_pretrained
+from kaleido_bert.checkpoint import WEIGHTS
 from kaleido_bert.config import RunConfig, load_config
 from kaleido_bert.errors import KaleidoError
-from kaleido_bert.features import NUM_COLOUR
 from kaleido_bert.index import IndexKind, ProductIndex
+from kaleido_bert.retrieval import DualEncoder, product_descriptions, store_patches
 from kaleido_bert.store import FeatureStore
-from kaleido_bert.tokenizer import load_tokenizer
 
 IMAGES_DIR, TEXTS_DIR, INDEX_JSON = "images", "texts", "index.json"
 HASH_KEYS = ("backbone", "weights", "seed", "mode", "patch_size", "image_size", "saliency", "levels", "feature_size")
 """Feature-store manifest fields that decide how an image becomes patch features (part of the config hash)."""
-
-
-# ---------------------------------------------------------------------------------------------- the dual encoder
-class DualEncoder:
-    """Text and image embeddings and ITM logits of a retrieval model, on raw strings and patch features.
-
-    Args:
-        model: :class:`~kaleido_bert.heads.KaleidoBertForPreTraining` (ITC and ITM heads used when present).
-        tokenizer: its WordPiece tokenizer.
-        max_text_len: T, the model's text length.
-        batch_size: texts, images or pairs per forward pass.
-        device: where the model runs.
-    """
-
-    def __init__(self, model, tokenizer, *, max_text_len: int, batch_size: int = 64,
-                 device: str | torch.device = "cpu") -> None:
-        self.device = torch.device(device)
-        self.model = model.eval().to(self.device)
-        self.tokenizer, self.max_text_len, self.batch_size = tokenizer, max_text_len, batch_size
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint: str | Path, *, batch_size: int = 64,
-                        device: str | torch.device = "cpu") -> DualEncoder:
-        """Load a pre-training or retrieval checkpoint (weights via safetensors) and its tokenizer."""
-        from kaleido_bert.heads import KaleidoBertForPreTraining
-
-        model = load_pretrained(KaleidoBertForPreTraining, checkpoint)
-        return cls(model, load_tokenizer(checkpoint), max_text_len=int(model.config.max_text_len),
-                   batch_size=batch_size, device=device)
-
-    @property
-    def has_itm(self) -> bool:
-        return hasattr(self.model.heads, "itm")
-
-    @property
-    def has_itc(self) -> bool:
-        return hasattr(self.model.heads, "itc")
-
-    def tokenize(self, texts: list[str]) -> tuple[Tensor, Tensor]:
-        """``[CLS] text [SEP]`` WordPiece ids and mask, right-padded: ``(B, T)`` each, on the device."""
-        enc = self.tokenizer(list(texts), max_length=self.max_text_len, truncation=True, padding=True,
-                             return_tensors="pt")
-        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
-
-    def _project(self, pooled: Tensor, side: str) -> Tensor:
-        itc = getattr(self.model.heads, "itc", None)
-        return itc.embed(pooled, side) if itc is not None else F.normalize(pooled, dim=-1)
-
-    @torch.inference_mode()
-    def embed_texts(self, texts: list[str], *, progress: bool = False) -> np.ndarray:
-        """Text-only ``[CLS]`` embeddings: ``(N, D)``."""
-        parts = [np.empty((0, self.dim), np.float32)]
-        for start in tqdm(range(0, len(texts), self.batch_size), desc="embed texts", unit="batch",
-                          disable=not progress, leave=False):
-            ids, mask = self.tokenize(texts[start:start + self.batch_size])
-            pooled = self.model.bert(text_ids=ids, text_mask=mask).pooled
-            parts.append(self._project(pooled, "text").float().cpu().numpy())
-        return np.concatenate(parts)
-
-    @torch.inference_mode()
-    def embed_patches(self, patch_features: Tensor, patch_positions: Tensor) -> np.ndarray:
-        """Patch-only embeddings (a lone ``[CLS]`` pools the patches): ``(N, P, F)``, ``(N, P, 5)`` → ``(N, D)``."""
-        parts = [np.empty((0, self.dim), np.float32)]
-        for start in range(0, len(patch_features), self.batch_size):
-            feats = patch_features[start:start + self.batch_size].to(self.device, torch.float32)
-            pos = patch_positions[start:start + self.batch_size].to(self.device, torch.float32)
-            cls = torch.full((len(feats), 1), self.tokenizer.cls_token_id, dtype=torch.long, device=self.device)
-            pooled = self.model.bert(text_ids=cls, patch_features=feats, patch_positions=pos).pooled
-            parts.append(self._project(pooled, "image").float().cpu().numpy())
-        return np.concatenate(parts)
-
-    @torch.inference_mode()
-    def itm_logits(self, texts: list[str], patch_features: Tensor, patch_positions: Tensor) -> np.ndarray:
-        """Raw class-1 ITM logits of pairs ``(texts[i], patches[i])``; one text is paired with every image.
-
-        Args:
-            texts: N texts, or one text for all N images.
-            patch_features: ``(N, P, F)``; patch_positions: ``(N, P, 5)``.
-
-        Returns:
-            ``(N,)`` float64, higher = a better match.
-
-        Raises:
-            KaleidoError: the checkpoint has no ITM head.
-        """
-        if not self.has_itm:
-            raise KaleidoError("the retrieval checkpoint has no ITM head: re-ranking and scoring need one")
-        n = len(patch_features)
-        texts = list(texts) * n if len(texts) == 1 else list(texts)
-        if len(texts) != n:
-            raise ValueError(f"{len(texts)} texts for {n} images")
-        out = np.empty(n)
-        for start in range(0, n, self.batch_size):
-            stop = min(n, start + self.batch_size)
-            ids, mask = self.tokenize(texts[start:stop])
-            pooled = self.model.bert(text_ids=ids, text_mask=mask,
-                                     patch_features=patch_features[start:stop].to(self.device, torch.float32),
-                                     patch_positions=patch_positions[start:stop].to(self.device, torch.float32)
-                                     ).pooled
-            out[start:stop] = self.model.heads.itm(pooled)[:, 1].double().cpu().numpy()
-        return out
-
-    @property
-    def dim(self) -> int:
-        itc = getattr(self.model.heads, "itc", None)
-        return int(itc.text.out_features) if itc is not None else int(self.model.config.hidden_size)
-
-
-def store_patches(store: FeatureStore, item_ids: list[str]) -> tuple[Tensor, Tensor]:
-    """The colour patch features and positions of store rows, read in one go: ``(N, P, F)``, ``(N, P, 5)``."""
-    rows = np.array([store.index[i] for i in item_ids], dtype=np.int64)
-    feats = np.asarray(store.arrays["features"][rows, :NUM_COLOUR], dtype=np.float32)
-    pos = np.asarray(store.arrays["positions"][rows], dtype=np.float32)
-    return torch.from_numpy(feats), torch.from_numpy(pos)
 
 
 # ---------------------------------------------------------------------------------------------- what a run serves
@@ -304,14 +187,6 @@ def _embed_items(encoder: DualEncoder, store: FeatureStore, item_ids: list[str],
             parts.append(encoder.embed_patches(*store_patches(store, chunk)))
             bar.update(len(chunk))
     return np.concatenate(parts)
-
-
-def product_descriptions(items: Iterable[Item]) -> dict[str, str]:
-    """Product id → its description (a product's first row names it, as :func:`retrieval.product_texts`)."""
-    out: dict[str, str] = {}
-    for it in items:
-        out.setdefault(it.product_id, it.description)
-    return out
 
 
 def embed_catalogue(encoder: DualEncoder, data: RunData, *, kind: IndexKind = "exact",

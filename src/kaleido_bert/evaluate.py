@@ -58,14 +58,14 @@ def _device() -> torch.device:
 
 def evaluate_retrieval(checkpoint: Path, config: RunConfig, *, candidates_in: str | Path | None, out: Path,
                        gallery: bool, progress: bool) -> dict[str, Any]:
-    from kaleido_bert.heads import KaleidoBertForPreTraining
     from kaleido_bert.retrieval import (
+        DualEncoder,
         PairScorer,
         build_candidates,
         evaluate_gallery,
         evaluate_sample100,
         load_candidates,
-        product_texts,
+        product_descriptions,
         save_candidates,
     )
 
@@ -79,10 +79,8 @@ def evaluate_retrieval(checkpoint: Path, config: RunConfig, *, candidates_in: st
         candidates = build_candidates(catalogue, available, split=ev.split, num_queries=ev.num_queries,
                                       num_negatives=ev.num_negatives, seed=ev.seed)
     save_candidates(candidates, out / "candidates.json")
-    tokenizer = load_tokenizer(checkpoint)
-    model = load_pretrained(KaleidoBertForPreTraining, checkpoint)
-    scorer = PairScorer(model, store, product_texts(catalogue.items, tokenizer, config.model.max_text_len),
-                        batch_size=config.eval.batch_size, device=_device(), pad_id=tokenizer.pad_token_id)
+    encoder = DualEncoder.from_checkpoint(checkpoint, batch_size=config.eval.batch_size, device=_device())
+    scorer = PairScorer(encoder, store, product_descriptions(catalogue.items))
     result = evaluate_sample100(scorer, candidates, progress=progress)
     result["metrics"]["sample100/sources"] = candidates["sources"]
     if gallery:

@@ -34,17 +34,10 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from kaleido_bert.catalogue_index import (
-    CatalogueIndex,
-    DualEncoder,
-    RunData,
-    embed_catalogue,
-    open_run,
-    product_descriptions,
-    store_patches,
-)
+from kaleido_bert.catalogue_index import CatalogueIndex, RunData, embed_catalogue, open_run
 from kaleido_bert.checkpoint import load_pretrained, require_head
 from kaleido_bert.errors import KaleidoError
+from kaleido_bert.retrieval import DualEncoder, product_descriptions, store_patches
 
 RERANK_CAP = 50
 """Most candidates the ITM cross-encoder re-scores per query (beyond ``k``)."""

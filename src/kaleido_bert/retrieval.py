@@ -34,9 +34,12 @@ from tqdm import tqdm
 
 from kaleido_bert.atomic import atomic_write_json
 from kaleido_bert.catalogue import Catalogue, Item
+from kaleido_bert.checkpoint import load_pretrained
 from kaleido_bert.errors import KaleidoError
+from kaleido_bert.features import NUM_COLOUR
 from kaleido_bert.metrics import rank_hits
 from kaleido_bert.store import FeatureStore
+from kaleido_bert.tokenizer import load_tokenizer
 
 PROTOCOL = "sample-100"
 TIERS = ("subcategory", "category", "split", "other_splits_subcategory", "other_splits_category", "other_splits")
@@ -159,91 +162,167 @@ def load_candidates(path: str | Path, catalogue: Catalogue, available: set[str])
 
 
 # ---------------------------------------------------------------------------------------------- scoring
-class PairScorer:
-    """ITM logits and dual-encoder embeddings from a model with ``.bert`` and ``.heads.itm`` (and optionally ``.heads.itc``).
+class DualEncoder:
+    """Text and image embeddings and ITM logits of a retrieval model, on raw strings and patch features.
 
     Args:
-        model: :class:`~kaleido_bert.heads.KaleidoBertForPreTraining` (eval mode is set here).
-        store: the feature store of the evaluated catalogue.
-        texts: product id → WordPiece ids ``(T,)`` starting with ``[CLS]``.
-        batch_size: pairs per forward pass.
+        model: :class:`~kaleido_bert.heads.KaleidoBertForPreTraining` (ITC and ITM heads used when present).
+        tokenizer: its WordPiece tokenizer.
+        max_text_len: T, the model's text length.
+        batch_size: texts, images or pairs per forward pass.
         device: where the model runs.
     """
 
-    def __init__(self, model, store: FeatureStore, texts: dict[str, Tensor], *, batch_size: int = 64,
-                 device: str | torch.device = "cpu", pad_id: int = 0) -> None:
-        self.model = model.eval().to(device)
-        self.store, self.texts, self.batch_size = store, texts, batch_size
-        self.device, self.pad_id = torch.device(device), pad_id
-        self._patches: dict[str, tuple[Tensor, Tensor]] = {}
+    def __init__(self, model, tokenizer, *, max_text_len: int, batch_size: int = 64,
+                 device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self.model = model.eval().to(self.device)
+        self.tokenizer, self.max_text_len, self.batch_size = tokenizer, max_text_len, batch_size
 
-    def patches(self, image_id: str) -> tuple[Tensor, Tensor]:
-        if image_id not in self._patches:
-            entry = self.store[image_id]
-            self._patches[image_id] = (entry["colour"], entry["positions"])
-        return self._patches[image_id]
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | Path, *, batch_size: int = 64,
+                        device: str | torch.device = "cpu") -> DualEncoder:
+        """Load a pre-training or retrieval checkpoint (weights via safetensors) and its tokenizer."""
+        from kaleido_bert.heads import KaleidoBertForPreTraining
 
-    def _text_batch(self, pids: list[str]) -> tuple[Tensor, Tensor]:
-        seqs = [self.texts[p] for p in pids]
-        longest = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), longest), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, s in enumerate(seqs):
-            ids[i, :len(s)], mask[i, :len(s)] = s, 1
-        return ids.to(self.device), mask.to(self.device)
+        model = load_pretrained(KaleidoBertForPreTraining, checkpoint)
+        return cls(model, load_tokenizer(checkpoint), max_text_len=int(model.config.max_text_len),
+                   batch_size=batch_size, device=device)
 
-    def _patch_batch(self, image_ids: list[str]) -> tuple[Tensor, Tensor]:
-        feats, pos = zip(*(self.patches(i) for i in image_ids), strict=True)
-        return torch.stack(feats).to(self.device), torch.stack(pos).to(self.device)
+    @property
+    def has_itm(self) -> bool:
+        return hasattr(self.model.heads, "itm")
 
-    @torch.no_grad()
-    def itm_logits(self, pairs: list[tuple[str, str]], *, desc: str = "ITM", progress: bool = True) -> np.ndarray:
-        """Raw class-1 ITM logits of ``(image id, product id)`` pairs, in order: ``(N,)`` float64."""
-        out = np.empty(len(pairs))
-        chunks = range(0, len(pairs), self.batch_size)
-        for start in tqdm(chunks, desc=desc, unit="batch", disable=not progress, leave=False):
-            chunk = pairs[start:start + self.batch_size]
-            ids, mask = self._text_batch([p for _, p in chunk])
-            feats, pos = self._patch_batch([i for i, _ in chunk])
-            pooled = self.model.bert(text_ids=ids, text_mask=mask, patch_features=feats, patch_positions=pos).pooled
-            out[start:start + len(chunk)] = self.model.heads.itm(pooled)[:, 1].double().cpu().numpy()
-        return out
+    @property
+    def has_itc(self) -> bool:
+        return hasattr(self.model.heads, "itc")
+
+    def tokenize(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        """``[CLS] text [SEP]`` WordPiece ids and mask, right-padded: ``(B, T)`` each, on the device."""
+        enc = self.tokenizer(list(texts), max_length=self.max_text_len, truncation=True, padding=True,
+                             return_tensors="pt")
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
     def _project(self, pooled: Tensor, side: str) -> Tensor:
         itc = getattr(self.model.heads, "itc", None)
         return itc.embed(pooled, side) if itc is not None else F.normalize(pooled, dim=-1)
 
-    @torch.no_grad()
-    def embed_texts(self, pids: list[str], *, progress: bool = True) -> np.ndarray:
-        """Text-only ``[CLS]`` embeddings of the products' descriptions: ``(N, D)``."""
-        parts = []
-        for start in tqdm(range(0, len(pids), self.batch_size), desc="embed text", disable=not progress, leave=False):
-            ids, mask = self._text_batch(pids[start:start + self.batch_size])
-            parts.append(self._project(self.model.bert(text_ids=ids, text_mask=mask).pooled, "text"))
-        return torch.cat(parts).float().cpu().numpy()
+    @torch.inference_mode()
+    def embed_texts(self, texts: list[str], *, progress: bool = False) -> np.ndarray:
+        """Text-only ``[CLS]`` embeddings: ``(N, D)``."""
+        parts = [np.empty((0, self.dim), np.float32)]
+        for start in tqdm(range(0, len(texts), self.batch_size), desc="embed texts", unit="batch",
+                          disable=not progress, leave=False):
+            ids, mask = self.tokenize(texts[start:start + self.batch_size])
+            pooled = self.model.bert(text_ids=ids, text_mask=mask).pooled
+            parts.append(self._project(pooled, "text").float().cpu().numpy())
+        return np.concatenate(parts)
 
-    @torch.no_grad()
-    def embed_images(self, image_ids: list[str], *, progress: bool = True) -> np.ndarray:
-        """Patch-only embeddings (a lone ``[CLS]`` pools the 55 patches): ``(N, D)``."""
-        cls_id = int(next(iter(self.texts.values()))[0])
-        parts = []
-        for start in tqdm(range(0, len(image_ids), self.batch_size), desc="embed image", disable=not progress,
-                          leave=False):
-            feats, pos = self._patch_batch(image_ids[start:start + self.batch_size])
-            cls = torch.full((len(feats), 1), cls_id, dtype=torch.long, device=self.device)
+    @torch.inference_mode()
+    def embed_patches(self, patch_features: Tensor, patch_positions: Tensor) -> np.ndarray:
+        """Patch-only embeddings (a lone ``[CLS]`` pools the patches): ``(N, P, F)``, ``(N, P, 5)`` → ``(N, D)``."""
+        parts = [np.empty((0, self.dim), np.float32)]
+        for start in range(0, len(patch_features), self.batch_size):
+            feats = patch_features[start:start + self.batch_size].to(self.device, torch.float32)
+            pos = patch_positions[start:start + self.batch_size].to(self.device, torch.float32)
+            cls = torch.full((len(feats), 1), self.tokenizer.cls_token_id, dtype=torch.long, device=self.device)
             pooled = self.model.bert(text_ids=cls, patch_features=feats, patch_positions=pos).pooled
-            parts.append(self._project(pooled, "image"))
-        return torch.cat(parts).float().cpu().numpy()
+            parts.append(self._project(pooled, "image").float().cpu().numpy())
+        return np.concatenate(parts)
+
+    @torch.inference_mode()
+    def itm_logits(self, texts: list[str], patch_features: Tensor, patch_positions: Tensor) -> np.ndarray:
+        """Raw class-1 ITM logits of pairs ``(texts[i], patches[i])``; one text is paired with every image.
+
+        Args:
+            texts: N texts, or one text for all N images.
+            patch_features: ``(N, P, F)``; patch_positions: ``(N, P, 5)``.
+
+        Returns:
+            ``(N,)`` float64, higher = a better match.
+
+        Raises:
+            KaleidoError: the checkpoint has no ITM head.
+        """
+        if not self.has_itm:
+            raise KaleidoError("the retrieval checkpoint has no ITM head: re-ranking and scoring need one")
+        n = len(patch_features)
+        texts = list(texts) * n if len(texts) == 1 else list(texts)
+        if len(texts) != n:
+            raise ValueError(f"{len(texts)} texts for {n} images")
+        out = np.empty(n)
+        for start in range(0, n, self.batch_size):
+            stop = min(n, start + self.batch_size)
+            ids, mask = self.tokenize(texts[start:stop])
+            pooled = self.model.bert(text_ids=ids, text_mask=mask,
+                                     patch_features=patch_features[start:stop].to(self.device, torch.float32),
+                                     patch_positions=patch_positions[start:stop].to(self.device, torch.float32)
+                                     ).pooled
+            out[start:stop] = self.model.heads.itm(pooled)[:, 1].double().cpu().numpy()
+        return out
+
+    @property
+    def dim(self) -> int:
+        itc = getattr(self.model.heads, "itc", None)
+        return int(itc.text.out_features) if itc is not None else int(self.model.config.hidden_size)
 
 
-def product_texts(items: Iterable[Item], tokenizer, max_text_len: int) -> dict[str, Tensor]:
-    """Product id → WordPiece ids of its description (the first row of a product names its text)."""
-    out: dict[str, Tensor] = {}
+def store_patches(store: FeatureStore, item_ids: list[str]) -> tuple[Tensor, Tensor]:
+    """The colour patch features and positions of store rows, read in one go: ``(N, P, F)``, ``(N, P, 5)``."""
+    rows = np.array([store.index[i] for i in item_ids], dtype=np.int64)
+    feats = np.asarray(store.arrays["features"][rows, :NUM_COLOUR], dtype=np.float32)
+    pos = np.asarray(store.arrays["positions"][rows], dtype=np.float32)
+    return torch.from_numpy(feats), torch.from_numpy(pos)
+
+
+
+def product_descriptions(items: Iterable[Item]) -> dict[str, str]:
+    """Product id → its description (a product's first row names it)."""
+    out: dict[str, str] = {}
     for it in items:
-        if it.product_id not in out:
-            enc = tokenizer(it.description, max_length=max_text_len, truncation=True)
-            out[it.product_id] = torch.tensor(enc["input_ids"], dtype=torch.long)
+        out.setdefault(it.product_id, it.description)
     return out
+
+
+
+
+class PairScorer:
+    """The protocols' view of a :class:`DualEncoder`: catalogue ids in, ITM logits and embeddings out.
+
+    Args:
+        encoder: the retrieval model as a dual encoder and cross-encoder.
+        store: the feature store of the evaluated catalogue (image ids → patches).
+        descriptions: product id → description (:func:`product_descriptions`).
+    """
+
+    def __init__(self, encoder: DualEncoder, store: FeatureStore, descriptions: dict[str, str]) -> None:
+        self.encoder, self.store, self.descriptions = encoder, store, descriptions
+
+    def _chunks(self, n: int, desc: str, progress: bool):
+        step = self.encoder.batch_size
+        return tqdm(range(0, n, step), desc=desc, unit="batch", disable=not progress, leave=False)
+
+    def itm_logits(self, pairs: list[tuple[str, str]], *, desc: str = "ITM", progress: bool = True) -> np.ndarray:
+        """Raw class-1 ITM logits of ``(image id, product id)`` pairs, in order: ``(N,)`` float64."""
+        out = np.empty(len(pairs))
+        for start in self._chunks(len(pairs), desc, progress):
+            chunk = pairs[start:start + self.encoder.batch_size]
+            feats, pos = store_patches(self.store, [i for i, _ in chunk])
+            texts = [self.descriptions[p] for _, p in chunk]
+            out[start:start + len(chunk)] = self.encoder.itm_logits(texts, feats, pos)
+        return out
+
+    def embed_texts(self, pids: list[str], *, progress: bool = True) -> np.ndarray:
+        """Text-only embeddings of the products' descriptions: ``(N, D)``."""
+        return self.encoder.embed_texts([self.descriptions[p] for p in pids], progress=progress)
+
+    def embed_images(self, image_ids: list[str], *, progress: bool = True) -> np.ndarray:
+        """Patch-only embeddings of store rows: ``(N, D)``."""
+        parts = [np.empty((0, self.encoder.dim), np.float32)]
+        for start in self._chunks(len(image_ids), "embed image", progress):
+            chunk = image_ids[start:start + self.encoder.batch_size]
+            parts.append(self.encoder.embed_patches(*store_patches(self.store, chunk)))
+        return np.concatenate(parts)
 
 
 # ---------------------------------------------------------------------------------------------- protocols
