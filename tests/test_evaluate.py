@@ -275,3 +275,17 @@ def test_ablate_runs_columns_and_reports_relative_changes(pipeline, capsys):
     # every column ranked the same candidates
     assert all((out / r / "report" / "candidates.json").read_text() == (out / "candidates.json").read_text()
                for r in results)
+
+
+def test_a_new_itc_head_starts_at_clip_temperature(pipeline, tmp_path):
+    """Retrieval fine-tuning from a checkpoint without ITC initialises the temperature to 0.07, not 1."""
+    import math
+
+    from kaleido_bert.checkpoint import load_pretrained
+    from kaleido_bert.heads import KaleidoBertForPreTraining
+    from kaleido_bert.model import KaleidoBertConfig
+
+    config = _config(pipeline, "model.tasks=['mlm','itm']")
+    KaleidoBertForPreTraining(KaleidoBertConfig.from_model_config(config.model)).save_pretrained(tmp_path / "no-itc")
+    model = load_pretrained(KaleidoBertForPreTraining, tmp_path / "no-itc", tasks=["itm", "itc"])
+    assert float(model.heads.itc.logit_scale) == pytest.approx(math.log(1 / 0.07))

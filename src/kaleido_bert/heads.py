@@ -156,6 +156,12 @@ class KaleidoBertForPreTraining(KaleidoBertPreTrainedModel):
         self.heads = PretrainingHeads(config, self.bert.get_input_embeddings())
         self.post_init()
 
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, ContrastiveHead):  # CLIP's temperature 0.07, also when a checkpoint lacks the head
+            with torch.no_grad():
+                module.logit_scale.fill_(math.log(1 / 0.07))
+
     def forward(self, batch: dict[str, Tensor]) -> PretrainingOutput:
         """One joint pass over text + patches (plus text-only and patch-only passes when ITC is on)."""
         out = self.bert(text_ids=batch["text_ids"], text_mask=batch["text_mask"],
