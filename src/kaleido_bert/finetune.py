@@ -116,13 +116,14 @@ def finetune(task: str, config: RunConfig, checkpoint: str | Path, out_dir: str 
     if image_only and task not in ("category", "subcategory"):
         raise KaleidoError("--image-only applies to category and subcategory")
     checkpoint = resolve_checkpoint(checkpoint)
-    check_model_config(checkpoint, dataclasses.replace(config.model, tasks=_checkpoint_tasks(checkpoint)))
+    pretrained_tasks = _checkpoint_tasks(checkpoint)
+    check_model_config(checkpoint, dataclasses.replace(config.model, tasks=pretrained_tasks))
     run = finetune_config(config, task)
     tokenizer = load_tokenizer(checkpoint)
     model, train_set, val_set, collate_fn, counts = build_task(task, run, checkpoint, tokenizer,
                                                                image_only=image_only)
     if task != "retrieval":  # the resume check compares the model section with config.json
-        run = dataclasses.replace(run, model=dataclasses.replace(run.model, tasks=_checkpoint_tasks(checkpoint)))
+        run = dataclasses.replace(run, model=dataclasses.replace(run.model, tasks=pretrained_tasks))
     summary = train(model, train_set, val_set, collate_fn, run, out_dir, resume=resume, tokenizer=tokenizer,
                     progress=progress, loss_counts=counts)
     summary.update(task=task, input="image" if image_only else "image+text", init=str(checkpoint))
