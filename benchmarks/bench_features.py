@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, matmul_peak_gflops, write_result  # noqa: E402
 
 from kaleido_bert.config import FeaturesConfig  # noqa: E402
-from kaleido_bert.extraction import extract_features  # noqa: E402
+from kaleido_bert.patches.extraction import extract_features  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "myntra-photos"
 
@@ -30,11 +30,11 @@ def catalogue_dir(work: Path, given: str | None) -> tuple[Path, str]:
     if given:
         return Path(given), given
     if SHARED.is_dir():
-        from kaleido_bert.importers import import_csv
+        from kaleido_bert.data.importers import import_csv
 
         import_csv(SHARED / "styles.csv", images=SHARED, out=work / "myntra", progress=False)
         return work / "myntra", "Myntra photos (real, ≤320 px)"
-    from kaleido_bert.synth import synthesize
+    from kaleido_bert.data.synth import synthesize
 
     synthesize(work / "synth", products=20, seed=0, progress=False)
     return work / "synth", "synthetic catalogue"

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, matmul_peak_gflops, write_result  # noqa: E402
 
 from kaleido_bert.config import MaskingConfig, ModelConfig, load_config  # noqa: E402
-from kaleido_bert.masking import IGNORE, text_budget  # noqa: E402
+from kaleido_bert.inputs.masking import IGNORE, text_budget  # noqa: E402
 
 BATCH_CAP = {"tiny": 32, "demo": 32, "small": 16, "paper": 64}
 """Batch = min(the preset's train.batch_size, this cap); tiny's own batch is 6."""
@@ -82,8 +82,8 @@ LossFn = Callable[[nn.Module], Tensor]
 def build(kind: str, m: ModelConfig, batch: dict[str, Tensor]) -> tuple[nn.Module, LossFn]:
     """The model and a ``loss(model)`` closure over its inputs (VisualBert's built from the same batch)."""
     if kind == "kaleido":
-        from kaleido_bert.heads import KaleidoBertForPreTraining
-        from kaleido_bert.model import KaleidoBertConfig
+        from kaleido_bert.model.encoder import KaleidoBertConfig
+        from kaleido_bert.model.heads import KaleidoBertForPreTraining
 
         model = KaleidoBertForPreTraining(KaleidoBertConfig.from_model_config(m))
         return model, lambda mod: mod(batch).loss
@@ -139,7 +139,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one configuration in this (fresh) process and return its measurements."""
     if spec["model"] == "visualbert":  # imported before the RSS baseline
         import transformers.models.visual_bert.modeling_visual_bert  # noqa: F401
-    import kaleido_bert.heads  # noqa: F401
+    import kaleido_bert.model.heads  # noqa: F401
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)

@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, matmul_peak_gflops, write_result  # noqa: E402
 
 from kaleido_bert.config import load_config  # noqa: E402
-from kaleido_bert.heads import KaleidoBertForPreTraining  # noqa: E402
-from kaleido_bert.model import KaleidoBertConfig  # noqa: E402
+from kaleido_bert.model.encoder import KaleidoBertConfig  # noqa: E402
+from kaleido_bert.model.heads import KaleidoBertForPreTraining  # noqa: E402
 
 
 def bf16_peak(n: int = 2048, repeats: int = 3) -> float:

@@ -1,6 +1,6 @@
 """Product search: text-query latency with and without ITM re-ranking, and index build throughput (exact vs HNSW).
 
-The catalogue is the built-in synthetic one (``kaleido_bert.synth.synthesize``), sized to about ``--items`` images
+The catalogue is the built-in synthetic one (``kaleido_bert.data.synth.synthesize``), sized to about ``--items`` images
 (1-4 views per product, 64-px images). To stay feasible on 2 CPU cores the patch features are cheap: ResNet-18
 with random weights, roi mode, 64-px box and 32-px patches (the ``tiny`` preset's patch generator). The model is
 the ``demo`` preset's encoder (4 layers, width 256, 64 text tokens) with ITM and ITC heads and random weights,
@@ -10,7 +10,7 @@ cached in ``benchmarks/.cache/search-<items>/`` (git-ignored), so a re-run only 
 
 Measured, with the real code paths:
 
-* index build: ``kaleido index`` (:func:`~kaleido_bert.catalogue_index.index_catalogue`) end to end for each kind,
+* index build: ``kaleido index`` (:func:`~kaleido_bert.serve.catalogue_index.index_catalogue`) end to end for each kind,
   which embeds every image and every product description, and the FAISS part alone on the same vectors;
 * queries: :meth:`KaleidoBertPipeline.search_text` (tokenise, text embedding, index search, de-duplication by
   product, and with re-ranking the ITM logits of the best ``min(eval.rerank_k, 50)`` products in one batch),
@@ -51,12 +51,13 @@ KINDS = ("exact", "hnsw")
 
 def prepare(items: int, work: Path) -> Path:
     """Catalogue, feature store and a random-weight run in ``work`` (each reused when already complete)."""
-    from kaleido_bert.checkpoint import latest_checkpoint, save_checkpoint
-    from kaleido_bert.extraction import extract_features
-    from kaleido_bert.heads import KaleidoBertForPreTraining
-    from kaleido_bert.model import KaleidoBertConfig
-    from kaleido_bert.synth import synthesize
-    from kaleido_bert.tokenizer import load_tokenizer
+    from kaleido_bert.checkpoint import save_checkpoint
+    from kaleido_bert.data.synth import synthesize
+    from kaleido_bert.data.tokenizer import load_tokenizer
+    from kaleido_bert.model.encoder import KaleidoBertConfig
+    from kaleido_bert.model.heads import KaleidoBertForPreTraining
+    from kaleido_bert.patches.extraction import extract_features
+    from kaleido_bert.runs import latest_checkpoint
 
     catalogue, store, run = work / "catalogue", work / "store", work / "run"
     if not (catalogue / "catalogue.jsonl").is_file():
@@ -84,8 +85,8 @@ def build_indexes(run: Path, work: Path) -> list[dict]:
     """``kaleido index`` per kind (timed end to end), then FAISS alone on the same vectors."""
     import faiss
 
-    from kaleido_bert.catalogue_index import IMAGES_DIR, index_catalogue
-    from kaleido_bert.index import ProductIndex
+    from kaleido_bert.serve.catalogue_index import IMAGES_DIR, index_catalogue
+    from kaleido_bert.serve.index import ProductIndex
 
     rows = []
     for kind in KINDS:
@@ -107,7 +108,7 @@ def build_indexes(run: Path, work: Path) -> list[dict]:
 
 
 def time_queries(run: Path, index: Path, queries: list[str], rerank: bool, k: int) -> dict:
-    from kaleido_bert.pipeline import KaleidoBertPipeline
+    from kaleido_bert.serve.pipeline import KaleidoBertPipeline
 
     pipeline = KaleidoBertPipeline.from_pretrained(run, index=index, device="cpu", progress=False)
     for query in queries[:5]:  # warm-up
@@ -169,7 +170,7 @@ def main() -> None:
     run = prepare(args.items, work)
     builds = build_indexes(run, work)
 
-    from kaleido_bert.catalogue import load_catalogue
+    from kaleido_bert.data.catalogue import load_catalogue
 
     titles = sorted({it.title for it in load_catalogue(work / "catalogue").items})
     rng = np.random.default_rng(0)

@@ -59,7 +59,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="module")
 def catalogue_root(tmp_path_factory) -> Path:
     """A 12-product synthetic catalogue with 128-px images (the search-service tests serve it)."""
-    from kaleido_bert.synth import synthesize
+    from kaleido_bert.data.synth import synthesize
 
     root = tmp_path_factory.mktemp("serve") / "catalogue"
     synthesize(root, products=12, seed=0, progress=False, image_size=128)

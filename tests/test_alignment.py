@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kaleido_bert.alignment import (
+from kaleido_bert.align.alignment import (
     STOP_WORDS,
     align_caption,
     draw_attention,
@@ -20,11 +20,11 @@ from kaleido_bert.alignment import (
     overlap_matrix,
     word_positions,
 )
-from kaleido_bert.captioner import Captioner, build_vocab, grid_features, train_captioner, words
-from kaleido_bert.catalogue import load_catalogue, write_catalogue
-from kaleido_bert.masking import AlignedPair
-from kaleido_bert.store import FeatureStore
-from kaleido_bert.tokenizer import load_tokenizer
+from kaleido_bert.align.captioner import Captioner, build_vocab, grid_features, train_captioner, words
+from kaleido_bert.align.pairs import AlignedPair
+from kaleido_bert.data.catalogue import load_catalogue, write_catalogue
+from kaleido_bert.data.tokenizer import load_tokenizer
+from kaleido_bert.patches.store import FeatureStore
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 SMALL = {"hidden": 32, "embed": 16, "attention": 16, "batch_size": 8, "max_len": 24, "progress": False}
@@ -37,8 +37,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def tiny(tmp_path_factory):
     """A 10-product synthetic catalogue (64-px images) and its tiny-config feature store."""
     from kaleido_bert.config import load_config
-    from kaleido_bert.extraction import extract_features
-    from kaleido_bert.synth import synthesize
+    from kaleido_bert.data.synth import synthesize
+    from kaleido_bert.patches.extraction import extract_features
 
     root = tmp_path_factory.mktemp("aag")
     synthesize(root / "cat", products=10, seed=0, image_size=64, progress=False,

@@ -8,14 +8,14 @@ from urllib.error import URLError
 import pytest
 import torch
 
-from kaleido_bert.backbones import (
+from kaleido_bert.errors import KaleidoError
+from kaleido_bert.patches.backbones import (
     TF_LITE_MEAN,
     TF_LITE_STD,
     available_backbones,
     build_backbone,
     convert_efficientnet_pytorch_state_dict,
 )
-from kaleido_bert.errors import KaleidoError
 
 HAS_TIMM = "efficientnet_lite0" in available_backbones()
 needs_timm = pytest.mark.skipif(not HAS_TIMM, reason="timm is not installed (needed by efficientnet_lite0)")

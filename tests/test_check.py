@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from fixtures import write_csv_dataset, write_truncated_jpeg
-from kaleido_bert.catalogue import CATALOGUE_FILE, LABELS_FILE, STATS_FILE, Item, write_catalogue
-from kaleido_bert.check import check_catalogue
-from kaleido_bert.importers import import_csv
+from kaleido_bert.data.catalogue import CATALOGUE_FILE, LABELS_FILE, STATS_FILE, Item, write_catalogue
+from kaleido_bert.data.check import check_catalogue
+from kaleido_bert.data.importers import import_csv
 
 
 @pytest.fixture

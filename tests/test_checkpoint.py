@@ -9,11 +9,8 @@ import pytest
 import torch
 
 from kaleido_bert.checkpoint import (
-    LATEST,
     capture_rng,
     check_model_config,
-    latest_checkpoint,
-    list_checkpoints,
     load_model_weights,
     load_train_state,
     restore_rng,
@@ -22,7 +19,8 @@ from kaleido_bert.checkpoint import (
 )
 from kaleido_bert.config import load_config
 from kaleido_bert.errors import KaleidoError
-from kaleido_bert.heads import KaleidoBertForPreTraining
+from kaleido_bert.model.heads import KaleidoBertForPreTraining
+from kaleido_bert.runs import LATEST, latest_checkpoint, list_checkpoints
 from test_model import random_batch, tiny_model
 
 

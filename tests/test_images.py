@@ -20,7 +20,7 @@ from fixtures import (
     write_rgb_jpeg,
     write_rgb_png,
 )
-from kaleido_bert.images import ImageProblem, inspect_image, load_rgb
+from kaleido_bert.data.images import ImageProblem, inspect_image, load_rgb
 
 
 @pytest.mark.parametrize("kind", sorted(BAD_IMAGES))

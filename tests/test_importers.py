@@ -20,10 +20,10 @@ from fixtures import (
     write_csv_dataset,
     write_fashiongen,
 )
-from kaleido_bert.catalogue import PROBLEMS_FILE, load_catalogue
-from kaleido_bert.check import check_catalogue
+from kaleido_bert.data.catalogue import PROBLEMS_FILE, load_catalogue
+from kaleido_bert.data.check import check_catalogue
+from kaleido_bert.data.importers import import_csv, import_fashiongen
 from kaleido_bert.errors import KaleidoError
-from kaleido_bert.importers import import_csv, import_fashiongen
 
 
 def _problems(out: Path) -> list[dict]:
@@ -180,7 +180,7 @@ def test_images_are_copied_across_filesystems(tmp_path, monkeypatch):
     def no_link(src, dst):
         raise OSError(18, "Invalid cross-device link")
 
-    monkeypatch.setattr("kaleido_bert.importers.os.link", no_link)
+    monkeypatch.setattr("kaleido_bert.data.importers.os.link", no_link)
     csv_path = write_csv_dataset(tmp_path / "src")
     import_csv(csv_path, images=tmp_path / "src", out=tmp_path / "cat", progress=False)
     src, copy = tmp_path / "src" / "images" / "100.jpg", tmp_path / "cat" / "images" / "100.jpg"

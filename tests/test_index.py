@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("faiss", reason="faiss-cpu (the serve extra) is not installed")
 
 from kaleido_bert.errors import KaleidoError  # noqa: E402
-from kaleido_bert.index import ProductIndex, ProductIndexError, default_nlist  # noqa: E402
+from kaleido_bert.serve.index import ProductIndex, ProductIndexError, default_nlist  # noqa: E402
 
 
 def unit_vectors(n: int, dim: int, seed: int) -> np.ndarray:

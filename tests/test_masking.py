@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kaleido_bert.masking import (
+from kaleido_bert.inputs.masking import (
     IGNORE,
     JIGSAW_PERMUTATIONS,
     AlignedPair,
@@ -20,7 +20,7 @@ from kaleido_bert.masking import (
     rotate_patch,
     text_budget,
 )
-from kaleido_bert.patches import level_slice
+from kaleido_bert.patches.grid import level_slice
 
 BUDGETS = {3: 1, 4: 2, 5: 3}
 F = 11

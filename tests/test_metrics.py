@@ -8,9 +8,9 @@ import shutil
 import numpy as np
 import pytest
 
-from kaleido_bert import metrics
 from kaleido_bert.errors import KaleidoError
-from kaleido_bert.metrics import (
+from kaleido_bert.eval import metrics as metrics
+from kaleido_bert.eval.metrics import (
     CaptionScorer,
     caption_metrics,
     classification_metrics,

@@ -16,10 +16,10 @@ from transformers import BertConfig, BertModel
 
 from kaleido_bert.checkpoint import load_bert_weights
 from kaleido_bert.config import ModelConfig, load_config
-from kaleido_bert.data import collate
 from kaleido_bert.errors import KaleidoError
-from kaleido_bert.heads import KaleidoBertForPreTraining, kl_reconstruction
-from kaleido_bert.model import KaleidoBertConfig, KaleidoBertModel
+from kaleido_bert.inputs.pretraining import collate
+from kaleido_bert.model.encoder import KaleidoBertConfig, KaleidoBertModel
+from kaleido_bert.model.heads import KaleidoBertForPreTraining, kl_reconstruction
 
 ALL_WITH_ITC = ["mlm", "itm", "rotation", "jigsaw", "camouflage", "grey_to_color", "blank_to_color", "itc"]
 HEAD_PREFIX = {
@@ -193,7 +193,7 @@ def test_minilm_initialisation_loads_every_bert_weight():
     assert sorted(report["loaded"]) == sorted(encoder_keys)
     from safetensors.torch import load_file
 
-    from kaleido_bert.tokenizer import resolve_bert_dir
+    from kaleido_bert.data.tokenizer import resolve_bert_dir
 
     source = load_file(str(resolve_bert_dir("minilm") / "model.safetensors"))
     torch.testing.assert_close(

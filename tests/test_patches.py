@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kaleido_bert.patches import (
+from kaleido_bert.patches.grid import (
     crop_and_resize,
     grey,
     kaleido_boxes,

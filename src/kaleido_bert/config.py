@@ -28,6 +28,13 @@ from kaleido_bert.errors import KaleidoError
 
 PRESET_NAMES = ("tiny", "demo", "small", "paper")
 
+PRETRAINING_TASKS = ("mlm", "itm", "rotation", "jigsaw", "camouflage", "grey_to_color", "blank_to_color")
+"""The paper's seven pre-training tasks (§3.5): AMLM, ITM and the five AKPM tasks (levels 1 to 5)."""
+AKPM_TASKS = PRETRAINING_TASKS[2:]
+"""The aligned Kaleido patch modelling tasks I..V of Table 4."""
+KNOWN_TASKS = (*PRETRAINING_TASKS, "itc")
+"""Every task ``model.tasks`` may name: the seven plus the optional image-text contrastive loss."""
+
 
 class ConfigError(KaleidoError):
     """A config file, preset name or override is invalid."""
@@ -57,9 +64,7 @@ class ModelConfig:
     """Kaleido levels the encoder attends to; ``[5]`` is the ablation's scale-fixed grid (25 equal patches)."""
     init: str | None = None
     """A BERT checkpoint directory that initialises text embeddings and encoder (None = random)."""
-    tasks: list[str] = field(
-        default_factory=lambda: ["mlm", "itm", "rotation", "jigsaw", "camouflage", "grey_to_color", "blank_to_color"]
-    )
+    tasks: list[str] = field(default_factory=lambda: list(PRETRAINING_TASKS))
     """Pre-training tasks switched on (paper §3.5 plus the optional ``itc``)."""
 
     def __post_init__(self) -> None:
@@ -69,7 +74,7 @@ class ModelConfig:
             raise ConfigError(f"model.num_levels={self.num_levels} must be between 1 and 5")
         if not self.patch_levels or any(not 1 <= k <= self.num_levels for k in self.patch_levels):
             raise ConfigError(f"model.patch_levels={self.patch_levels} must be a non-empty subset of 1..{self.num_levels}")
-        known = {"mlm", "itm", "itc", "rotation", "jigsaw", "camouflage", "grey_to_color", "blank_to_color"}
+        known = set(KNOWN_TASKS)
         unknown = sorted(set(self.tasks) - known)
         if unknown:
             raise ConfigError(f"model.tasks has unknown task(s) {unknown}; known: {sorted(known)}")

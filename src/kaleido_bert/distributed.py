@@ -1,13 +1,14 @@
-"""DDP plumbing for ``torchrun``/``accelerate launch``: read the launcher's environment, join, leave.
+"""Devices, precision and DDP plumbing for ``torchrun``/``accelerate launch``: read the launcher's environment, join, leave.
 
 The launcher sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (plus ``MASTER_ADDR``/``MASTER_PORT``); a plain
 ``python`` run has none of them and is rank 0 of 1. The backend is ``nccl`` on CUDA and ``gloo`` on CPU.
 :func:`shard_batches` says which pairs each rank reads at each step (the ``DistributedSampler`` of this
-package). Only :mod:`kaleido_bert.train` (and evaluation) call these; nothing else knows about ranks.
+package). :func:`device` and :func:`autocast_dtype` are the one device and precision choice of every stage.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -43,6 +44,21 @@ def is_distributed() -> bool:
 def device() -> torch.device:
     """``cuda:LOCAL_RANK`` when CUDA is available, else the CPU."""
     return torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``train.precision`` on ``device`` (None = fp32, no autocast).
+
+    ``auto``: bf16 on a CUDA device that supports it, else fp32.
+    """
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` on ``device`` in ``dtype``, or nothing when ``dtype`` is None."""
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
 def init() -> None:

@@ -16,7 +16,7 @@ from matplotlib.patches import Rectangle  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from kaleido_bert.atomic import atomic_path  # noqa: E402
-from kaleido_bert.patches import level_slice  # noqa: E402
+from kaleido_bert.patches.grid import level_slice  # noqa: E402
 
 LEVEL_COLOURS = ("#e41a1c", "#377eb8", "#4daf4a", "#984ea3", "#ff7f00")
 

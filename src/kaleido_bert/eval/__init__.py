@@ -1,0 +1,1 @@
+"""Evaluation (paper §4.2–4.4): the protocols, the metrics, the report."""

@@ -1,0 +1,177 @@
+"""``kaleido evaluate``: the paper's evaluation protocols over a run directory (paper §4.2–4.3; SPEC §4).
+
+A run directory has the layout ``kaleido demo`` writes (each part optional except the pre-trained model)::
+
+    RUN/pretrain/                      kaleido pretrain --out RUN/pretrain          → ITR/TIR sample-100 (Table 2)
+    RUN/finetune/retrieval/            kaleido finetune retrieval                   → full-gallery ITR/TIR
+    RUN/finetune/{category,subcategory}[-image]/   kaleido finetune category …     → CR / SUB (Table 3)
+    RUN/finetune/caption/              kaleido finetune caption                     → FC (Table 3)
+
+A bare checkpoint directory is evaluated as a pre-trained model (retrieval only). Every metric key names its
+protocol (``itr_sample100/R@1``, ``cr/image+text/accuracy``, ``fc/seq2seq/bleu4`` …). Output: ``metrics.json``,
+``report.md``, ``candidates.json`` (the sample-100 draw, re-usable with ``--candidates``) and the plots of
+:mod:`kaleido_bert.eval.report`.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from kaleido_bert import distributed as dist
+from kaleido_bert.atomic import atomic_write_json
+from kaleido_bert.checkpoint import load_pretrained, require_head
+from kaleido_bert.config import RunConfig
+from kaleido_bert.data.tokenizer import load_tokenizer
+from kaleido_bert.inputs.pretraining import collate
+from kaleido_bert.runs import CLASSIFIERS, run_parts
+from kaleido_bert.train.finetune import open_data
+
+
+def evaluate_retrieval(checkpoint: Path, config: RunConfig, *, candidates_in: str | Path | None, out: Path,
+                       gallery: bool, progress: bool) -> dict[str, Any]:
+    from kaleido_bert.eval.retrieval import (
+        DualEncoder,
+        PairScorer,
+        build_candidates,
+        evaluate_gallery,
+        evaluate_sample100,
+        load_candidates,
+        product_descriptions,
+        save_candidates,
+    )
+
+    require_head(checkpoint, "heads.itm.", "ITM ranking (sample-100 retrieval)")
+    catalogue, store = open_data(config)
+    available = set(store.available_ids())
+    if candidates_in:
+        candidates = load_candidates(candidates_in, catalogue, available)
+    else:
+        ev = config.eval
+        candidates = build_candidates(catalogue, available, split=ev.split, num_queries=ev.num_queries,
+                                      num_negatives=ev.num_negatives, seed=ev.seed)
+    save_candidates(candidates, out / "candidates.json")
+    encoder = DualEncoder.from_checkpoint(checkpoint, batch_size=config.eval.batch_size, device=dist.device())
+    scorer = PairScorer(encoder, store, product_descriptions(catalogue.items))
+    result = evaluate_sample100(scorer, candidates, progress=progress)
+    result["metrics"]["sample100/sources"] = candidates["sources"]
+    if gallery:
+        result["metrics"].update(evaluate_gallery(scorer, catalogue, available, split=config.eval.split,
+                                                  rerank_k=config.eval.rerank_k, progress=progress)["metrics"])
+    return result
+
+
+def evaluate_classifier(checkpoint: Path, config: RunConfig, *, progress: bool) -> dict[str, Any]:
+    from kaleido_bert.eval.metrics import classification_metrics
+    from kaleido_bert.model.classification import ClassificationDataset, KaleidoBertForClassification, predict
+
+    require_head(checkpoint, "classifier.", "classification")
+    model = load_pretrained(KaleidoBertForClassification, checkpoint)
+    tokenizer = load_tokenizer(checkpoint)
+    catalogue, store = open_data(config)
+    field, source = model.config.label_field, model.config.classifier_input
+    dataset = ClassificationDataset(catalogue, store, tokenizer, split=config.eval.split, field=field,
+                                    label2id=dict(model.config.label2id), image_only=source == "image",
+                                    max_text_len=config.model.max_text_len)
+    ids, probs, labels = predict(model, dataset, partial(collate, pad_id=tokenizer.pad_token_id),
+                                 batch_size=config.eval.batch_size, device=dist.device(), progress=progress)
+    scores = classification_metrics(labels.numpy(), probs.argmax(-1).numpy(), len(model.config.label2id))
+    return {"field": field, "input": source, "items": len(ids), **scores}
+
+
+def evaluate_captions(checkpoint: Path, config: RunConfig, *, progress: bool) -> dict[str, Any]:
+    from kaleido_bert.eval.metrics import CaptionScorer, caption_metrics
+    from kaleido_bert.model.captioning import CaptionDataset, KaleidoBertForCaptioning, caption_split
+
+    require_head(checkpoint, "lm.", "captioning")
+    model = load_pretrained(KaleidoBertForCaptioning, checkpoint).to(dist.device())
+    tokenizer = load_tokenizer(checkpoint)
+    catalogue, store = open_data(config)
+    dataset = CaptionDataset(catalogue, store, tokenizer, split=config.eval.split,
+                             max_text_len=config.model.max_text_len)
+    limit = config.eval.caption_items or None
+    references = {it.id: [it.description] for it in dataset.items[:limit]}
+    out: dict[str, Any] = {"items": len(references), "examples": {}}
+    objectives = getattr(model.config, "caption_objectives", ["seq2seq"])
+    with CaptionScorer() as scorer:  # METEOR's Java start-up (~8 s) is paid once
+        for method, name in (("beam", "seq2seq"), ("one_shot", "one_shot")):
+            if name not in objectives:
+                continue
+            start = time.perf_counter()
+            hyps = caption_split(model, dataset, tokenizer, beam_size=config.eval.beam_size,
+                                 max_len=config.eval.max_caption_len, batch_size=config.eval.batch_size,
+                                 method=method, progress=progress, limit=limit)
+            out[name] = caption_metrics(references, hyps, scorer=scorer)
+            out[name]["seconds"] = time.perf_counter() - start
+            out["examples"][name] = {k: hyps[k] for k in list(hyps)[:8]}
+    out["examples"]["reference"] = {k: references[k][0] for k in list(references)[:8]}
+    return out
+
+
+def evaluate_run(run: str | Path, config: RunConfig, out: str | Path, *, candidates: str | Path | None = None,
+                 progress: bool = True, dataset_label: str = "", gallery: bool = True) -> dict[str, Any]:
+    """Evaluate every part of ``run`` on ``config``'s catalogue; write metrics.json, report.md and plots.
+
+    Returns:
+        The metrics dict (flat protocol-named keys plus ``timings`` and ``examples``).
+    """
+    from kaleido_bert.eval.report import write_report
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = run_parts(run)
+    with dist.autocast(dist.device(), dist.autocast_dtype(config.train.precision, dist.device())):  # the run's precision
+        metrics, extras = _evaluate_parts(parts, config, out, candidates=candidates, progress=progress,
+                                          dataset_label=dataset_label, gallery=gallery, run=run)
+    atomic_write_json(out / "metrics.json", metrics)
+    write_report(metrics, extras, config, out)
+    return metrics
+
+
+def _evaluate_parts(parts: dict[str, Path], config: RunConfig, out: Path, *, candidates, progress: bool,
+                    dataset_label: str, gallery: bool, run) -> tuple[dict[str, Any], dict[str, Any]]:
+    from kaleido_bert.eval.metrics import sum_cls
+
+    metrics: dict[str, Any] = {"run": str(run), "dataset": dataset_label or str(config.data.catalogue),
+                               "checkpoints": {k: str(v) for k, v in parts.items()}, "timings": {}}
+    extras: dict[str, Any] = {}
+
+    def timed(name: str, fn):
+        start = time.perf_counter()
+        result = fn()
+        metrics["timings"][name] = round(time.perf_counter() - start, 1)
+        return result
+
+    retrieval = timed("sample100", lambda: evaluate_retrieval(
+        parts["pretrain"], config, candidates_in=candidates, out=out, gallery=gallery and "retrieval" not in parts,
+        progress=progress))
+    metrics.update(retrieval["metrics"])
+    extras["ranked"] = retrieval["ranked"]
+    if "retrieval" in parts:
+        tuned = timed("retrieval_finetuned", lambda: evaluate_retrieval(
+            parts["retrieval"], config, candidates_in=out / "candidates.json", out=out, gallery=True,
+            progress=progress))
+        metrics.update({k.replace("sample100", "sample100_finetuned", 1) if "sample100" in k else k: v
+                        for k, v in tuned["metrics"].items() if not k.startswith("sample100/sources")})
+    classes: dict[tuple[str, str], dict[str, Any]] = {}
+    for (field, source), name in CLASSIFIERS.items():
+        if name in parts:
+            result = timed(name, lambda p=parts[name]: evaluate_classifier(p, config, progress=progress))
+            classes[(field, source)] = result
+            short = "cr" if field == "category" else "sub"
+            metrics[f"{short}/{source}/accuracy"] = 100 * result["accuracy"]
+            metrics[f"{short}/{source}/macro_f1"] = result["macro_f1"]
+    for source in ("image+text", "image"):
+        if ("category", source) in classes and ("subcategory", source) in classes:
+            metrics[f"cls/{source}/SumCLS"] = sum_cls(classes[("category", source)], classes[("subcategory", source)])
+    if "caption" in parts:
+        captions = timed("caption", lambda: evaluate_captions(parts["caption"], config, progress=progress))
+        extras["captions"] = captions.pop("examples")
+        for name, values in captions.items():
+            if isinstance(values, dict):
+                for key, value in values.items():
+                    metrics[f"fc/{name}/{key}"] = value
+        metrics["fc/items"] = captions["items"]
+    return metrics, extras

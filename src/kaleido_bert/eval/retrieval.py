@@ -1,0 +1,428 @@
+"""Cross-modal retrieval: the paper's sample-100 protocol (§4.2 tasks 1–2, Table 2) and full-gallery search (SPEC §3.5).
+
+**Sample-100** (as the released ``run_i2t.sh``/``run_t2i.sh``, no retrieval fine-tuning needed): each query gets its
+positive and ``num_negatives`` negatives, drawn from the same sub-category first, then the same category, then
+anywhere in the split, then (only when the split is too small) from the other splits; every tier used is counted.
+A negative never shares the positive's description (ITR) or image file (TIR), since real catalogues repeat titles.
+Candidates are ranked by the raw class-1 ITM logit of the cross-encoder, as the original.
+
+    ITR (image → text): query = an image id, candidates = product ids (their descriptions)
+    TIR (text → image): query = a product id (its description), candidates = image ids, one per product
+
+**Full gallery**: the same encoder run on text alone and on patches alone (a lone ``[CLS]`` in front) gives
+``[CLS]`` embeddings (through the ITC projections when the model has them), exact top-k by inner product with FAISS,
+then the top ``rerank_k`` re-ranked by the ITM logit. Every test image is ranked against every test product's
+description and vice versa.
+
+Shapes: pairs are scored in batches of B (text ``(B, T)``, patches ``(B, 55, F)``); embeddings are ``(N, D)`` float32,
+L2-normalised.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from kaleido_bert.atomic import atomic_write_json
+from kaleido_bert.checkpoint import load_pretrained
+from kaleido_bert.data.catalogue import Catalogue, Item
+from kaleido_bert.data.tokenizer import load_tokenizer
+from kaleido_bert.errors import KaleidoError
+from kaleido_bert.eval.metrics import rank_hits
+from kaleido_bert.patches.features import NUM_COLOUR
+from kaleido_bert.patches.store import FeatureStore
+
+PROTOCOL = "sample-100"
+TIERS = ("subcategory", "category", "split", "other_splits_subcategory", "other_splits_category", "other_splits")
+
+
+# ---------------------------------------------------------------------------------------------- candidates
+def _tiered_pool(target: Item, products: dict[str, Item], split: str) -> list[tuple[str, list[str]]]:
+    """Product ids by tier, nearest first; each product appears in its first tier only."""
+    seen: set[str] = {target.product_id}
+    tiers = []
+    for name in TIERS:
+        other = name.startswith("other_splits")
+        key = "subcategory" if name.endswith("subcategory") else "category" if name.endswith("category") else None
+        pool = [pid for pid, it in products.items() if pid not in seen and (it.split != split) == other
+                and (key is None or getattr(it, key) == getattr(target, key))]
+        seen.update(pool)
+        tiers.append((name, sorted(pool)))
+    return tiers
+
+
+def _draw(target: Item, products: dict[str, Item], split: str, n: int, rng: np.random.Generator,
+          accept, sources: Counter) -> list[str]:
+    out: list[str] = []
+    for tier, pool in _tiered_pool(target, products, split):
+        for j in rng.permutation(len(pool)):
+            if len(out) == n:
+                return out
+            if accept(pool[j]):
+                out.append(pool[j])
+                sources[tier] += 1
+    if len(out) < n:
+        sources["short"] += n - len(out)
+    return out
+
+
+def build_candidates(catalogue: Catalogue, available: set[str], *, split: str = "test", num_queries: int = 1000,
+                     num_negatives: int = 100, seed: int = 0) -> dict[str, Any]:
+    """Sample-100 query sets for both directions.
+
+    Args:
+        catalogue: the evaluation catalogue.
+        available: item ids with features (others are never drawn).
+        split: where queries come from (negatives too, topped up from other splits only when it is too small).
+        num_queries: queries per direction (all the split has, if fewer).
+        num_negatives: negatives per query.
+        seed: the draw's seed (written into the file with everything needed to re-use it).
+
+    Returns:
+        ``{"protocol", "split", "seed", "num_negatives", "catalogue_hash", "itr": [...], "tir": [...], "sources"}``
+        where each query is ``{"query", "positive", "candidates"}`` with the positive first among the candidates.
+    """
+    items = [it for it in catalogue.items if it.id in available]
+    images_of: dict[str, list[Item]] = {}
+    for it in items:
+        images_of.setdefault(it.product_id, []).append(it)
+    products = {pid: group[0] for pid, group in images_of.items()}
+    queries = [it for it in items if it.split == split]
+    if not queries:
+        raise KaleidoError(f"the catalogue has no {split} items with features to evaluate")
+    rng = np.random.default_rng(seed)
+    sources = {"itr": Counter(), "tir": Counter()}
+
+    itr = []
+    for j in sorted(rng.choice(len(queries), min(num_queries, len(queries)), replace=False)):
+        query = queries[j]
+        text = products[query.product_id].description
+        negatives = _draw(query, products, split, num_negatives, rng,
+                          lambda pid, text=text: products[pid].description != text, sources["itr"])
+        itr.append({"query": query.id, "positive": query.product_id, "candidates": [query.product_id, *negatives]})
+
+    split_products = sorted({it.product_id for it in queries})
+    tir = []
+    for j in sorted(rng.choice(len(split_products), min(num_queries, len(split_products)), replace=False)):
+        pid = split_products[j]
+        group = [it for it in images_of[pid] if it.split == split]
+        positive = group[int(rng.integers(len(group)))]
+        text = products[pid].description
+
+        def accept(other: str, text: str = text, image: str = positive.image) -> bool:
+            return products[other].description != text and all(it.image != image for it in images_of[other])
+
+        negatives = _draw(positive, products, split, num_negatives, rng, accept, sources["tir"])
+        images = [images_of[n][int(rng.integers(len(images_of[n])))].id for n in negatives]
+        tir.append({"query": pid, "positive": positive.id, "candidates": [positive.id, *images]})
+    return {"protocol": PROTOCOL, "split": split, "seed": seed, "num_negatives": num_negatives,
+            "catalogue_hash": catalogue.hash(), "itr": itr, "tir": tir,
+            "sources": {k: dict(v) for k, v in sources.items()}}
+
+
+def save_candidates(candidates: dict[str, Any], path: str | Path) -> None:
+    atomic_write_json(path, candidates)
+
+
+def load_candidates(path: str | Path, catalogue: Catalogue, available: set[str]) -> dict[str, Any]:
+    """Read a candidate file and check every id against the catalogue and the feature store.
+
+    Raises:
+        KaleidoError: unreadable file, missing fields, or an id the catalogue (or store) does not know.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+        itr, tir = data["itr"], data["tir"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise KaleidoError(f"candidate file {path} is unreadable or not a sample-100 file ({type(err).__name__})") \
+            from None
+    products = {it.product_id for it in catalogue.items}
+    for direction, queries, query_ids, cand_ids in (("itr", itr, available, products), ("tir", tir, products, available)):
+        for q in queries:
+            if q["query"] not in query_ids:
+                raise KaleidoError(f"candidate file {path} names unknown {direction} query {q['query']!r}")
+            if q["positive"] != q["candidates"][0]:
+                raise KaleidoError(f"candidate file {path}: {direction} query {q['query']!r} does not list its "
+                                   "positive first")
+            for c in q["candidates"]:
+                if c not in cand_ids:
+                    raise KaleidoError(f"candidate file {path} names unknown {direction} candidate {c!r} "
+                                       f"(query {q['query']!r})")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+class DualEncoder:
+    """Text and image embeddings and ITM logits of a retrieval model, on raw strings and patch features.
+
+    Args:
+        model: :class:`~kaleido_bert.model.heads.KaleidoBertForPreTraining` (ITC and ITM heads used when present).
+        tokenizer: its WordPiece tokenizer.
+        max_text_len: T, the model's text length.
+        batch_size: texts, images or pairs per forward pass.
+        device: where the model runs.
+    """
+
+    def __init__(self, model, tokenizer, *, max_text_len: int, batch_size: int = 64,
+                 device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self.model = model.eval().to(self.device)
+        self.tokenizer, self.max_text_len, self.batch_size = tokenizer, max_text_len, batch_size
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | Path, *, batch_size: int = 64,
+                        device: str | torch.device = "cpu") -> DualEncoder:
+        """Load a pre-training or retrieval checkpoint (weights via safetensors) and its tokenizer."""
+        from kaleido_bert.model.heads import KaleidoBertForPreTraining
+
+        model = load_pretrained(KaleidoBertForPreTraining, checkpoint)
+        return cls(model, load_tokenizer(checkpoint), max_text_len=int(model.config.max_text_len),
+                   batch_size=batch_size, device=device)
+
+    @property
+    def has_itm(self) -> bool:
+        return hasattr(self.model.heads, "itm")
+
+    @property
+    def has_itc(self) -> bool:
+        return hasattr(self.model.heads, "itc")
+
+    def tokenize(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        """``[CLS] text [SEP]`` WordPiece ids and mask, right-padded: ``(B, T)`` each, on the device."""
+        enc = self.tokenizer(list(texts), max_length=self.max_text_len, truncation=True, padding=True,
+                             return_tensors="pt")
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+
+    def _project(self, pooled: Tensor, side: str) -> Tensor:
+        itc = getattr(self.model.heads, "itc", None)
+        return itc.embed(pooled, side) if itc is not None else F.normalize(pooled, dim=-1)
+
+    @torch.inference_mode()
+    def embed_texts(self, texts: list[str], *, progress: bool = False) -> np.ndarray:
+        """Text-only ``[CLS]`` embeddings: ``(N, D)``."""
+        parts = [np.empty((0, self.dim), np.float32)]
+        for start in tqdm(range(0, len(texts), self.batch_size), desc="embed texts", unit="batch",
+                          disable=not progress, leave=False):
+            ids, mask = self.tokenize(texts[start:start + self.batch_size])
+            pooled = self.model.bert(text_ids=ids, text_mask=mask).pooled
+            parts.append(self._project(pooled, "text").float().cpu().numpy())
+        return np.concatenate(parts)
+
+    @torch.inference_mode()
+    def embed_patches(self, patch_features: Tensor, patch_positions: Tensor) -> np.ndarray:
+        """Patch-only embeddings (a lone ``[CLS]`` pools the patches): ``(N, P, F)``, ``(N, P, 5)`` → ``(N, D)``."""
+        parts = [np.empty((0, self.dim), np.float32)]
+        for start in range(0, len(patch_features), self.batch_size):
+            feats = patch_features[start:start + self.batch_size].to(self.device, torch.float32)
+            pos = patch_positions[start:start + self.batch_size].to(self.device, torch.float32)
+            cls = torch.full((len(feats), 1), self.tokenizer.cls_token_id, dtype=torch.long, device=self.device)
+            pooled = self.model.bert(text_ids=cls, patch_features=feats, patch_positions=pos).pooled
+            parts.append(self._project(pooled, "image").float().cpu().numpy())
+        return np.concatenate(parts)
+
+    @torch.inference_mode()
+    def itm_logits(self, texts: list[str], patch_features: Tensor, patch_positions: Tensor) -> np.ndarray:
+        """Raw class-1 ITM logits of pairs ``(texts[i], patches[i])``; one text is paired with every image.
+
+        Args:
+            texts: N texts, or one text for all N images.
+            patch_features: ``(N, P, F)``; patch_positions: ``(N, P, 5)``.
+
+        Returns:
+            ``(N,)`` float64, higher = a better match.
+
+        Raises:
+            KaleidoError: the checkpoint has no ITM head.
+        """
+        if not self.has_itm:
+            raise KaleidoError("the retrieval checkpoint has no ITM head: re-ranking and scoring need one")
+        n = len(patch_features)
+        texts = list(texts) * n if len(texts) == 1 else list(texts)
+        if len(texts) != n:
+            raise ValueError(f"{len(texts)} texts for {n} images")
+        out = np.empty(n)
+        for start in range(0, n, self.batch_size):
+            stop = min(n, start + self.batch_size)
+            ids, mask = self.tokenize(texts[start:stop])
+            pooled = self.model.bert(text_ids=ids, text_mask=mask,
+                                     patch_features=patch_features[start:stop].to(self.device, torch.float32),
+                                     patch_positions=patch_positions[start:stop].to(self.device, torch.float32)
+                                     ).pooled
+            out[start:stop] = self.model.heads.itm(pooled)[:, 1].double().cpu().numpy()
+        return out
+
+    @property
+    def dim(self) -> int:
+        itc = getattr(self.model.heads, "itc", None)
+        return int(itc.text.out_features) if itc is not None else int(self.model.config.hidden_size)
+
+
+def store_patches(store: FeatureStore, item_ids: list[str]) -> tuple[Tensor, Tensor]:
+    """The colour patch features and positions of store rows, read in one go: ``(N, P, F)``, ``(N, P, 5)``."""
+    rows = np.array([store.index[i] for i in item_ids], dtype=np.int64)
+    feats = np.asarray(store.arrays["features"][rows, :NUM_COLOUR], dtype=np.float32)
+    pos = np.asarray(store.arrays["positions"][rows], dtype=np.float32)
+    return torch.from_numpy(feats), torch.from_numpy(pos)
+
+
+
+def product_descriptions(items: Iterable[Item]) -> dict[str, str]:
+    """Product id → its description (a product's first row names it)."""
+    out: dict[str, str] = {}
+    for it in items:
+        out.setdefault(it.product_id, it.description)
+    return out
+
+
+
+
+class PairScorer:
+    """The protocols' view of a :class:`DualEncoder`: catalogue ids in, ITM logits and embeddings out.
+
+    Args:
+        encoder: the retrieval model as a dual encoder and cross-encoder.
+        store: the feature store of the evaluated catalogue (image ids → patches).
+        descriptions: product id → description (:func:`product_descriptions`).
+    """
+
+    def __init__(self, encoder: DualEncoder, store: FeatureStore, descriptions: dict[str, str]) -> None:
+        self.encoder, self.store, self.descriptions = encoder, store, descriptions
+
+    def _chunks(self, n: int, desc: str, progress: bool):
+        step = self.encoder.batch_size
+        return tqdm(range(0, n, step), desc=desc, unit="batch", disable=not progress, leave=False)
+
+    def itm_logits(self, pairs: list[tuple[str, str]], *, desc: str = "ITM", progress: bool = True) -> np.ndarray:
+        """Raw class-1 ITM logits of ``(image id, product id)`` pairs, in order: ``(N,)`` float64."""
+        out = np.empty(len(pairs))
+        for start in self._chunks(len(pairs), desc, progress):
+            chunk = pairs[start:start + self.encoder.batch_size]
+            feats, pos = store_patches(self.store, [i for i, _ in chunk])
+            texts = [self.descriptions[p] for _, p in chunk]
+            out[start:start + len(chunk)] = self.encoder.itm_logits(texts, feats, pos)
+        return out
+
+    def embed_texts(self, pids: list[str], *, progress: bool = True) -> np.ndarray:
+        """Text-only embeddings of the products' descriptions: ``(N, D)``."""
+        return self.encoder.embed_texts([self.descriptions[p] for p in pids], progress=progress)
+
+    def embed_images(self, image_ids: list[str], *, progress: bool = True) -> np.ndarray:
+        """Patch-only embeddings of store rows: ``(N, D)``."""
+        parts = [np.empty((0, self.encoder.dim), np.float32)]
+        for start in self._chunks(len(image_ids), "embed image", progress):
+            chunk = image_ids[start:start + self.encoder.batch_size]
+            parts.append(self.encoder.embed_patches(*store_patches(self.store, chunk)))
+        return np.concatenate(parts)
+
+
+# ---------------------------------------------------------------------------------------------- protocols
+def evaluate_sample100(scorer: PairScorer, candidates: dict[str, Any], *, progress: bool = True,
+                       ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, Any]:
+    """Rank@K of both directions and SumR, keys named by protocol (``itr_sample100/R@1`` …), in %."""
+    metrics: dict[str, Any] = {}
+    ranked: dict[str, Any] = {}
+    for direction in ("itr", "tir"):
+        queries = candidates[direction]
+        if direction == "itr":
+            pairs = [(q["query"], c) for q in queries for c in q["candidates"]]
+        else:
+            pairs = [(c, q["query"]) for q in queries for c in q["candidates"]]
+        flat = scorer.itm_logits(pairs, desc=f"{direction.upper()} sample-100", progress=progress)
+        width = max(len(q["candidates"]) for q in queries)
+        scores = np.full((len(queries), width), -np.inf)
+        positive = np.zeros((len(queries), width), dtype=bool)
+        start = 0
+        for row, q in enumerate(queries):
+            n = len(q["candidates"])
+            scores[row, :n], positive[row, 0] = flat[start:start + n], True
+            start += n
+        hits = rank_hits(scores, positive, ks)
+        for k in ks:
+            metrics[f"{direction}_sample100/R@{k}"] = 100 * hits[k]
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :5]
+        ranked[direction] = [{"query": q["query"], "positive": q["positive"],
+                              "top": [q["candidates"][j] for j in order[row] if j < len(q["candidates"])]}
+                             for row, q in enumerate(queries)]
+    metrics["sample100/SumR"] = sum(metrics[f"{d}_sample100/R@{k}"] for d in ("itr", "tir") for k in (1, 5, 10))
+    metrics["sample100/queries"] = {d: len(candidates[d]) for d in ("itr", "tir")}
+    metrics["sample100/candidates_per_query"] = 1 + int(candidates["num_negatives"])
+    return {"metrics": metrics, "ranked": ranked}
+
+
+def recall_from_ranked(ranked: list[list[int]], positives: list[set[int]], ks: tuple[int, ...] = (1, 5, 10)
+                       ) -> dict[str, float]:
+    """R@K from ranked gallery indices per query (fraction of queries with a positive in the top K)."""
+    out = {f"R@{k}": float(np.mean([bool(set(r[:k]) & p) for r, p in zip(ranked, positives, strict=True)]))
+           for k in ks}
+    out["mean_recall"] = float(np.mean([out[f"R@{k}"] for k in ks]))
+    return out
+
+
+def _search(queries: np.ndarray, gallery: np.ndarray, k: int) -> np.ndarray:
+    """Exact inner-product top-k with FAISS: ``(Q, D) × (G, D)`` → indices ``(Q, k)``."""
+    import faiss
+
+    index = faiss.IndexFlatIP(gallery.shape[1])
+    index.add(np.ascontiguousarray(gallery, dtype=np.float32))
+    _, idx = index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, len(gallery)))
+    return idx
+
+
+def _rerank(scorer: PairScorer, top: np.ndarray, pair_of, *, desc: str, progress: bool) -> list[list[int]]:
+    pairs = [pair_of(q, int(g)) for q, row in enumerate(top) for g in row]
+    logits = scorer.itm_logits(pairs, desc=desc, progress=progress).reshape(top.shape)
+    order = np.argsort(-logits, axis=1, kind="stable")
+    return [[int(top[q, j]) for j in order[q]] for q in range(len(top))]
+
+
+def evaluate_gallery(scorer: PairScorer, catalogue: Catalogue, available: set[str], *, split: str = "test",
+                     rerank_k: int = 100, progress: bool = True) -> dict[str, Any]:
+    """Full-gallery ITR/TIR over a split: dual-encoder recall, then ITM re-ranking of the top ``rerank_k``.
+
+    A description shared word for word by several products counts as correct for all of them (both directions).
+    Keys: ``itr_gallery/R@1`` … and ``itr_gallery_rerank/R@1`` …, in %, plus the gallery sizes.
+    """
+    items = [it for it in catalogue.split(split) if it.id in available]
+    if not items:
+        raise KaleidoError(f"the catalogue has no {split} items with features to evaluate")
+    pids = sorted({it.product_id for it in items})
+    text_of = {pid: next(it.description for it in items if it.product_id == pid) for pid in pids}
+    same_text: dict[str, set[int]] = {}
+    for j, pid in enumerate(pids):
+        same_text.setdefault(text_of[pid], set()).add(j)
+    image_ids = [it.id for it in items]
+    text_emb = scorer.embed_texts(pids, progress=progress)
+    image_emb = scorer.embed_images(image_ids, progress=progress)
+    depth = max(10, rerank_k)
+    metrics: dict[str, Any] = {"gallery/images": len(image_ids), "gallery/products": len(pids)}
+
+    images_with_text: dict[str, set[int]] = {}
+    for i, it in enumerate(items):
+        images_with_text.setdefault(text_of[it.product_id], set()).add(i)
+    itr_pos = [same_text[text_of[it.product_id]] for it in items]
+    tir_pos = [images_with_text[text_of[pid]] for pid in pids]
+    for direction, queries, gallery, positives, pair_of in (
+        ("itr", image_emb, text_emb, itr_pos, lambda q, g: (image_ids[q], pids[g])),
+        ("tir", text_emb, image_emb, tir_pos, lambda q, g: (image_ids[g], pids[q])),
+    ):
+        top = _search(queries, gallery, depth)
+        for name, value in recall_from_ranked(top.tolist(), positives).items():
+            metrics[f"{direction}_gallery/{name}"] = 100 * value
+        if rerank_k > 0:
+            head = top[:, :rerank_k]
+            reranked = [r + [int(g) for g in top[q, rerank_k:]]
+                        for q, r in enumerate(_rerank(scorer, head, pair_of, desc=f"{direction.upper()} re-rank",
+                                                      progress=progress))]
+            for name, value in recall_from_ranked(reranked, positives).items():
+                metrics[f"{direction}_gallery_rerank/{name}"] = 100 * value
+    return {"metrics": metrics}

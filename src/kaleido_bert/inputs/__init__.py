@@ -1,0 +1,1 @@
+"""Model inputs (paper §3.4): alignment-guided masking, the pre-training and downstream datasets, batching."""

@@ -1,0 +1,1 @@
+"""Kaleido-BERT (paper §3.5, §4.2): the encoder, the pre-training heads, the downstream models, the dual encoder."""

@@ -1,0 +1,182 @@
+"""Pre-training heads and losses of Kaleido-BERT (paper §3.5: AMLM, ITM and the five AKPM tasks; SPEC §3.5 ITC).
+
+=================  ==========================================  =========================  ================
+task               input                                       head                       loss
+=================  ==========================================  =========================  ================
+mlm                hidden states of text tokens                BERT MLM head, tied        CE (masked only)
+itm                pooled ``[CLS]``                            ``Linear(D→2)``            CE
+rotation           the 1×1 token                               ``LevelClassifier(1, 4)``  CE
+jigsaw             the four 2×2 tokens, concatenated           ``LevelClassifier(2, 24)`` CE
+camouflage         the nine 3×3 tokens, concatenated           ``LevelClassifier(3, 9)``  CE
+grey_to_color      hidden states of the greyed 4×4 tokens      ``PatchReconstructor(4)``  KL
+blank_to_color     hidden states of the blanked 5×5 tokens     ``PatchReconstructor(5)``  KL
+itc (optional)     pooled text-only and patch-only passes      two projections            InfoNCE
+=================  ==========================================  =========================  ================
+
+The KL follows the original: prediction and target are both softmaxed over the F feature dimensions and the loss
+is KL(target ‖ prediction), averaged over the masked patches. Losses are summed unweighted.
+Shapes: B batch, T text tokens, P patches, D hidden, F feature size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.models.bert.modeling_bert import BertLMPredictionHead
+
+from kaleido_bert.inputs.masking import IGNORE
+from kaleido_bert.model.encoder import KaleidoBertConfig, KaleidoBertModel, KaleidoBertPreTrainedModel
+from kaleido_bert.patches.grid import level_slice
+
+LEVEL_TASKS = {"rotation": (1, 4), "jigsaw": (2, 24), "camouflage": (3, 9)}
+RECONSTRUCTION_TASKS = {"grey_to_color": 4, "blank_to_color": 5}
+
+
+class LevelClassifier(nn.Module):
+    """Classify from the concatenated hidden states of one Kaleido level: ``(B, k²·D)`` → ``(B, classes)``."""
+
+    def __init__(self, level: int, num_classes: int, hidden_size: int) -> None:
+        super().__init__()
+        self.level = level
+        self.classifier = nn.Linear(level * level * hidden_size, num_classes)
+
+    def forward(self, patch_hidden: Tensor) -> Tensor:
+        tokens = patch_hidden[:, level_slice(self.level)]  # (B, k², D)
+        return self.classifier(tokens.flatten(1))
+
+
+class PatchReconstructor(nn.Module):
+    """Predict the clean colour feature of chosen patches of one level: ``Linear(D→F)`` without bias."""
+
+    def __init__(self, level: int, hidden_size: int, feature_size: int) -> None:
+        super().__init__()
+        self.level = level
+        self.decoder = nn.Linear(hidden_size, feature_size, bias=False)
+
+    def forward(self, patch_hidden: Tensor, index: Tensor) -> Tensor:
+        """``patch_hidden (B, P, D)``, level-relative ``index (B, K)`` (-100 = padding) → ``(B, K, F)``."""
+        tokens = patch_hidden[:, level_slice(self.level)]  # (B, k², D)
+        safe = index.clamp(min=0)
+        picked = torch.gather(tokens, 1, safe[..., None].expand(-1, -1, tokens.shape[-1]))  # (B, K, D)
+        return self.decoder(picked)
+
+
+def kl_reconstruction(prediction: Tensor, target: Tensor, index: Tensor) -> Tensor:
+    """KL(softmax(target) ‖ softmax(prediction)) over F, averaged over the patches whose index is not -100."""
+    valid = index != IGNORE  # (B, K)
+    if not valid.any():
+        return prediction.sum() * 0.0
+    log_p = F.log_softmax(prediction[valid].float(), dim=-1)  # (N, F)
+    log_q = F.log_softmax(target[valid].float(), dim=-1)
+    return (log_q.exp() * (log_q - log_p)).sum(-1).mean()
+
+
+def masked_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy that is 0 (with a graph) when every label is -100, instead of NaN."""
+    if not (labels != IGNORE).any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE)
+
+
+class ContrastiveHead(nn.Module):
+    """ITC: project pooled text-only and patch-only states, symmetric InfoNCE with a learned temperature."""
+
+    def __init__(self, hidden_size: int, dim: int = 256) -> None:
+        super().__init__()
+        self.text = nn.Linear(hidden_size, dim)
+        self.image = nn.Linear(hidden_size, dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def embed(self, pooled: Tensor, side: str) -> Tensor:
+        return F.normalize((self.text if side == "text" else self.image)(pooled), dim=-1)
+
+    def forward(self, text_pooled: Tensor, image_pooled: Tensor, positive: Tensor) -> Tensor:
+        """InfoNCE over the matching pairs of the batch (``positive`` marks them), ``(B, D)`` → scalar."""
+        keep = positive.bool()
+        if keep.sum() < 2:
+            return (text_pooled.sum() + image_pooled.sum()) * 0.0
+        t, i = self.embed(text_pooled[keep], "text"), self.embed(image_pooled[keep], "image")
+        logits = self.logit_scale.exp().clamp(max=100) * t @ i.T  # (N, N)
+        target = torch.arange(len(t), device=t.device)
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+class PretrainingHeads(nn.Module):
+    """The enabled tasks' heads; :meth:`losses` returns a dict of named scalar losses."""
+
+    def __init__(self, config, word_embeddings: nn.Embedding) -> None:
+        super().__init__()
+        tasks, d, f = set(config.tasks), config.hidden_size, config.patch_feature_size
+        if "mlm" in tasks:
+            self.mlm = BertLMPredictionHead(config)
+            self.mlm.decoder.weight = word_embeddings.weight  # tied, as BERT
+        if "itm" in tasks:
+            self.itm = nn.Linear(d, 2)
+        self.levels = nn.ModuleDict({name: LevelClassifier(level, n, d)
+                                     for name, (level, n) in LEVEL_TASKS.items() if name in tasks})
+        self.reconstruct = nn.ModuleDict({name: PatchReconstructor(level, d, f)
+                                          for name, level in RECONSTRUCTION_TASKS.items() if name in tasks})
+        if "itc" in tasks:
+            self.itc = ContrastiveHead(d)
+
+    def losses(self, hidden: Tensor, pooled: Tensor, num_text: int, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        text_hidden, patch_hidden = hidden[:, :num_text], hidden[:, num_text:]  # (B, T, D), (B, P, D)
+        out: dict[str, Tensor] = {}
+        if hasattr(self, "mlm"):
+            labels = batch["mlm_labels"]
+            picked = labels != IGNORE
+            logits = self.mlm(text_hidden[picked])  # only masked positions: (N, V)
+            out["mlm"] = masked_cross_entropy(logits, labels[picked])
+        if hasattr(self, "itm"):
+            out["itm"] = F.cross_entropy(self.itm(pooled).float(), batch["itm_label"])
+        for name, head in self.levels.items():
+            out[name] = masked_cross_entropy(head(patch_hidden), batch[f"{name}_label"])
+        for name, head in self.reconstruct.items():
+            key = "grey" if name == "grey_to_color" else "blank"
+            out[name] = kl_reconstruction(head(patch_hidden, batch[f"{key}_index"]), batch[f"{key}_target"],
+                                          batch[f"{key}_index"])
+        return out
+
+
+class KaleidoBertForPreTraining(KaleidoBertPreTrainedModel):
+    """Encoder + the enabled pre-training heads; ``forward(batch)`` returns the summed loss and each task's loss."""
+
+    def __init__(self, config: KaleidoBertConfig) -> None:
+        super().__init__(config)
+        if "mlm" in config.tasks:  # the MLM decoder shares the word embeddings (and its bias is the head's bias)
+            self._tied_weights_keys = {
+                "heads.mlm.decoder.weight": "bert.embeddings.word_embeddings.weight",
+                "heads.mlm.decoder.bias": "heads.mlm.bias",
+            }
+        self.bert = KaleidoBertModel(config)
+        self.heads = PretrainingHeads(config, self.bert.get_input_embeddings())
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, ContrastiveHead):  # CLIP's temperature 0.07, also when a checkpoint lacks the head
+            with torch.no_grad():
+                module.logit_scale.fill_(math.log(1 / 0.07))
+
+    def forward(self, batch: dict[str, Tensor]) -> PretrainingOutput:
+        """One joint pass over text + patches (plus text-only and patch-only passes when ITC is on)."""
+        out = self.bert(text_ids=batch["text_ids"], text_mask=batch["text_mask"],
+                        patch_features=batch["patch_features"], patch_positions=batch["patch_positions"])
+        losses = self.heads.losses(out.hidden, out.pooled, out.num_text, batch)
+        if hasattr(self.heads, "itc"):
+            text_only = self.bert(text_ids=batch["text_ids"], text_mask=batch["text_mask"]).pooled
+            cls = batch["text_ids"][:, :1]  # a lone [CLS] in front of the patches pools the image
+            image_only = self.bert(text_ids=cls, patch_features=batch["patch_features"],
+                                   patch_positions=batch["patch_positions"]).pooled
+            losses["itc"] = self.heads.itc(text_only, image_only, batch["itm_label"])
+        return PretrainingOutput(loss=sum(losses.values()), losses=losses)
+
+
+@dataclass
+class PretrainingOutput:
+    loss: Tensor
+    losses: dict[str, Tensor]

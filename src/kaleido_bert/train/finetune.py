@@ -1,0 +1,145 @@
+"""Fine-tuning a pre-trained Kaleido-BERT on the downstream tasks (paper §4.2; SPEC §2 ``kaleido finetune``).
+
+=============  ==========================================  =================================================
+task           model                                       data
+=============  ==========================================  =================================================
+category       :class:`~kaleido_bert.model.classification.KaleidoBertForClassification`   one image (+ its description)
+subcategory    same, over the sub-category label map       same
+caption        :class:`~kaleido_bert.model.captioning.KaleidoBertForCaptioning`       image → description (image only)
+retrieval      :class:`~kaleido_bert.model.heads.KaleidoBertForPreTraining` with ITM + ITC only   clean matching pairs
+=============  ==========================================  =================================================
+
+Each starts from a pre-training checkpoint (the ``bert.*`` weights; the caption LM head from the MLM head; the
+retrieval heads from ITM/ITC when present), trains with the one loop of :mod:`kaleido_bert.train.loop` under the
+``finetune`` section (lr 2e-5 by default, as the released scripts), and writes the same checkpoint layout as
+pre-training, so every run resumes. The paper evaluates retrieval without fine-tuning; ``retrieval`` is our
+addition for full-gallery search (SPEC §3.5).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from kaleido_bert.checkpoint import check_model_config, load_pretrained
+from kaleido_bert.config import RunConfig, config_from_dict
+from kaleido_bert.data.catalogue import load_catalogue
+from kaleido_bert.data.tokenizer import load_tokenizer
+from kaleido_bert.errors import KaleidoError
+from kaleido_bert.inputs.pretraining import PretrainDataset, collate
+from kaleido_bert.patches.store import FeatureStore
+from kaleido_bert.runs import resolve_checkpoint
+from kaleido_bert.train.loop import train
+
+TASKS = ("category", "subcategory", "caption", "retrieval")
+RETRIEVAL_TASKS = ["itm", "itc"]
+
+
+def finetune_config(config: RunConfig, task: str) -> RunConfig:
+    """The run config with ``train`` taken from ``finetune`` (and the retrieval model's task list)."""
+    f = config.finetune
+    caption = task == "caption"
+    data = config.to_dict()
+    data["train"].update(lr=(f.caption_lr or f.lr) if caption else f.lr,
+                         max_steps=(f.caption_max_steps or f.max_steps) if caption else f.max_steps,
+                         batch_size=f.batch_size, warmup_ratio=f.warmup_ratio, eval_every=f.eval_every,
+                         save_every=(f.caption_max_steps or f.max_steps) if caption else f.max_steps)
+    if task == "retrieval":
+        data["model"]["tasks"] = list(RETRIEVAL_TASKS)
+    return config_from_dict(data)
+
+
+def open_data(config: RunConfig):
+    """The catalogue and feature store named by ``data.catalogue`` / ``data.features``."""
+    if not config.data.catalogue or not config.data.features:
+        raise KaleidoError("fine-tuning and evaluation need data.catalogue and data.features "
+                           "(--set data.catalogue=DIR --set data.features=STORE)")
+    catalogue = load_catalogue(config.data.catalogue)
+    store = FeatureStore(config.data.features, expect={"feature_size": config.model.patch_feature_size})
+    return catalogue, store
+
+
+def build_task(task: str, config: RunConfig, checkpoint: Path, tokenizer, *, image_only: bool = False
+               ) -> tuple[Any, Any, Any, Any, Any]:
+    """Model, train set, val set, collate function and loss-count function of one task."""
+    catalogue, store = open_data(config)
+    collate_fn = partial(collate, pad_id=tokenizer.pad_token_id)
+    max_len = config.model.max_text_len
+    if task in ("category", "subcategory"):
+        from kaleido_bert.model.classification import (
+            ClassificationDataset,
+            KaleidoBertForClassification,
+            label_map,
+        )
+
+        label2id = label_map(catalogue.labels, task)
+        model = load_pretrained(KaleidoBertForClassification, checkpoint, num_labels=len(label2id),
+                                label2id=label2id, id2label={i: n for n, i in label2id.items()}, label_field=task,
+                                classifier_input="image" if image_only else "image+text")
+        make = partial(ClassificationDataset, catalogue, store, tokenizer, field=task, label2id=label2id,
+                       image_only=image_only, max_text_len=max_len)
+        return model, make(split="train"), make(split="val"), collate_fn, None
+    if task == "caption":
+        from kaleido_bert.model.captioning import (
+            CaptionDataset,
+            KaleidoBertForCaptioning,
+            caption_loss_counts,
+        )
+
+        model = KaleidoBertForCaptioning.from_pretraining(
+            checkpoint, caption_objectives=list(config.finetune.caption_objectives),
+            mask_token_id=tokenizer.mask_token_id)
+        make = partial(CaptionDataset, catalogue, store, tokenizer, max_text_len=max_len)
+        return model, make(split="train"), make(split="val"), collate_fn, caption_loss_counts
+    if task == "retrieval":
+        from kaleido_bert.model.heads import KaleidoBertForPreTraining
+        from kaleido_bert.train.pretrain import loss_counts
+
+        model = load_pretrained(KaleidoBertForPreTraining, checkpoint, tasks=list(RETRIEVAL_TASKS))
+        make = partial(PretrainDataset, catalogue, store, tokenizer, masking=config.masking, max_text_len=max_len,
+                       seed=config.train.seed, corrupt=False)
+        return model, make(split="train"), make(split="val"), collate_fn, loss_counts
+    raise KaleidoError(f"unknown fine-tuning task {task!r}: choose one of {', '.join(TASKS)}")
+
+
+def finetune(task: str, config: RunConfig, checkpoint: str | Path, out_dir: str | Path, *,
+             image_only: bool = False, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Fine-tune ``task`` from a pre-training checkpoint (or run directory) into ``out_dir``.
+
+    Args:
+        task: ``category``, ``subcategory``, ``caption`` or ``retrieval``.
+        config: the run config (``data`` names the catalogue and store, ``finetune`` the optimisation).
+        checkpoint: a checkpoint directory or a run directory (its ``latest``).
+        out_dir: checkpoints, metrics, loss curves (the layout of pre-training).
+        image_only: classification from the image alone (a lone ``[CLS]``), not image + description.
+        resume: continue from the latest checkpoint in ``out_dir``.
+
+    Raises:
+        KaleidoError: an unknown task, a checkpoint from another model config, missing data, labels unknown to
+            the label map, and whatever the training loop refuses.
+    """
+    if task not in TASKS:
+        raise KaleidoError(f"unknown fine-tuning task {task!r}: choose one of {', '.join(TASKS)}")
+    if image_only and task not in ("category", "subcategory"):
+        raise KaleidoError("--image-only applies to category and subcategory")
+    checkpoint = resolve_checkpoint(checkpoint)
+    pretrained_tasks = _checkpoint_tasks(checkpoint)
+    check_model_config(checkpoint, dataclasses.replace(config.model, tasks=pretrained_tasks))
+    run = finetune_config(config, task)
+    tokenizer = load_tokenizer(checkpoint)
+    model, train_set, val_set, collate_fn, counts = build_task(task, run, checkpoint, tokenizer,
+                                                               image_only=image_only)
+    if task != "retrieval":  # the resume check compares the model section with config.json
+        run = dataclasses.replace(run, model=dataclasses.replace(run.model, tasks=pretrained_tasks))
+    summary = train(model, train_set, val_set, collate_fn, run, out_dir, resume=resume, tokenizer=tokenizer,
+                    progress=progress, loss_counts=counts)
+    summary.update(task=task, input="image" if image_only else "image+text", init=str(checkpoint))
+    return summary
+
+
+def _checkpoint_tasks(checkpoint: Path) -> list[str]:
+    import json
+
+    return list(json.loads((Path(checkpoint) / "config.json").read_text()).get("tasks", []))

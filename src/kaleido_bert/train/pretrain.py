@@ -1,0 +1,122 @@
+"""Pre-training Kaleido-BERT (paper §3.5–3.6): catalogue + feature store + alignments → the seven tasks.
+
+:func:`pretrain` wires the pieces and hands them to the one training loop (:func:`kaleido_bert.train.loop.train`):
+the catalogue's ``train`` and ``val`` splits become :class:`~kaleido_bert.inputs.pretraining.PretrainDataset`\\ s (masking
+guided by the alignments when given), the model is :class:`~kaleido_bert.model.heads.KaleidoBertForPreTraining`
+(initialised from a BERT checkpoint when ``model.init`` is set), and :func:`loss_counts` tells the loop how
+many units (masked tokens, masked patches, pairs) each task's loss averages over, so that losses are exact
+global-batch means under gradient accumulation and DDP.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kaleido_bert.atomic import atomic_write_json
+from kaleido_bert.checkpoint import load_bert_weights
+from kaleido_bert.config import RunConfig
+from kaleido_bert.data.catalogue import load_catalogue
+from kaleido_bert.data.tokenizer import load_tokenizer
+from kaleido_bert.errors import KaleidoError
+from kaleido_bert.inputs.masking import IGNORE
+from kaleido_bert.inputs.pretraining import PretrainDataset, collate
+from kaleido_bert.model.encoder import KaleidoBertConfig
+from kaleido_bert.model.heads import LEVEL_TASKS, KaleidoBertForPreTraining
+from kaleido_bert.patches.store import FeatureStore
+from kaleido_bert.train.loop import train
+
+
+def loss_counts(batch: dict[str, Any]) -> dict[str, int]:
+    """How many units each pre-training loss of ``batch`` averages over (see :mod:`kaleido_bert.train.loop`).
+
+    MLM: masked tokens; rotation/jigsaw/camouflage: pairs with a label; grey/blank-to-colour: masked patches;
+    ITM: pairs. ITC is an in-batch contrastive loss, so weighting its positives is exact only for one process
+    without accumulation (each rank contrasts its own pairs).
+    """
+    pairs = int(batch["text_ids"].shape[0])
+    counts = {"*": pairs, "itm": pairs, "mlm": int((batch["mlm_labels"] != IGNORE).sum()),
+              "grey_to_color": int((batch["grey_index"] != IGNORE).sum()),
+              "blank_to_color": int((batch["blank_index"] != IGNORE).sum()),
+              "itc": int(batch["itm_label"].sum())}
+    for name in LEVEL_TASKS:
+        counts[name] = int((batch[f"{name}_label"] != IGNORE).sum())
+    return counts
+
+
+def build_model(config: RunConfig) -> tuple[KaleidoBertForPreTraining, dict[str, list[str]] | None]:
+    """The pre-training model, seeded by ``train.seed``, with BERT weights when ``model.init`` is set.
+
+    Returns:
+        The model and :func:`~kaleido_bert.checkpoint.load_bert_weights`'s report (None for random init).
+    """
+    torch.manual_seed(config.train.seed)
+    model = KaleidoBertForPreTraining(KaleidoBertConfig.from_model_config(config.model))
+    report = load_bert_weights(model.bert, config.model.init) if config.model.init else None
+    return model, report
+
+
+def build_datasets(config: RunConfig, tokenizer: Any) -> tuple[PretrainDataset, PretrainDataset]:
+    """Train and val :class:`PretrainDataset` from ``data.catalogue``, ``data.features``, ``data.alignments``.
+
+    Raises:
+        KaleidoError: an unset or missing catalogue or store, a store built with another feature size.
+    """
+    data = config.data
+    if not data.catalogue or not data.features:
+        raise KaleidoError("pretrain needs data.catalogue and data.features: build them with "
+                           "`kaleido data synth` (or an importer) and `kaleido patches`, then pass "
+                           "--set data.catalogue=DIR --set data.features=STORE")
+    catalogue = load_catalogue(data.catalogue)
+    store = FeatureStore(data.features, expect={"feature_size": config.model.patch_feature_size})
+    alignments = None
+    if data.alignments:
+        from kaleido_bert.align.alignment import load_alignments
+
+        alignments = load_alignments(data.alignments, max_text_len=config.model.max_text_len)
+    make = partial(PretrainDataset, catalogue, store, tokenizer, alignments=alignments,
+                   masking=config.masking, max_text_len=config.model.max_text_len, seed=config.train.seed)
+    return make(split="train"), make(split="val")
+
+
+def pretrain(config: RunConfig, out_dir: str | Path, *, resume: bool = False,
+             progress: bool = True) -> dict[str, Any]:
+    """Pre-train on a catalogue's feature store; write checkpoints, ``run.yaml``, metrics and loss curves.
+
+    Args:
+        config: the run config (``data.catalogue`` and ``data.features`` must be set).
+        out_dir: output directory (checkpoints ``step-XXXXXX/``, ``metrics.csv``, ``loss_curves.png``,
+            ``data_counts.json``, ``summary.json``).
+        resume: continue exactly from the latest checkpoint in ``out_dir``.
+        progress: progress bar and log lines.
+
+    Returns:
+        The training summary (final/best validation losses per task, steps, seconds, pairs/s) plus the
+        dataset counts and the BERT-initialisation report.
+
+    Raises:
+        KaleidoError: bad data paths, a store from another feature size, a tokenizer whose vocabulary size
+            differs from ``model.vocab_size``, and everything :func:`~kaleido_bert.train.loop.train` refuses.
+    """
+    out_dir = Path(out_dir)
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    if len(tokenizer) != config.model.vocab_size:
+        raise KaleidoError(f"the tokenizer has {len(tokenizer)} tokens but "
+                           f"model.vocab_size={config.model.vocab_size}: set model.vocab_size to match, or "
+                           "point data.tokenizer at the vocabulary the model uses")
+    train_set, val_set = build_datasets(config, tokenizer)
+    counts = {"train": train_set.counts(), "val": val_set.counts()}
+    model, init_report = build_model(config)
+    # Every process of a DDP run writes the same bytes atomically, so no rank has to be singled out here.
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / "data_counts.json", counts)
+    collate_fn = partial(collate, pad_id=tokenizer.pad_token_id)
+    summary = train(model, train_set, val_set, collate_fn, config, out_dir, resume=resume,
+                    tokenizer=tokenizer, progress=progress, loss_counts=loss_counts)
+    summary["data_counts"] = counts
+    if init_report is not None:
+        summary["init"] = {k: len(v) for k, v in init_report.items()}
+    return summary
