@@ -18,18 +18,15 @@ import torch
 from kaleido_bert.config import load_config
 from kaleido_bert.data.catalogue import Item, load_catalogue, write_catalogue
 from kaleido_bert.errors import KaleidoError
+from kaleido_bert.eval.predict import caption_split
+from kaleido_bert.inputs.downstream import CaptionDataset
 from kaleido_bert.inputs.pretraining import collate
 from kaleido_bert.model.captioning import (
-    CaptionDataset,
     KaleidoBertForCaptioning,
     caption_loss_counts,
-    caption_split,
-    generate,
-    generate_one_shot,
-    greedy,
     seq2seq_attention_mask,
-    sequence_score,
 )
+from kaleido_bert.model.decoding import generate, generate_one_shot, greedy, sequence_score
 from kaleido_bert.model.encoder import KaleidoBertConfig
 from kaleido_bert.model.heads import KaleidoBertForPreTraining
 from kaleido_bert.patches.features import FEATURES_PER_IMAGE

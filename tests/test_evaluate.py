@@ -103,7 +103,8 @@ def test_negatives_prefer_the_same_subcategory(pipeline):
 # ---------------------------------------------------------------------------------------------- scoring
 def _scorer(pipeline):
     from kaleido_bert.data.catalogue import load_catalogue
-    from kaleido_bert.eval.retrieval import DualEncoder, PairScorer, product_descriptions
+    from kaleido_bert.eval.retrieval import PairScorer
+    from kaleido_bert.model.dual_encoder import DualEncoder, product_descriptions
     from kaleido_bert.patches.store import FeatureStore
     from kaleido_bert.runs import resolve_checkpoint
 
@@ -281,9 +282,9 @@ def test_a_new_itc_head_starts_at_clip_temperature(pipeline, tmp_path):
     """Retrieval fine-tuning from a checkpoint without ITC initialises the temperature to 0.07, not 1."""
     import math
 
-    from kaleido_bert.checkpoint import load_pretrained
     from kaleido_bert.model.encoder import KaleidoBertConfig
     from kaleido_bert.model.heads import KaleidoBertForPreTraining
+    from kaleido_bert.model.loading import load_pretrained
 
     config = _config(pipeline, "model.tasks=['mlm','itm']")
     KaleidoBertForPreTraining(KaleidoBertConfig.from_model_config(config.model)).save_pretrained(tmp_path / "no-itc")

@@ -93,7 +93,7 @@ def test_encoders_give_normalised_embeddings(pipeline):
 
 
 def test_uploads_are_encoded_like_the_catalogue(pipeline):
-    from kaleido_bert.eval.retrieval import store_patches
+    from kaleido_bert.model.dual_encoder import store_patches
     from kaleido_bert.serve.uploads import read_upload
 
     store = pipeline.data.store
@@ -112,7 +112,7 @@ def test_uploads_are_encoded_like_the_catalogue(pipeline):
 
 
 def test_text_search_ranks_unique_products(pipeline):
-    from kaleido_bert.eval.retrieval import store_patches
+    from kaleido_bert.model.dual_encoder import store_patches
 
     item = pipeline.data.catalogue.items[3]
     query_vec = pipeline.encode_text([item.title])

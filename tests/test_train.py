@@ -26,9 +26,9 @@ from kaleido_bert.config import load_config
 from kaleido_bert.distributed import epoch_order
 from kaleido_bert.errors import KaleidoError
 from kaleido_bert.inputs.pretraining import collate
+from kaleido_bert.model.heads import pretraining_loss_counts
 from kaleido_bert.runs import LATEST, latest_checkpoint, list_checkpoints
 from kaleido_bert.train.loop import build_optimizer, get_lr, train
-from kaleido_bert.train.pretrain import loss_counts
 from test_model import random_sample, tiny_model
 
 
@@ -69,7 +69,7 @@ def _train(out, config, dataset=None, *, model=None, val=None, **kwargs):
         config,
         out,
         progress=False,
-        loss_counts=loss_counts,
+        loss_counts=pretraining_loss_counts,
         **kwargs,
     )
 

@@ -1,18 +1,49 @@
 """Atomic writes for checkpoints, stores and reports: write to a temporary sibling, fsync, then rename.
 
 A reader never sees a half-written file, and an interrupted or failed write leaves the previous version intact.
+A directory is built in a hidden sibling ``.NAME.<pid>@<host>.<random>.partial`` and renamed into place; the
+partial of a process that was killed (kill -9, power loss) is removed by the next :func:`atomic_directory` of the
+same target once its owner is known to be gone (same host, pid no longer alive). :func:`describe_os_error` and
+:func:`one_line_os_errors` turn an ``OSError`` (a full disk, a read-only file system) into one line naming the path.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from kaleido_bert.errors import KaleidoError
+
+_ACTIVE_PARTIALS: set[Path] = set()
+"""Partial directories this process is building right now (never cleaned as stale)."""
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line for an ``OSError``: ``No space left on device (ENOSPC): /path`` (``/a -> /b`` for a rename)."""
+    code = errno.errorcode.get(err.errno) if err.errno else None
+    what = err.strerror or (str(err).splitlines() or [type(err).__name__])[0][:160]
+    where = f"{err.filename}" if err.filename is not None else ""
+    if err.filename2 is not None:
+        where += f" -> {err.filename2}"
+    return what + (f" ({code})" if code else "") + (f": {where}" if where else "")
+
+
+@contextlib.contextmanager
+def one_line_os_errors(what: str, error: type[KaleidoError] = KaleidoError) -> Iterator[None]:
+    """Re-raise an ``OSError`` of the block as ``error("{what}: {describe_os_error(err)}")`` (no traceback)."""
+    try:
+        yield
+    except OSError as err:
+        raise error(f"{what}: {describe_os_error(err)}") from None
 
 
 @contextlib.contextmanager
@@ -46,23 +77,62 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
 
 
+def _owner_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def clean_stale_partials(path: str | Path) -> list[Path]:
+    """Remove the partial directories of ``path`` whose owner process is gone; returns what was removed.
+
+    Only partials named by this module with this host's name are considered: one whose pid is not alive, or
+    that this process started and no longer builds. Others (a live import into the same target, another
+    host on a shared file system, names from older versions) are left alone.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(\d+)@(.+)\.[^.]+\.partial$")
+    host, removed = socket.gethostname(), []
+    for candidate in path.parent.glob(f".{path.name}.*.partial"):
+        match = pattern.match(candidate.name)
+        if not match or match.group(2) != host or not candidate.is_dir():
+            continue
+        pid = int(match.group(1))
+        stale = candidate not in _ACTIVE_PARTIALS if pid == os.getpid() else not _owner_alive(pid)
+        if stale:
+            shutil.rmtree(candidate, ignore_errors=True)
+            removed.append(candidate)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Build a directory in a temporary sibling and move it into place only when the block succeeds.
 
-    If the block raises, nothing is left behind and an existing directory at ``path`` is untouched.
+    If the block raises, nothing is left behind and an existing directory at ``path`` is untouched. Partials
+    left by killed processes are cleaned first (:func:`clean_stale_partials`), and a previous version moved
+    aside by a swap that was killed half-way (``.NAME.old`` without ``NAME``) is put back.
     """
     path = Path(path)
+    old = path.with_name(f".{path.name}.old")
+    clean_stale_partials(path)
+    if old.is_dir() and not path.exists():
+        os.replace(old, path)  # killed between the two renames of an overwrite: the previous version returns
     if path.exists() and any(path.iterdir()) and not overwrite:
-        from kaleido_bert.errors import KaleidoError
-
         raise KaleidoError(f"{path} already exists and is not empty (pass --overwrite to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    prefix = f".{path.name}.{os.getpid()}@{socket.gethostname()}."
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".partial", dir=path.parent))
+    _ACTIVE_PARTIALS.add(tmp)
     try:
         yield tmp
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
             os.replace(tmp, path)
@@ -70,5 +140,6 @@ def atomic_directory(path: str | Path, *, overwrite: bool = False) -> Iterator[P
         else:
             os.replace(tmp, path)
     finally:
+        _ACTIVE_PARTIALS.discard(tmp)
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

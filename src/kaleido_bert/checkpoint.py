@@ -22,7 +22,6 @@ import json
 import os
 import random
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ from kaleido_bert.config import ModelConfig, RunConfig
 from kaleido_bert.data.tokenizer import resolve_bert_dir
 from kaleido_bert.errors import KaleidoError
 from kaleido_bert.model.encoder import MODEL_CONFIG_FIELDS, KaleidoBertConfig, KaleidoBertModel
+from kaleido_bert.model.loading import quiet_transformers
 from kaleido_bert.runs import (
     LATEST,
     TRAIN_STATE,
@@ -43,7 +43,6 @@ from kaleido_bert.runs import (
     checkpoint_name,
     latest_checkpoint,
     list_checkpoints,
-    resolve_checkpoint,
 )
 
 
@@ -154,20 +153,6 @@ def _fsync_tree(root: Path) -> None:
             os.close(fd)
 
 
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """``save_pretrained`` draws a progress bar per shard; a checkpoint should not interrupt the train bar."""
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
-
-
 def save_checkpoint(out_dir: str | Path, step: int, *, model: nn.Module, run_config: RunConfig,
                     train_state: dict[str, Any], tokenizer: Any = None, keep_last: int = 3) -> Path:
     """Write ``step-XXXXXX/`` atomically, point ``latest`` at it, then delete all but the last ``keep_last``.
@@ -184,7 +169,7 @@ def save_checkpoint(out_dir: str | Path, step: int, *, model: nn.Module, run_con
     previous = latest_checkpoint(out_dir)
     try:
         with atomic_directory(out_dir / name, overwrite=True) as tmp:
-            with _quiet_transformers():
+            with quiet_transformers():
                 unwrap_model(model).save_pretrained(str(tmp))
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
@@ -203,51 +188,6 @@ def save_checkpoint(out_dir: str | Path, step: int, *, model: nn.Module, run_con
 
 
 # ---------------------------------------------------------------------------------------------- loading
-
-
-def weight_names(checkpoint: str | Path) -> set[str]:
-    """The tensor names in a checkpoint's ``model.safetensors`` (read from the header, no tensor loaded)."""
-    from safetensors import safe_open
-
-    path = Path(checkpoint) / WEIGHTS
-    if not path.is_file():
-        raise KaleidoError(f"checkpoint {Path(checkpoint)} has no {WEIGHTS}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return set(f.keys())
-    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for a corrupt header
-        raise KaleidoError(f"{path} is corrupt ({type(err).__name__})") from None
-
-
-def require_head(checkpoint: str | Path, prefix: str, task: str) -> None:
-    """Refuse, in one line, a checkpoint that lacks the head ``task`` needs (weights named ``prefix*``)."""
-    if not any(name.startswith(prefix) for name in weight_names(checkpoint)):
-        raise KaleidoError(f"checkpoint {Path(checkpoint)} has no {prefix.rstrip('.')} head, which {task} needs: "
-                           "use a checkpoint trained with it")
-
-
-def load_pretrained(cls: type, checkpoint: str | Path, **overrides: Any) -> nn.Module:
-    """``cls.from_pretrained`` with transformers' load report silenced and our one-line errors.
-
-    ``overrides`` replace config fields (e.g. ``tasks``, ``num_labels``); weights the checkpoint lacks are
-    initialised, so callers check for required heads with :func:`require_head` first.
-    """
-    checkpoint = resolve_checkpoint(checkpoint)
-    weight_names(checkpoint)
-    with _quiet_transformers():
-        from transformers.utils import logging as hf_logging
-
-        level = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        try:
-            config = cls.config_class.from_pretrained(str(checkpoint))
-            for key, value in overrides.items():  # new attributes too (from_pretrained would pass those to __init__)
-                setattr(config, key, value)
-            return cls.from_pretrained(str(checkpoint), config=config)
-        except (OSError, ValueError) as err:
-            raise KaleidoError(f"cannot load {checkpoint}: {str(err).splitlines()[0][:200]}") from None
-        finally:
-            hf_logging.set_verbosity(level)
 
 
 def check_model_config(checkpoint: str | Path, model_config: ModelConfig) -> None:

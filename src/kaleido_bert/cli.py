@@ -14,6 +14,7 @@ from pathlib import Path
 from kaleido_bert import __version__
 from kaleido_bert.config import PRESET_NAMES, RunConfig, load_config
 from kaleido_bert.errors import KaleidoError
+from kaleido_bert.runs import FINETUNE_TASKS
 
 
 def _add_config_args(parser: argparse.ArgumentParser, default: str = "demo") -> None:
@@ -86,22 +87,12 @@ def cmd_patches_extract(args: argparse.Namespace) -> None:
 
 def cmd_patches_show(args: argparse.Namespace) -> None:
     from kaleido_bert.data.catalogue import load_catalogue
-    from kaleido_bert.data.images import load_rgb
+    from kaleido_bert.patches.figure import draw_store_grids
     from kaleido_bert.patches.store import FeatureStore
-    from kaleido_bert.plots import draw_kaleido_grids
 
     store = FeatureStore(args.store)
     cat = load_catalogue(args.catalogue or store.manifest["catalogue"])
-    by_id = {it.id: it for it in cat.items}
-    ids = args.ids or store.available_ids()[:3]
-    rows = []
-    for item_id in ids:
-        if item_id not in by_id:
-            raise KaleidoError(f"item {item_id} is not in the catalogue {cat.root}")
-        entry = store[item_id]
-        rows.append((item_id, load_rgb(cat.image_path(by_id[item_id])), entry["saliency"].tolist(),
-                     bool(entry["fallback"]), entry["boxes"]))
-    print(draw_kaleido_grids(rows, args.out))
+    print(draw_store_grids(cat, store, args.ids or store.available_ids()[:3], args.out))
 
 
 def cmd_patches_train_saliency(args: argparse.Namespace) -> None:
@@ -350,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.set_defaults(func=cmd_pretrain)
 
     fine = sub.add_parser("finetune", help="fine-tune a pre-trained model: category, subcategory, caption, retrieval")
-    fine.add_argument("task", choices=["category", "subcategory", "caption", "retrieval"])
+    fine.add_argument("task", choices=FINETUNE_TASKS)
     fine.add_argument("--init", required=True, help="pre-training checkpoint or run directory (its latest)")
     fine.add_argument("--out", required=True, help="output directory (RUN/finetune/TASK[-image] for `evaluate`)")
     fine.add_argument("--image-only", action="store_true", help="classify from the image alone (no description)")

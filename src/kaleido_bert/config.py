@@ -269,6 +269,26 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def with_overrides(self, values: dict[str, Any]) -> RunConfig:
+        """A new, validated config with dotted keys replaced: ``{"train.lr": 2e-5, "model.tasks": [...]}``.
+
+        The one way to derive a config from another (fine-tuning, ablation columns, pipeline stages); values are
+        type-checked as ``--set`` overrides are.
+
+        Raises:
+            ConfigError: an unknown key, a wrong type or an invalid value (one line, names the key).
+        """
+        data = self.to_dict()
+        for key, value in values.items():
+            *sections, name = key.split(".")
+            node = data
+            for part in sections:
+                if not isinstance(node.get(part), dict):
+                    raise ConfigError(f"unknown config section {part!r} in {key!r}")
+                node = node[part]
+            node[name] = list(value) if isinstance(value, tuple) else value
+        return config_from_dict(data)
+
     def save(self, path: str | Path) -> None:
         """Write the resolved config as YAML, atomically (``run.yaml`` next to an output)."""
         atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))

@@ -34,6 +34,8 @@ LABELS_FILE = "labels.json"
 STATS_FILE = "stats.json"
 PROBLEMS_FILE = "problems.jsonl"
 SPLITS = ("train", "val", "test")
+LABEL_FIELDS = ("category", "subcategory")
+"""The label fields a classifier predicts (paper §4.2 CR and SUB)."""
 REQUIRED = ("id", "product_id", "image", "title", "description", "category", "subcategory", "split")
 
 
@@ -267,3 +269,14 @@ def load_catalogue(root: str | Path) -> Catalogue:
             if getattr(it, kind) not in labels.get(kind, {}):
                 raise CatalogueError(f"item {it.id}: {kind} {getattr(it, kind)!r} is missing from {LABELS_FILE}")
     return Catalogue(root=root, items=items, labels=labels)
+
+
+def label_map(labels: dict[str, Any], field: str) -> dict[str, int]:
+    """The ``labels.json`` map of one label field (name → id).
+
+    Raises:
+        KaleidoError: ``field`` is not one of :data:`LABEL_FIELDS`.
+    """
+    if field not in LABEL_FIELDS:
+        raise KaleidoError(f"unknown label field {field!r}: choose one of {', '.join(LABEL_FIELDS)}")
+    return dict(labels[field])

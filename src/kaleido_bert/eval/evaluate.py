@@ -22,26 +22,25 @@ from typing import Any
 
 from kaleido_bert import distributed as dist
 from kaleido_bert.atomic import atomic_write_json
-from kaleido_bert.checkpoint import load_pretrained, require_head
 from kaleido_bert.config import RunConfig
 from kaleido_bert.data.tokenizer import load_tokenizer
 from kaleido_bert.inputs.pretraining import collate
+from kaleido_bert.inputs.sources import open_data
+from kaleido_bert.model.loading import load_pretrained, require_head
 from kaleido_bert.runs import CLASSIFIERS, run_parts
-from kaleido_bert.train.finetune import open_data
 
 
 def evaluate_retrieval(checkpoint: Path, config: RunConfig, *, candidates_in: str | Path | None, out: Path,
                        gallery: bool, progress: bool) -> dict[str, Any]:
     from kaleido_bert.eval.retrieval import (
-        DualEncoder,
         PairScorer,
         build_candidates,
         evaluate_gallery,
         evaluate_sample100,
         load_candidates,
-        product_descriptions,
         save_candidates,
     )
+    from kaleido_bert.model.dual_encoder import DualEncoder, product_descriptions
 
     require_head(checkpoint, "heads.itm.", "ITM ranking (sample-100 retrieval)")
     catalogue, store = open_data(config)
@@ -65,7 +64,9 @@ def evaluate_retrieval(checkpoint: Path, config: RunConfig, *, candidates_in: st
 
 def evaluate_classifier(checkpoint: Path, config: RunConfig, *, progress: bool) -> dict[str, Any]:
     from kaleido_bert.eval.metrics import classification_metrics
-    from kaleido_bert.model.classification import ClassificationDataset, KaleidoBertForClassification, predict
+    from kaleido_bert.eval.predict import predict
+    from kaleido_bert.inputs.downstream import ClassificationDataset
+    from kaleido_bert.model.classification import KaleidoBertForClassification
 
     require_head(checkpoint, "classifier.", "classification")
     model = load_pretrained(KaleidoBertForClassification, checkpoint)
@@ -83,7 +84,9 @@ def evaluate_classifier(checkpoint: Path, config: RunConfig, *, progress: bool) 
 
 def evaluate_captions(checkpoint: Path, config: RunConfig, *, progress: bool) -> dict[str, Any]:
     from kaleido_bert.eval.metrics import CaptionScorer, caption_metrics
-    from kaleido_bert.model.captioning import CaptionDataset, KaleidoBertForCaptioning, caption_split
+    from kaleido_bert.eval.predict import caption_split
+    from kaleido_bert.inputs.downstream import CaptionDataset
+    from kaleido_bert.model.captioning import KaleidoBertForCaptioning
 
     require_head(checkpoint, "lm.", "captioning")
     model = load_pretrained(KaleidoBertForCaptioning, checkpoint).to(dist.device())

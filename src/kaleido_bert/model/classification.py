@@ -13,20 +13,15 @@ it is refused in one line.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 
-from kaleido_bert.data.catalogue import Catalogue, Item
-from kaleido_bert.errors import KaleidoError
 from kaleido_bert.model.encoder import KaleidoBertModel, KaleidoBertPreTrainedModel
-from kaleido_bert.patches.store import FeatureStore
 
-FIELDS = ("category", "subcategory")
 INPUTS = ("image+text", "image")
+"""The two classifier inputs: the description with the image (the paper) or the image alone."""
 
 
 @dataclass
@@ -60,62 +55,3 @@ class KaleidoBertForClassification(KaleidoBertPreTrainedModel):
         logits = self.classifier(self.dropout(out.pooled))
         loss = F.cross_entropy(logits.float(), batch["label"]) if "label" in batch else logits.sum() * 0.0
         return ClassificationOutput(loss=loss, losses={"cls": loss}, logits=logits)
-
-
-def label_map(labels: dict[str, Any], field: str) -> dict[str, int]:
-    if field not in FIELDS:
-        raise KaleidoError(f"unknown label field {field!r}: choose one of {', '.join(FIELDS)}")
-    return dict(labels[field])
-
-
-class ClassificationDataset(Dataset):
-    """One sample per image of a split that has features: clean patches, the text (or a lone ``[CLS]``), the label.
-
-    Raises:
-        KaleidoError: an item whose label is not in ``label2id`` (names the item and the label).
-    """
-
-    def __init__(self, catalogue: Catalogue, store: FeatureStore, tokenizer, *, split: str, field: str,
-                 label2id: dict[str, int], image_only: bool = False, max_text_len: int = 64) -> None:
-        if field not in FIELDS:
-            raise KaleidoError(f"unknown label field {field!r}: choose one of {', '.join(FIELDS)}")
-        chosen = catalogue.split(split)
-        self.items: list[Item] = [it for it in chosen if it.id in store]
-        self.skipped = len(chosen) - len(self.items)
-        for it in self.items:
-            if getattr(it, field) not in label2id:
-                raise KaleidoError(f"item {it.id}: {field} {getattr(it, field)!r} is not in the model's label map "
-                                   f"({len(label2id)} labels); evaluate with the catalogue the model was trained on")
-        self.store, self.field, self.label2id = store, field, label2id
-        cls = torch.tensor([tokenizer.cls_token_id])
-        self.texts = {it.id: cls if image_only else torch.tensor(
-            tokenizer(it.description, max_length=max_text_len, truncation=True)["input_ids"]) for it in self.items}
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        item = self.items[index]
-        feats = self.store[item.id]
-        return {"id": item.id, "text_ids": self.texts[item.id], "patch_features": feats["colour"],
-                "patch_positions": feats["positions"],
-                "label": torch.tensor(self.label2id[getattr(item, self.field)])}
-
-
-@torch.no_grad()
-def predict(model: KaleidoBertForClassification, dataset: ClassificationDataset, collate_fn, *,
-            batch_size: int = 64, device: str | torch.device = "cpu", progress: bool = True
-            ) -> tuple[list[str], Tensor, Tensor]:
-    """Class probabilities of every sample: ``(ids, probs (N, C), labels (N,))``."""
-    from tqdm import tqdm
-
-    model.eval().to(device)
-    ids, probs, labels = [], [], []
-    for start in tqdm(range(0, len(dataset), batch_size), desc=f"predict {dataset.field}", disable=not progress,
-                      leave=False):
-        batch = collate_fn([dataset[i] for i in range(start, min(len(dataset), start + batch_size))])
-        inputs = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-        probs.append(model(inputs).logits.float().softmax(-1).cpu())
-        labels.append(batch["label"])
-        ids.extend(batch["ids"])
-    return ids, torch.cat(probs), torch.cat(labels)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -180,3 +181,20 @@ class KaleidoBertForPreTraining(KaleidoBertPreTrainedModel):
 class PretrainingOutput:
     loss: Tensor
     losses: dict[str, Tensor]
+
+
+def pretraining_loss_counts(batch: dict[str, Any]) -> dict[str, int]:
+    """How many units each pre-training loss of ``batch`` averages over (see :mod:`kaleido_bert.train.loop`).
+
+    MLM: masked tokens; rotation/jigsaw/camouflage: pairs with a label; grey/blank-to-colour: masked patches;
+    ITM: pairs. ITC is an in-batch contrastive loss, so weighting its positives is exact only for one process
+    without accumulation (each rank contrasts its own pairs).
+    """
+    pairs = int(batch["text_ids"].shape[0])
+    counts = {"*": pairs, "itm": pairs, "mlm": int((batch["mlm_labels"] != IGNORE).sum()),
+              "grey_to_color": int((batch["grey_index"] != IGNORE).sum()),
+              "blank_to_color": int((batch["blank_index"] != IGNORE).sum()),
+              "itc": int(batch["itm_label"].sum())}
+    for name in LEVEL_TASKS:
+        counts[name] = int((batch[f"{name}_label"] != IGNORE).sum())
+    return counts

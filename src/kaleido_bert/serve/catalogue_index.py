@@ -38,7 +38,7 @@ from kaleido_bert.atomic import atomic_directory, atomic_write_json
 from kaleido_bert.config import RunConfig, load_config
 from kaleido_bert.data.catalogue import Catalogue, Item, load_catalogue
 from kaleido_bert.errors import KaleidoError
-from kaleido_bert.eval.retrieval import DualEncoder, product_descriptions, store_patches
+from kaleido_bert.model.dual_encoder import DualEncoder, product_descriptions, store_patches
 from kaleido_bert.patches.store import FeatureStore
 from kaleido_bert.runs import WEIGHTS, run_parts
 from kaleido_bert.serve.index import IndexKind, ProductIndex

@@ -35,9 +35,10 @@ from PIL import Image
 from torch import Tensor
 
 from kaleido_bert import distributed as dist
-from kaleido_bert.checkpoint import load_pretrained, require_head
+from kaleido_bert.data.catalogue import LABEL_FIELDS
 from kaleido_bert.errors import KaleidoError
-from kaleido_bert.eval.retrieval import DualEncoder, product_descriptions, store_patches
+from kaleido_bert.model.dual_encoder import DualEncoder, product_descriptions, store_patches
+from kaleido_bert.model.loading import load_pretrained, require_head
 from kaleido_bert.serve.catalogue_index import CatalogueIndex, RunData, embed_catalogue, open_run
 
 RERANK_CAP = 50
@@ -270,7 +271,7 @@ class KaleidoBertPipeline:
         Raises:
             KaleidoError: the run has no caption model (``kaleido finetune caption``).
         """
-        from kaleido_bert.model.captioning import generate
+        from kaleido_bert.model.decoding import generate
 
         if self.captioner is None:
             raise KaleidoError(f"run {self.data.run} has no caption model: fine-tune one with kaleido finetune "
@@ -309,7 +310,7 @@ class KaleidoBertPipeline:
             KaleidoError: the run lacks a classifier a field needs (one line naming the missing part).
         """
         text = text.strip() if text and text.strip() else None
-        chosen = {field: self._classifier(field, text) for field in ("category", "subcategory")}
+        chosen = {field: self._classifier(field, text) for field in LABEL_FIELDS}
         feats, pos = self.patches([image])
         feats, pos = feats.to(self.device), pos.to(self.device)
         out: dict[str, list[dict[str, Any]]] = {}

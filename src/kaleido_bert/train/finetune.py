@@ -23,17 +23,18 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from kaleido_bert.checkpoint import check_model_config, load_pretrained
-from kaleido_bert.config import RunConfig, config_from_dict
-from kaleido_bert.data.catalogue import load_catalogue
+from kaleido_bert.checkpoint import check_model_config
+from kaleido_bert.config import RunConfig
+from kaleido_bert.data.catalogue import LABEL_FIELDS
 from kaleido_bert.data.tokenizer import load_tokenizer
 from kaleido_bert.errors import KaleidoError
 from kaleido_bert.inputs.pretraining import PretrainDataset, collate
-from kaleido_bert.patches.store import FeatureStore
-from kaleido_bert.runs import resolve_checkpoint
+from kaleido_bert.inputs.sources import open_data
+from kaleido_bert.model.loading import load_pretrained
+from kaleido_bert.runs import FINETUNE_TASKS, resolve_checkpoint
 from kaleido_bert.train.loop import train
 
-TASKS = ("category", "subcategory", "caption", "retrieval")
+TASKS = FINETUNE_TASKS
 RETRIEVAL_TASKS = ["itm", "itc"]
 
 
@@ -41,24 +42,13 @@ def finetune_config(config: RunConfig, task: str) -> RunConfig:
     """The run config with ``train`` taken from ``finetune`` (and the retrieval model's task list)."""
     f = config.finetune
     caption = task == "caption"
-    data = config.to_dict()
-    data["train"].update(lr=(f.caption_lr or f.lr) if caption else f.lr,
-                         max_steps=(f.caption_max_steps or f.max_steps) if caption else f.max_steps,
-                         batch_size=f.batch_size, warmup_ratio=f.warmup_ratio, eval_every=f.eval_every,
-                         save_every=(f.caption_max_steps or f.max_steps) if caption else f.max_steps)
+    steps = (f.caption_max_steps or f.max_steps) if caption else f.max_steps
+    values = {"train.lr": (f.caption_lr or f.lr) if caption else f.lr, "train.max_steps": steps,
+              "train.batch_size": f.batch_size, "train.warmup_ratio": f.warmup_ratio,
+              "train.eval_every": f.eval_every, "train.save_every": steps}
     if task == "retrieval":
-        data["model"]["tasks"] = list(RETRIEVAL_TASKS)
-    return config_from_dict(data)
-
-
-def open_data(config: RunConfig):
-    """The catalogue and feature store named by ``data.catalogue`` / ``data.features``."""
-    if not config.data.catalogue or not config.data.features:
-        raise KaleidoError("fine-tuning and evaluation need data.catalogue and data.features "
-                           "(--set data.catalogue=DIR --set data.features=STORE)")
-    catalogue = load_catalogue(config.data.catalogue)
-    store = FeatureStore(config.data.features, expect={"feature_size": config.model.patch_feature_size})
-    return catalogue, store
+        values["model.tasks"] = list(RETRIEVAL_TASKS)
+    return config.with_overrides(values)
 
 
 def build_task(task: str, config: RunConfig, checkpoint: Path, tokenizer, *, image_only: bool = False
@@ -67,12 +57,10 @@ def build_task(task: str, config: RunConfig, checkpoint: Path, tokenizer, *, ima
     catalogue, store = open_data(config)
     collate_fn = partial(collate, pad_id=tokenizer.pad_token_id)
     max_len = config.model.max_text_len
-    if task in ("category", "subcategory"):
-        from kaleido_bert.model.classification import (
-            ClassificationDataset,
-            KaleidoBertForClassification,
-            label_map,
-        )
+    if task in LABEL_FIELDS:
+        from kaleido_bert.data.catalogue import label_map
+        from kaleido_bert.inputs.downstream import ClassificationDataset
+        from kaleido_bert.model.classification import KaleidoBertForClassification
 
         label2id = label_map(catalogue.labels, task)
         model = load_pretrained(KaleidoBertForClassification, checkpoint, num_labels=len(label2id),
@@ -82,11 +70,8 @@ def build_task(task: str, config: RunConfig, checkpoint: Path, tokenizer, *, ima
                        image_only=image_only, max_text_len=max_len)
         return model, make(split="train"), make(split="val"), collate_fn, None
     if task == "caption":
-        from kaleido_bert.model.captioning import (
-            CaptionDataset,
-            KaleidoBertForCaptioning,
-            caption_loss_counts,
-        )
+        from kaleido_bert.inputs.downstream import CaptionDataset
+        from kaleido_bert.model.captioning import KaleidoBertForCaptioning, caption_loss_counts
 
         model = KaleidoBertForCaptioning.from_pretraining(
             checkpoint, caption_objectives=list(config.finetune.caption_objectives),
@@ -94,13 +79,12 @@ def build_task(task: str, config: RunConfig, checkpoint: Path, tokenizer, *, ima
         make = partial(CaptionDataset, catalogue, store, tokenizer, max_text_len=max_len)
         return model, make(split="train"), make(split="val"), collate_fn, caption_loss_counts
     if task == "retrieval":
-        from kaleido_bert.model.heads import KaleidoBertForPreTraining
-        from kaleido_bert.train.pretrain import loss_counts
+        from kaleido_bert.model.heads import KaleidoBertForPreTraining, pretraining_loss_counts
 
         model = load_pretrained(KaleidoBertForPreTraining, checkpoint, tasks=list(RETRIEVAL_TASKS))
         make = partial(PretrainDataset, catalogue, store, tokenizer, masking=config.masking, max_text_len=max_len,
                        seed=config.train.seed, corrupt=False)
-        return model, make(split="train"), make(split="val"), collate_fn, loss_counts
+        return model, make(split="train"), make(split="val"), collate_fn, pretraining_loss_counts
     raise KaleidoError(f"unknown fine-tuning task {task!r}: choose one of {', '.join(TASKS)}")
 
 
@@ -122,7 +106,7 @@ def finetune(task: str, config: RunConfig, checkpoint: str | Path, out_dir: str 
     """
     if task not in TASKS:
         raise KaleidoError(f"unknown fine-tuning task {task!r}: choose one of {', '.join(TASKS)}")
-    if image_only and task not in ("category", "subcategory"):
+    if image_only and task not in LABEL_FIELDS:
         raise KaleidoError("--image-only applies to category and subcategory")
     checkpoint = resolve_checkpoint(checkpoint)
     pretrained_tasks = _checkpoint_tasks(checkpoint)

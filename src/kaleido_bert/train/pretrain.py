@@ -3,7 +3,7 @@
 :func:`pretrain` wires the pieces and hands them to the one training loop (:func:`kaleido_bert.train.loop.train`):
 the catalogue's ``train`` and ``val`` splits become :class:`~kaleido_bert.inputs.pretraining.PretrainDataset`\\ s (masking
 guided by the alignments when given), the model is :class:`~kaleido_bert.model.heads.KaleidoBertForPreTraining`
-(initialised from a BERT checkpoint when ``model.init`` is set), and :func:`loss_counts` tells the loop how
+(initialised from a BERT checkpoint when ``model.init`` is set), and :func:`~kaleido_bert.model.heads.pretraining_loss_counts` tells the loop how
 many units (masked tokens, masked patches, pairs) each task's loss averages over, so that losses are exact
 global-batch means under gradient accumulation and DDP.
 """
@@ -22,29 +22,11 @@ from kaleido_bert.config import RunConfig
 from kaleido_bert.data.catalogue import load_catalogue
 from kaleido_bert.data.tokenizer import load_tokenizer
 from kaleido_bert.errors import KaleidoError
-from kaleido_bert.inputs.masking import IGNORE
 from kaleido_bert.inputs.pretraining import PretrainDataset, collate
 from kaleido_bert.model.encoder import KaleidoBertConfig
-from kaleido_bert.model.heads import LEVEL_TASKS, KaleidoBertForPreTraining
+from kaleido_bert.model.heads import KaleidoBertForPreTraining, pretraining_loss_counts
 from kaleido_bert.patches.store import FeatureStore
 from kaleido_bert.train.loop import train
-
-
-def loss_counts(batch: dict[str, Any]) -> dict[str, int]:
-    """How many units each pre-training loss of ``batch`` averages over (see :mod:`kaleido_bert.train.loop`).
-
-    MLM: masked tokens; rotation/jigsaw/camouflage: pairs with a label; grey/blank-to-colour: masked patches;
-    ITM: pairs. ITC is an in-batch contrastive loss, so weighting its positives is exact only for one process
-    without accumulation (each rank contrasts its own pairs).
-    """
-    pairs = int(batch["text_ids"].shape[0])
-    counts = {"*": pairs, "itm": pairs, "mlm": int((batch["mlm_labels"] != IGNORE).sum()),
-              "grey_to_color": int((batch["grey_index"] != IGNORE).sum()),
-              "blank_to_color": int((batch["blank_index"] != IGNORE).sum()),
-              "itc": int(batch["itm_label"].sum())}
-    for name in LEVEL_TASKS:
-        counts[name] = int((batch[f"{name}_label"] != IGNORE).sum())
-    return counts
 
 
 def build_model(config: RunConfig) -> tuple[KaleidoBertForPreTraining, dict[str, list[str]] | None]:
@@ -115,7 +97,7 @@ def pretrain(config: RunConfig, out_dir: str | Path, *, resume: bool = False,
     atomic_write_json(out_dir / "data_counts.json", counts)
     collate_fn = partial(collate, pad_id=tokenizer.pad_token_id)
     summary = train(model, train_set, val_set, collate_fn, config, out_dir, resume=resume,
-                    tokenizer=tokenizer, progress=progress, loss_counts=loss_counts)
+                    tokenizer=tokenizer, progress=progress, loss_counts=pretraining_loss_counts)
     summary["data_counts"] = counts
     if init_report is not None:
         summary["init"] = {k: len(v) for k, v in init_report.items()}

@@ -28,7 +28,7 @@ from typing import Any
 from kaleido_bert import distributed as dist
 from kaleido_bert.atomic import atomic_write_json, atomic_write_text
 from kaleido_bert.config import AKPM_TASKS as AKPM
-from kaleido_bert.config import RunConfig, config_from_dict
+from kaleido_bert.config import RunConfig
 from kaleido_bert.errors import KaleidoError
 
 PROTOCOLS = ("retrieval", "classification", "caption")
@@ -61,16 +61,15 @@ def columns() -> list[Column]:
 
 
 def column_config(base: RunConfig, column: Column, features: str) -> RunConfig:
-    data = base.to_dict()
     extra = [t for t in base.model.tasks if t == "itc"]
+    values: dict[str, object] = {"data.features": features}
     if column.tasks is not None:
-        data["model"]["tasks"] = ["mlm", "itm", *column.tasks, *extra]
+        values["model.tasks"] = ["mlm", "itm", *column.tasks, *extra]
     if "patch_levels" in column.overrides:
-        data["model"]["patch_levels"] = column.overrides["patch_levels"]
+        values["model.patch_levels"] = column.overrides["patch_levels"]
     if "strategy" in column.overrides:
-        data["masking"]["strategy"] = column.overrides["strategy"]
-    data["data"]["features"] = features
-    return config_from_dict(data)
+        values["masking.strategy"] = column.overrides["strategy"]
+    return base.with_overrides(values)
 
 
 # Table 4 of the paper (Fashion-Gen), per column: ITR R@1/5/10, TIR R@1/5/10, SumR, CR ACC/F, SUB ACC/F, SumCLS,

@@ -16,7 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kaleido_bert.config import RunConfig, config_from_dict
+from kaleido_bert.config import RunConfig
+from kaleido_bert.data.catalogue import LABEL_FIELDS
 from kaleido_bert.runs import training_state
 
 
@@ -43,11 +44,10 @@ def run_demo(config: RunConfig, out: str | Path, *, catalogue: str | Path | None
     from kaleido_bert.align.captioner import train_captioner
     from kaleido_bert.data.catalogue import load_catalogue
     from kaleido_bert.data.check import check_catalogue
-    from kaleido_bert.data.images import load_rgb
     from kaleido_bert.data.synth import synthesize
     from kaleido_bert.patches.extraction import extract_features
+    from kaleido_bert.patches.figure import draw_store_grids
     from kaleido_bert.patches.store import FeatureStore
-    from kaleido_bert.plots import draw_kaleido_grids
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -67,13 +67,10 @@ def run_demo(config: RunConfig, out: str | Path, *, catalogue: str | Path | None
         summary = extract_features(catalogue, features, config.features, seed=config.train.seed,
                                    num_workers=config.data.num_workers)
         print(json.dumps(summary))
-        store, cat = FeatureStore(features), load_catalogue(catalogue)
-        rows = []
-        for item in cat.items[:3]:
-            entry = store[item.id]
-            rows.append((item.id, load_rgb(cat.image_path(item)), entry["saliency"].tolist(),
-                         bool(entry["fallback"]), entry["boxes"]))
-        print("[demo] Kaleido grids (paper Fig. 3):", draw_kaleido_grids(rows, out / "kaleido-patches.png"))
+        cat = load_catalogue(catalogue)
+        ids = [it.id for it in cat.items[:3]]
+        print("[demo] Kaleido grids (paper Fig. 3):",
+              draw_store_grids(cat, FeatureStore(features), ids, out / "kaleido-patches.png"))
 
     def make_alignments() -> None:
         if not (captioner / "model.safetensors").is_file():
@@ -85,10 +82,8 @@ def run_demo(config: RunConfig, out: str | Path, *, catalogue: str | Path | None
         print("[demo] attention maps (paper Fig. 4):",
               draw_attention(catalogue, features, captioner, ids, out / "alignment-attention.png"))
 
-    data = config.to_dict()
-    data["data"].update(catalogue=str(catalogue), features=str(features),
-                        alignments=str(alignments / "alignments.jsonl"))
-    run = config_from_dict(data)
+    run = config.with_overrides({"data.catalogue": str(catalogue), "data.features": str(features),
+                                 "data.alignments": str(alignments / "alignments.jsonl")})
 
     def make_pretrained() -> None:
         from kaleido_bert.train.pretrain import pretrain
@@ -103,7 +98,7 @@ def run_demo(config: RunConfig, out: str | Path, *, catalogue: str | Path | None
         from kaleido_bert.train.finetune import finetune, finetune_config
 
         jobs = [("retrieval", False), ("caption", False)]
-        jobs += [(task, source == "image") for task in ("category", "subcategory") for source in run.finetune.inputs]
+        jobs += [(task, source == "image") for task in LABEL_FIELDS for source in run.finetune.inputs]
         for task, image_only in jobs:
             name = task + ("-image" if image_only else "")
             target = out / "finetune" / name

@@ -1,0 +1,146 @@
+"""The dual encoder (beyond the paper; ALBEF/CLIP-style recall): text-only and patch-only ``[CLS]`` embeddings
+through the ITC projections, and ITM logits of (text, image) pairs, on raw strings and patch features.
+
+Used by full-gallery evaluation (:mod:`kaleido_bert.eval.retrieval`) and by the product index and the search
+service (:mod:`kaleido_bert.serve`). Shapes: texts → ``(N, D')``; patches ``(N, P, F)``, positions ``(N, P, 5)``
+→ ``(N, D')``; D' = the ITC projection size (or D without an ITC head); ITM logits ``(N,)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from kaleido_bert.data.catalogue import Item
+from kaleido_bert.data.tokenizer import load_tokenizer
+from kaleido_bert.errors import KaleidoError
+from kaleido_bert.model.loading import load_pretrained
+from kaleido_bert.patches.features import NUM_COLOUR
+from kaleido_bert.patches.store import FeatureStore
+
+
+class DualEncoder:
+    """Text and image embeddings and ITM logits of a retrieval model, on raw strings and patch features.
+
+    Args:
+        model: :class:`~kaleido_bert.model.heads.KaleidoBertForPreTraining` (ITC and ITM heads used when present).
+        tokenizer: its WordPiece tokenizer.
+        max_text_len: T, the model's text length.
+        batch_size: texts, images or pairs per forward pass.
+        device: where the model runs.
+    """
+
+    def __init__(self, model, tokenizer, *, max_text_len: int, batch_size: int = 64,
+                 device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self.model = model.eval().to(self.device)
+        self.tokenizer, self.max_text_len, self.batch_size = tokenizer, max_text_len, batch_size
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | Path, *, batch_size: int = 64,
+                        device: str | torch.device = "cpu") -> DualEncoder:
+        """Load a pre-training or retrieval checkpoint (weights via safetensors) and its tokenizer."""
+        from kaleido_bert.model.heads import KaleidoBertForPreTraining
+
+        model = load_pretrained(KaleidoBertForPreTraining, checkpoint)
+        return cls(model, load_tokenizer(checkpoint), max_text_len=int(model.config.max_text_len),
+                   batch_size=batch_size, device=device)
+
+    @property
+    def has_itm(self) -> bool:
+        return hasattr(self.model.heads, "itm")
+
+    @property
+    def has_itc(self) -> bool:
+        return hasattr(self.model.heads, "itc")
+
+    def tokenize(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        """``[CLS] text [SEP]`` WordPiece ids and mask, right-padded: ``(B, T)`` each, on the device."""
+        enc = self.tokenizer(list(texts), max_length=self.max_text_len, truncation=True, padding=True,
+                             return_tensors="pt")
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+
+    def _project(self, pooled: Tensor, side: str) -> Tensor:
+        itc = getattr(self.model.heads, "itc", None)
+        return itc.embed(pooled, side) if itc is not None else F.normalize(pooled, dim=-1)
+
+    @torch.inference_mode()
+    def embed_texts(self, texts: list[str], *, progress: bool = False) -> np.ndarray:
+        """Text-only ``[CLS]`` embeddings: ``(N, D)``."""
+        parts = [np.empty((0, self.dim), np.float32)]
+        for start in tqdm(range(0, len(texts), self.batch_size), desc="embed texts", unit="batch",
+                          disable=not progress, leave=False):
+            ids, mask = self.tokenize(texts[start:start + self.batch_size])
+            pooled = self.model.bert(text_ids=ids, text_mask=mask).pooled
+            parts.append(self._project(pooled, "text").float().cpu().numpy())
+        return np.concatenate(parts)
+
+    @torch.inference_mode()
+    def embed_patches(self, patch_features: Tensor, patch_positions: Tensor) -> np.ndarray:
+        """Patch-only embeddings (a lone ``[CLS]`` pools the patches): ``(N, P, F)``, ``(N, P, 5)`` → ``(N, D)``."""
+        parts = [np.empty((0, self.dim), np.float32)]
+        for start in range(0, len(patch_features), self.batch_size):
+            feats = patch_features[start:start + self.batch_size].to(self.device, torch.float32)
+            pos = patch_positions[start:start + self.batch_size].to(self.device, torch.float32)
+            cls = torch.full((len(feats), 1), self.tokenizer.cls_token_id, dtype=torch.long, device=self.device)
+            pooled = self.model.bert(text_ids=cls, patch_features=feats, patch_positions=pos).pooled
+            parts.append(self._project(pooled, "image").float().cpu().numpy())
+        return np.concatenate(parts)
+
+    @torch.inference_mode()
+    def itm_logits(self, texts: list[str], patch_features: Tensor, patch_positions: Tensor) -> np.ndarray:
+        """Raw class-1 ITM logits of pairs ``(texts[i], patches[i])``; one text is paired with every image.
+
+        Args:
+            texts: N texts, or one text for all N images.
+            patch_features: ``(N, P, F)``; patch_positions: ``(N, P, 5)``.
+
+        Returns:
+            ``(N,)`` float64, higher = a better match.
+
+        Raises:
+            KaleidoError: the checkpoint has no ITM head.
+        """
+        if not self.has_itm:
+            raise KaleidoError("the retrieval checkpoint has no ITM head: re-ranking and scoring need one")
+        n = len(patch_features)
+        texts = list(texts) * n if len(texts) == 1 else list(texts)
+        if len(texts) != n:
+            raise ValueError(f"{len(texts)} texts for {n} images")
+        out = np.empty(n)
+        for start in range(0, n, self.batch_size):
+            stop = min(n, start + self.batch_size)
+            ids, mask = self.tokenize(texts[start:stop])
+            pooled = self.model.bert(text_ids=ids, text_mask=mask,
+                                     patch_features=patch_features[start:stop].to(self.device, torch.float32),
+                                     patch_positions=patch_positions[start:stop].to(self.device, torch.float32)
+                                     ).pooled
+            out[start:stop] = self.model.heads.itm(pooled)[:, 1].double().cpu().numpy()
+        return out
+
+    @property
+    def dim(self) -> int:
+        itc = getattr(self.model.heads, "itc", None)
+        return int(itc.text.out_features) if itc is not None else int(self.model.config.hidden_size)
+
+
+def store_patches(store: FeatureStore, item_ids: list[str]) -> tuple[Tensor, Tensor]:
+    """The colour patch features and positions of store rows, read in one go: ``(N, P, F)``, ``(N, P, 5)``."""
+    rows = np.array([store.index[i] for i in item_ids], dtype=np.int64)
+    feats = np.asarray(store.arrays["features"][rows, :NUM_COLOUR], dtype=np.float32)
+    pos = np.asarray(store.arrays["positions"][rows], dtype=np.float32)
+    return torch.from_numpy(feats), torch.from_numpy(pos)
+
+
+def product_descriptions(items: Iterable[Item]) -> dict[str, str]:
+    """Product id → its description (a product's first row names it)."""
+    out: dict[str, str] = {}
+    for it in items:
+        out.setdefault(it.product_id, it.description)
+    return out
