@@ -22,12 +22,18 @@ from kaleido_bert.align.alignment import (
 )
 from kaleido_bert.align.captioner import Captioner, build_vocab, grid_features, train_captioner, words
 from kaleido_bert.align.pairs import AlignedPair
+from kaleido_bert.config import AlignConfig
 from kaleido_bert.data.catalogue import load_catalogue, write_catalogue
 from kaleido_bert.data.tokenizer import load_tokenizer
 from kaleido_bert.patches.store import FeatureStore
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-SMALL = {"hidden": 32, "embed": 16, "attention": 16, "batch_size": 8, "max_len": 24, "progress": False}
+SMALL = {"hidden": 32, "embed": 16, "attention": 16, "batch_size": 8, "max_len": 24}
+
+
+def small(**knobs) -> AlignConfig:
+    """A small captioner config (the run config's ``align`` section)."""
+    return AlignConfig(**{**SMALL, **knobs})
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -50,7 +56,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(tiny):
-    history = train_captioner(tiny / "cat", tiny / "store", tiny / "ckpt", epochs=2, seed=0, **SMALL)
+    history = train_captioner(tiny / "cat", tiny / "store", tiny / "ckpt", small(epochs=2), seed=0, progress=False)
     return tiny / "ckpt", history
 
 
@@ -163,8 +169,8 @@ def test_training_loss_falls_when_overfitting(tiny, tmp_path):
     cat = load_catalogue(tiny / "cat")
     keep = [it for it in cat.items if it.split == "train"][:4]
     write_catalogue(tmp_path / "few", keep)
-    history = train_captioner(tmp_path / "few", tiny / "store", tmp_path / "ckpt", epochs=40, patience=40, lr=1e-2,
-                              seed=1, dropout=0.0, **SMALL)
+    history = train_captioner(tmp_path / "few", tiny / "store", tmp_path / "ckpt",
+                              small(epochs=40, patience=40, lr=1e-2, dropout=0.0), seed=1, progress=False)
     losses = [e["ce"] for e in history["train"]]
     assert losses[-1] < 0.5 * losses[0]
     assert history["val"] == [] and history["monitor"] == "train"
@@ -172,7 +178,7 @@ def test_training_loss_falls_when_overfitting(tiny, tmp_path):
 
 def test_training_is_deterministic_for_a_seed(trained, tiny, tmp_path):
     ckpt, history = trained
-    again = train_captioner(tiny / "cat", tiny / "store", tmp_path / "again", epochs=2, seed=0, **SMALL)
+    again = train_captioner(tiny / "cat", tiny / "store", tmp_path / "again", small(epochs=2), seed=0, progress=False)
     assert [e["loss"] for e in again["train"]] == [e["loss"] for e in history["train"]]
     assert (tmp_path / "again/model.safetensors").read_bytes() == (ckpt / "model.safetensors").read_bytes()
 
@@ -216,7 +222,7 @@ def test_items_missing_from_the_store_are_skipped_and_counted(trained, tiny, tok
     (tmp_path / "cat").mkdir()
     (tmp_path / "cat/images").symlink_to(tiny / "cat/images")
     write_catalogue(tmp_path / "cat", [*cat.items, ghost])
-    history = train_captioner(tmp_path / "cat", tiny / "store", tmp_path / "ckpt", epochs=1, **SMALL)
+    history = train_captioner(tmp_path / "cat", tiny / "store", tmp_path / "ckpt", small(epochs=1), progress=False)
     assert history["skipped"] == 1
     report = extract_alignments(tmp_path / "cat", tiny / "store", ckpt, tmp_path / "out", tokenizer=tokenizer,
                                 progress=False)

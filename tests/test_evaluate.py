@@ -151,14 +151,14 @@ def test_sample100_ranks_match_brute_force(pipeline):
 
 
 def test_gallery_recall_matches_brute_force(pipeline):
-    from kaleido_bert.eval.metrics import gallery_recall
-    from kaleido_bert.eval.retrieval import evaluate_gallery, recall_from_ranked
+    from kaleido_bert.eval.metrics import gallery_recall, ranked_recall
+    from kaleido_bert.eval.retrieval import evaluate_gallery
 
     rng = np.random.default_rng(0)
     sim = rng.normal(size=(9, 23))
     positives = [set(rng.choice(23, size=rng.integers(1, 3), replace=False).tolist()) for _ in range(9)]
     ranked = np.argsort(-sim, axis=1).tolist()
-    assert recall_from_ranked(ranked, positives) == pytest.approx(gallery_recall(sim, positives))
+    assert ranked_recall(ranked, positives) == pytest.approx(gallery_recall(sim, positives))
 
     scorer, catalogue, store, _ = _scorer(pipeline)
     result = evaluate_gallery(scorer, catalogue, set(store.available_ids()), rerank_k=0, progress=False)["metrics"]

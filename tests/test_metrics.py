@@ -9,14 +9,13 @@ import numpy as np
 import pytest
 
 from kaleido_bert.errors import KaleidoError
+from kaleido_bert.eval import caption_metrics as caption_metrics_module
 from kaleido_bert.eval import metrics as metrics
+from kaleido_bert.eval.caption_metrics import CaptionScorer, caption_metrics, ptb_tokenize
 from kaleido_bert.eval.metrics import (
-    CaptionScorer,
-    caption_metrics,
     classification_metrics,
     expected_rank_chance,
     gallery_recall,
-    ptb_tokenize,
     rank_hits,
     sum_cls,
     sum_r,
@@ -325,7 +324,7 @@ def test_caption_metrics_bad_ids_name_the_id():
 
 
 def test_caption_metrics_without_java(monkeypatch):
-    monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
+    monkeypatch.setattr(caption_metrics_module.shutil, "which", lambda name: None)
     with pytest.raises(KaleidoError, match="apt install default-jre-headless"):
         caption_metrics({"p1": ["a"]}, {"p1": "a"})
     with pytest.raises(KaleidoError, match="need Java"):

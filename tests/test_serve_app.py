@@ -77,11 +77,9 @@ class CataloguePipeline:
 
     def search_text(self, query: str, k: int, *, category: str | None = None, rerank: bool = True) -> list[dict]:
         self.calls.append("search_text")
-        q = set(words(query))
-        if not q:
-            raise KaleidoError(f"query {query!r} has no words to search for")
+        q = set(words(query))  # a query without words matches nothing, and every item scores 0
         scored = [
-            (len(q & w) / len(q), it)
+            (len(q & w) / max(len(q), 1), it)
             for it, w in zip(self.items, self.words, strict=True)
             if category is None or it.category == category
         ]

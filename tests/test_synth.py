@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from kaleido_bert.data.catalogue import CATALOGUE_FILE, STATS_FILE, load_catalogue
-from kaleido_bert.data.synth import COLOURS, SUBCATEGORIES, synthesize
+from kaleido_bert.data.synth import synthesize
+from kaleido_bert.data.synth_vocabulary import COLOURS, SUBCATEGORIES
 from kaleido_bert.errors import KaleidoError
 
 SIZE = 256

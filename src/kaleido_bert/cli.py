@@ -17,16 +17,23 @@ from kaleido_bert.errors import KaleidoError
 from kaleido_bert.runs import FINETUNE_TASKS
 
 
-def _add_config_args(parser: argparse.ArgumentParser, default: str = "demo") -> None:
-    parser.add_argument("--config", default=default, help=f"preset ({', '.join(PRESET_NAMES)}) or YAML file")
+def _add_config_args(parser: argparse.ArgumentParser, default: str | None = "demo") -> None:
+    """``--config`` and repeated ``--set``; ``default=None``: the command reads the run.yaml of the run it is given."""
+    hint = f" (default: {default})" if default else " (default: the run's run.yaml, else demo)"
+    parser.add_argument("--config", default=default, help=f"preset ({', '.join(PRESET_NAMES)}) or YAML file{hint}")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config field, e.g. --set train.lr=2e-5 (repeatable)",
     )
 
 
-def _config(args: argparse.Namespace) -> RunConfig:
-    return load_config(args.config, args.overrides)
+def _config(args: argparse.Namespace, run: str | Path | None = None) -> RunConfig:
+    """The run config: ``--config`` when given, else the run.yaml describing ``run``, else the demo preset; then
+    the ``--set`` overrides."""
+    from kaleido_bert.runs import run_config_file
+
+    name = args.config or (run_config_file(run) if run is not None else None) or "demo"
+    return load_config(name, args.overrides)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -115,12 +122,20 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     print(train_tokenizer(texts, args.out, vocab_size=args.vocab_size, min_frequency=args.min_frequency))
 
 
+def _align_config(args: argparse.Namespace) -> RunConfig:
+    """The run config with the align commands' flags mapped onto it (a flag wins over ``--set``)."""
+    flags = {"align.epochs": getattr(args, "epochs", None), "train.seed": getattr(args, "seed", None),
+             "data.tokenizer": getattr(args, "tokenizer", None), "model.max_text_len": getattr(args, "max_text_len", None)}
+    return _config(args).with_overrides({k: v for k, v in flags.items() if v is not None})
+
+
 def cmd_align_train(args: argparse.Namespace) -> None:
     import json
 
     from kaleido_bert.align.captioner import train_captioner
 
-    history = train_captioner(args.catalogue, args.features, args.out, epochs=args.epochs, seed=args.seed,
+    config = _align_config(args)
+    history = train_captioner(args.catalogue, args.features, args.out, config.align, seed=config.train.seed,
                               device=args.device)
     print(json.dumps(history, indent=2))
 
@@ -130,15 +145,20 @@ def cmd_align_extract(args: argparse.Namespace) -> None:
 
     from kaleido_bert.align.alignment import extract_alignments
 
+    config = _align_config(args)
     report = extract_alignments(args.catalogue, args.features, args.captioner, args.out,
-                                tokenizer=args.tokenizer, max_text_len=args.max_text_len)
+                                tokenizer=config.data.tokenizer, max_text_len=config.model.max_text_len,
+                                max_len=config.align.max_len, batch_size=config.align.decode_batch_size)
     print(json.dumps(report, indent=2))
 
 
 def cmd_align_show(args: argparse.Namespace) -> None:
     from kaleido_bert.align.alignment import draw_attention
 
-    print(draw_attention(args.catalogue, args.features, args.captioner, args.ids, args.out))
+    config = _align_config(args)
+    print(draw_attention(args.catalogue, args.features, args.captioner, args.ids, args.out,
+                         tokenizer=config.data.tokenizer, max_text_len=config.model.max_text_len,
+                         max_len=config.align.max_len))
 
 
 # ---------------------------------------------------------------------------------------------- pretrain
@@ -154,7 +174,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
     from kaleido_bert.train.finetune import finetune
 
-    summary = finetune(args.task, _config(args), args.init, args.out, image_only=args.image_only, resume=args.resume)
+    summary = finetune(args.task, _config(args, args.init), args.init, args.out, image_only=args.image_only, resume=args.resume)
     print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict | list)}, indent=2))
 
 
@@ -163,10 +183,25 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from kaleido_bert.eval.report import print_tables
 
     out = Path(args.out) if args.out else Path(args.run) / "report"
-    metrics = evaluate_run(args.run, _config(args), out, candidates=args.candidates, dataset_label=args.dataset,
+    metrics = evaluate_run(args.run, _config(args, args.run), out, candidates=args.candidates, dataset_label=args.dataset,
                            gallery=not args.no_gallery)
     print(print_tables(metrics))
     print(f"\nreport: {out / 'report.md'}")
+
+
+def cmd_baseline(args: argparse.Namespace) -> None:
+    import json
+
+    from kaleido_bert.eval.baseline import run_baseline
+    from kaleido_bert.eval.baseline_report import baseline_section, update_report
+
+    out = Path(args.out) if args.out else Path(args.run) / "report"
+    result = run_baseline(_config(args), out, seeds=tuple(args.seeds), candidates=args.candidates)
+    metrics_path = out / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    print("\n".join(baseline_section(metrics, result)[1:-3]))
+    report = update_report(out)
+    print(f"\nbaseline: {out / 'baseline.json'}" + (f"; report: {report}" if report else ""))
 
 
 def cmd_ablate(args: argparse.Namespace) -> None:
@@ -314,17 +349,19 @@ def build_parser() -> argparse.ArgumentParser:
     atrain.add_argument("catalogue")
     atrain.add_argument("--features", required=True, help="feature store (kaleido patches)")
     atrain.add_argument("--out", required=True, help="captioner checkpoint directory")
-    atrain.add_argument("--epochs", type=int, default=20)
-    atrain.add_argument("--seed", type=int, default=0)
+    atrain.add_argument("--epochs", type=int, default=None, help="= --set align.epochs=N")
+    atrain.add_argument("--seed", type=int, default=None, help="= --set train.seed=N")
     atrain.add_argument("--device", default="cpu")
+    _add_config_args(atrain)
     atrain.set_defaults(func=cmd_align_train)
     aext = asub.add_parser("extract", help="decode captions and write token↔patch alignments (alignments.jsonl)")
     aext.add_argument("catalogue")
     aext.add_argument("--features", required=True)
     aext.add_argument("--captioner", required=True)
     aext.add_argument("--out", required=True, help="output directory")
-    aext.add_argument("--tokenizer", default=None, help="WordPiece vocab dir (default: bert-base-uncased vocab)")
-    aext.add_argument("--max-text-len", type=int, default=64)
+    aext.add_argument("--tokenizer", default=None, help="WordPiece vocab dir (= --set data.tokenizer=DIR)")
+    aext.add_argument("--max-text-len", type=int, default=None, help="= --set model.max_text_len=N")
+    _add_config_args(aext)
     aext.set_defaults(func=cmd_align_extract)
     ashow = asub.add_parser("show", help="generated words with their attention heat maps (paper Fig. 4)")
     ashow.add_argument("catalogue")
@@ -332,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     ashow.add_argument("--captioner", required=True)
     ashow.add_argument("--ids", nargs="+", required=True)
     ashow.add_argument("--out", default="alignment-attention.png")
+    _add_config_args(ashow)
     ashow.set_defaults(func=cmd_align_show)
 
     pre = sub.add_parser("pretrain", help="pre-train on a catalogue's feature store (single process or torchrun)")
@@ -346,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     fine.add_argument("--out", required=True, help="output directory (RUN/finetune/TASK[-image] for `evaluate`)")
     fine.add_argument("--image-only", action="store_true", help="classify from the image alone (no description)")
     fine.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    _add_config_args(fine)
+    _add_config_args(fine, default=None)
     fine.set_defaults(func=cmd_finetune)
 
     ev = sub.add_parser("evaluate", help="the paper's protocols over a run: report.md, metrics.json, plots")
@@ -355,8 +393,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--candidates", help="re-use a sample-100 candidate file (candidates.json of an earlier report)")
     ev.add_argument("--dataset", default="", help="dataset name printed in the report's column headers")
     ev.add_argument("--no-gallery", action="store_true", help="skip full-gallery retrieval of the pre-trained model")
-    _add_config_args(ev)
+    _add_config_args(ev, default=None)
     ev.set_defaults(func=cmd_evaluate)
+
+    bl = sub.add_parser("baseline", help="the frozen dual-encoder baseline on the run's test items and candidates")
+    bl.add_argument("run", help="run directory (its report/candidates.json is used when present)")
+    bl.add_argument("--out", help="report directory (default RUN/report): baseline.json, report.md's column")
+    bl.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="projection training seeds")
+    bl.add_argument("--candidates", help="a sample-100 candidate file when the report directory has none")
+    _add_config_args(bl)
+    bl.set_defaults(func=cmd_baseline)
 
     abl = sub.add_parser("ablate", help="the paper's Table 4: pre-train + evaluate each ablation column")
     abl.add_argument("--out", required=True, help="output root (one run per column, ablation.md)")

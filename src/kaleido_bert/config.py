@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ import yaml
 from kaleido_bert.atomic import atomic_write_text
 from kaleido_bert.errors import KaleidoError
 
-PRESET_NAMES = ("tiny", "demo", "small", "paper")
+PRESET_NAMES = ("tiny", "demo", "small", "real", "paper")
 
 PRETRAINING_TASKS = ("mlm", "itm", "rotation", "jigsaw", "camouflage", "grey_to_color", "blank_to_color")
 """The paper's seven pre-training tasks (§3.5): AMLM, ITM and the five AKPM tasks (levels 1 to 5)."""
@@ -38,6 +39,18 @@ KNOWN_TASKS = (*PRETRAINING_TASKS, "itc")
 
 class ConfigError(KaleidoError):
     """A config file, preset name or override is invalid."""
+
+
+def _check_ranges(section: str, config: Any, *, positive: tuple[str, ...] = (), at_least_one: tuple[str, ...] = (),
+                  non_negative: tuple[str, ...] = (), fractions: tuple[str, ...] = ()) -> None:
+    """Refuse, in one line naming ``section.field``, the first value outside its range (or not finite)."""
+    rules = ((positive, lambda v: v > 0, "> 0"), (at_least_one, lambda v: v >= 1, "at least 1"),
+             (non_negative, lambda v: v >= 0, "at least 0"), (fractions, lambda v: 0 <= v <= 1, "between 0 and 1"))
+    for names, ok, wanted in rules:
+        for name in names:
+            value = getattr(config, name)
+            if not ok(value) or (isinstance(value, float) and not math.isfinite(value)):
+                raise ConfigError(f"{section}.{name}={value!r} must be {wanted}")
 
 
 @dataclass
@@ -68,6 +81,9 @@ class ModelConfig:
     """Pre-training tasks switched on (paper §3.5 plus the optional ``itc``)."""
 
     def __post_init__(self) -> None:
+        _check_ranges("model", self, at_least_one=("hidden_size", "num_layers", "num_heads", "intermediate_size",
+                                                   "vocab_size", "max_text_len", "patch_feature_size"),
+                      fractions=("dropout",))
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}")
         if not 1 <= self.num_levels <= 5:
@@ -107,6 +123,8 @@ class DataConfig:
     """DataLoader worker processes for image decoding."""
 
     def __post_init__(self) -> None:
+        _check_ranges("data", self, at_least_one=("synthetic_products",), non_negative=("synthetic_seed", "num_workers"),
+                      fractions=("val_fraction", "test_fraction"))
         if not (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
             raise ConfigError("data.val_fraction and data.test_fraction must be in [0, 1) and sum below 1")
 
@@ -131,6 +149,7 @@ class FeaturesConfig:
     """Backbone inputs per forward pass."""
 
     def __post_init__(self) -> None:
+        _check_ranges("features", self, at_least_one=("patch_size", "image_size", "batch_size"))
         if self.mode not in ("crop", "roi"):
             raise ConfigError(f"features.mode={self.mode!r} must be 'crop' or 'roi'")
         if self.saliency not in ("threshold", "opencv", "unet", "none"):
@@ -157,6 +176,7 @@ class MaskingConfig:
     """Share of those negatives drawn from the same sub-category (the paper); the rest come from any product."""
 
     def __post_init__(self) -> None:
+        _check_ranges("masking", self, non_negative=("text_max",))
         if self.strategy not in ("alignment", "random"):
             raise ConfigError(f"masking.strategy={self.strategy!r} must be 'alignment' or 'random'")
         if not (0 <= self.camouflage <= 9 and 0 <= self.grey <= 16 and 0 <= self.blank <= 25):
@@ -194,6 +214,9 @@ class TrainConfig:
     """Checkpoints kept."""
 
     def __post_init__(self) -> None:
+        _check_ranges("train", self, positive=("lr",), at_least_one=("batch_size", "grad_accum", "eval_every",
+                                                                    "save_every", "keep_last"),
+                      non_negative=("max_steps", "weight_decay", "grad_clip", "seed"), fractions=("warmup_ratio",))
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"train.precision={self.precision!r} must be auto, fp32, bf16 or fp16")
         if self.batch_size < 1 or self.grad_accum < 1 or self.max_steps < 0:
@@ -222,6 +245,8 @@ class FinetuneConfig:
     """Classifier inputs fine-tuned by ``kaleido demo``/``ablate``: ``image+text`` (paper) and ``image``."""
 
     def __post_init__(self) -> None:
+        _check_ranges("finetune", self, positive=("lr",), at_least_one=("max_steps", "batch_size", "eval_every"),
+                      non_negative=("caption_max_steps", "caption_lr"), fractions=("warmup_ratio",))
         if self.max_steps < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ConfigError("finetune.max_steps, finetune.batch_size and finetune.lr must be positive")
         bad = sorted(set(self.caption_objectives) - {"seq2seq", "one_shot"})
@@ -253,12 +278,59 @@ class EvalConfig:
     split: str = "test"
     """The split evaluated."""
 
+    def __post_init__(self) -> None:
+        _check_ranges("eval", self, at_least_one=("num_queries", "num_negatives", "beam_size", "max_caption_len",
+                                                  "batch_size"), non_negative=("seed", "rerank_k", "caption_items"))
+        if self.split not in ("train", "val", "test"):
+            raise ConfigError(f"eval.split={self.split!r} must be train, val or test")
+
+
+@dataclass
+class AlignConfig:
+    """The Attention-based Alignment Generator (paper §3.3): the Show-Attend-Tell captioner and its alignments."""
+
+    epochs: int = 20
+    """Most captioner epochs (early-stopped on the val split's loss)."""
+    batch_size: int = 32
+    """Captioner training batch."""
+    hidden: int = 256
+    """LSTM hidden size."""
+    embed: int = 128
+    """Word embedding size."""
+    attention: int = 128
+    """Soft-attention size."""
+    lr: float = 2e-3
+    """AdamW learning rate."""
+    weight_decay: float = 1e-2
+    """AdamW weight decay."""
+    dropout: float = 0.3
+    """Dropout before the deep output layer."""
+    patience: int = 3
+    """Epochs without a better validation loss before stopping (the best weights are kept)."""
+    penalty: float = 0.0
+    """λ of the doubly-stochastic attention penalty (0: see the README's deviations)."""
+    max_len: int = 40
+    """Most words of a description used as a target, and most generated words per caption."""
+    decode_batch_size: int = 64
+    """Images per decoding batch when extracting alignments."""
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "hidden", "embed", "attention", "patience", "max_len",
+                     "decode_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"align.{name}={getattr(self, name)} must be at least 1")
+        if not self.lr > 0:
+            raise ConfigError(f"align.lr={self.lr} must be positive")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"align.dropout={self.dropout} must be in [0, 1)")
+
 
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -318,6 +390,8 @@ def _check_value(key: str, value: Any, annotation: Any) -> Any:
         return [_check_value(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: {value!r} is not a finite number")
     if annotation in (int, float, str, bool):
         if isinstance(value, bool) and annotation is not bool or not isinstance(value, annotation):
             raise ConfigError(f"{key}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")

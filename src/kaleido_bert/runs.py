@@ -100,10 +100,19 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         sibling = latest_checkpoint(path.parent) if path.parent.is_dir() else None
-        hint = f" (latest there: {sibling.name})" if sibling is not None and sibling != path else ""
-        raise KaleidoError(f"no checkpoint at {path}: it does not exist{hint}")
+        hint = f" (latest: {sibling.name})" if sibling is not None else " (the path does not exist)"
+        raise KaleidoError(f"no checkpoint at {path}{hint}")
     raise KaleidoError(f"no checkpoint at {path}: neither a checkpoint ({CONFIG} + {WEIGHTS}) nor a run or "
                        "stage directory holding one")
+
+
+def is_local_path(name: str | Path) -> bool:
+    """Whether ``from_pretrained(name)`` means a local path rather than a hub repository id (``org/name``).
+
+    Local: it exists, is absolute, starts with ``.`` or ``~``, or has more than one ``/`` (a hub id has at most one).
+    """
+    text = str(name)
+    return Path(text).exists() or Path(text).is_absolute() or text.startswith((".", "~")) or text.count("/") > 1
 
 
 def training_state(out_dir: str | Path, max_steps: int) -> str:
@@ -134,10 +143,14 @@ def run_parts(run: str | Path) -> dict[str, Path]:
     return parts
 
 
-def run_config_file(run: str | Path) -> Path | None:
-    """The ``run.yaml`` that describes a run directory (or the one beside a checkpoint), if any."""
-    run = Path(run)
-    for candidate in (run / RUN_CONFIG, run.parent / RUN_CONFIG if (run / CONFIG).is_file() else None):
-        if candidate is not None and candidate.is_file():
-            return candidate
-    return None
+def run_config_file(path: str | Path) -> Path | None:
+    """The ``run.yaml`` that describes a run, stage or checkpoint directory, if any.
+
+    In order: ``path/run.yaml`` (a run written by ``kaleido demo``, or a checkpoint), the one of the checkpoint
+    ``path`` resolves to (a stage directory or a run holding ``pretrain/``), then the enclosing directories'.
+    """
+    path = Path(path)
+    found = find_checkpoint(path)
+    candidates = [path / RUN_CONFIG, *([found / RUN_CONFIG] if found is not None else []),
+                  *(parent / RUN_CONFIG for parent in list(path.parents)[:3])]
+    return next((c for c in candidates if c.is_file()), None)

@@ -32,7 +32,7 @@ from kaleido_bert.align.captioner import GRID, Captioner, grid_features, open_in
 from kaleido_bert.align.pairs import AlignedPair
 from kaleido_bert.atomic import atomic_path, atomic_write_json
 from kaleido_bert.data.catalogue import Catalogue, Item
-from kaleido_bert.data.tokenizer import load_tokenizer
+from kaleido_bert.data.tokenizer import resolve_tokenizer
 from kaleido_bert.errors import KaleidoError
 from kaleido_bert.patches.grid import level_slice
 from kaleido_bert.patches.store import FeatureStore
@@ -215,7 +215,8 @@ def extract_alignments(
         features: the feature store the captioner was trained on.
         captioner_dir: a checkpoint of :func:`kaleido_bert.align.captioner.train_captioner`.
         out_dir: where ``alignments.jsonl`` and ``alignment_report.json`` go (atomically).
-        tokenizer: the model's WordPiece tokenizer (default: bert-base-uncased's vocab).
+        tokenizer: the model's WordPiece tokenizer, or its vocab directory (``data.tokenizer``; None: the
+            default vocab). Token positions must come from the vocabulary pre-training uses.
         max_text_len: the model's text length; positions never reach it.
         max_len: most generated words per caption.
 
@@ -227,7 +228,7 @@ def extract_alignments(
     if model.sizes["feature_size"] != store.feature_size:
         raise KaleidoError(f"captioner {captioner_dir} expects {model.sizes['feature_size']}-d features, "
                            f"the store has {store.feature_size}-d")
-    tokenizer = tokenizer or load_tokenizer()
+    tokenizer = resolve_tokenizer(tokenizer)
     matrices = {level: overlap_matrix(level) for level in LEVELS}
     items = [it for it in cat.items if it.id in store]
     scorer, lines, counts, caption_words = AttributeScorer(), [], [], 0
@@ -275,7 +276,7 @@ def draw_attention(catalogue: str | Path | Catalogue, features: str | Path | Fea
     missing = [i for i in ids if i not in by_id or i not in store]
     if missing or not ids:
         raise KaleidoError(f"draw_attention: item {missing[0] if missing else '(none)'} has no features to draw")
-    model, tokenizer = Captioner.from_pretrained(captioner_dir), tokenizer or load_tokenizer()
+    model, tokenizer = Captioner.from_pretrained(captioner_dir), resolve_tokenizer(tokenizer)
     matrices = {GRID: overlap_matrix(GRID)}
     fig, axes = plt.subplots(len(ids), max_words + 1, figsize=(2.3 * (max_words + 1), 3.0 * len(ids)), squeeze=False,
                              gridspec_kw={"hspace": 0.55})

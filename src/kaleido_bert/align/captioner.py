@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from kaleido_bert.atomic import atomic_path, atomic_write_json
+from kaleido_bert.config import AlignConfig
 from kaleido_bert.data.catalogue import Catalogue, Item, load_catalogue
 from kaleido_bert.errors import KaleidoError
 from kaleido_bert.patches.grid import level_slice
@@ -274,10 +275,8 @@ def _run_epoch(model: Captioner, grids: Tensor, captions: Tensor, *, batch_size:
 
 
 def train_captioner(
-    catalogue: str | Path | Catalogue, features: str | Path | FeatureStore, out: str | Path, *, epochs: int = 20,
-    batch_size: int = 32, hidden: int = 256, embed: int = 128, attention: int = 128, lr: float = 2e-3,
-    patience: int = 3, max_len: int = 40, seed: int = 0, device: str = "cpu", progress: bool = True,
-    penalty: float = 0.0, dropout: float = 0.3, weight_decay: float = 1e-2,
+    catalogue: str | Path | Catalogue, features: str | Path | FeatureStore, out: str | Path,
+    config: AlignConfig | None = None, *, seed: int = 0, device: str = "cpu", progress: bool = True,
 ) -> dict[str, Any]:
     """Train the attention captioner on the train split, early-stopped on the val split's loss.
 
@@ -288,10 +287,9 @@ def train_captioner(
         catalogue: catalogue directory (or a loaded one).
         features: feature store directory (or an open one).
         out: checkpoint directory (see the module docstring).
-        epochs: most epochs.
-        patience: stop after this many epochs without a better validation loss; the best weights are kept.
-        max_len: most words of a description used as a target.
-        penalty: λ of the doubly-stochastic attention penalty (0 by default: see the module docstring).
+        config: the run config's ``align`` section (epochs, sizes, optimiser, patience, ``max_len``, ``penalty``);
+            its defaults when None.
+        seed: the run's seed; device: where it trains; progress: tqdm bars.
 
     Returns:
         The history: per-epoch ``train``/``val`` losses (``loss`` = ``ce`` + ``penalty``), ``best_epoch``,
@@ -300,6 +298,8 @@ def train_captioner(
     Raises:
         KaleidoError: no train item has features.
     """
+    c = config or AlignConfig()
+    epochs, batch_size, patience, max_len, penalty = c.epochs, c.batch_size, c.patience, c.max_len, c.penalty
     started = time.perf_counter()
     cat, store = open_inputs(catalogue, features)
     splits = {name: [it for it in cat.split(name) if it.id in store] for name in ("train", "val")}
@@ -309,10 +309,10 @@ def train_captioner(
     vocab = build_vocab([it.description for it in splits["train"]])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Captioner(vocab, feature_size=store.feature_size, hidden=hidden, embed=embed, attention=attention,
-                          dropout=dropout).to(device)
+        model = Captioner(vocab, feature_size=store.feature_size, hidden=c.hidden, embed=c.embed,
+                          attention=c.attention, dropout=c.dropout).to(device)
         data = {name: _tensors(model, store, items, max_len) for name, items in splits.items()}
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         generator = torch.Generator().manual_seed(seed)
         monitor = "val" if splits["val"] else "train"
         history: dict[str, Any] = {"train": [], "val": [], "monitor": monitor}

@@ -3,7 +3,8 @@
 A catalogue is a directory::
 
     catalogue.jsonl   one JSON object per image: id, product_id, image (path relative to the directory),
-                      title, description, category, subcategory, split (train|val|test), extra (optional dict)
+                      title, description, category, subcategory, split (train|val|test), extra (optional dict),
+                      sha256 (the image file's content hash, recorded when the catalogue is written)
     labels.json       {"category": {name: id}, "subcategory": {name: id}, "subcategory_category": {sub: cat}}
     stats.json        counts and description-length quantiles (see :func:`compute_stats`)
     problems.jsonl    (optional) rows an importer skipped or converted, one JSON object each
@@ -11,6 +12,11 @@ A catalogue is a directory::
 
 Several images may belong to one product (Fashion-Gen poses). Splits are by product: every image of a product
 is in the same split, so no product is seen in training and tested on.
+
+The catalogue hash (:meth:`Catalogue.hash`) identifies a catalogue's texts *and* image contents: it is the
+SHA-256 of ``catalogue.jsonl``, whose rows carry each image's SHA-256; for rows written before ``sha256`` was
+recorded, the image files are hashed when the catalogue hash is first asked for. Feature stores record it
+(:meth:`kaleido_bert.patches.store.FeatureStore.require_catalogue`).
 """
 
 from __future__ import annotations
@@ -21,12 +27,13 @@ import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from kaleido_bert.atomic import atomic_write_json, atomic_write_text
+from kaleido_bert.atomic import atomic_write_json, atomic_write_text, one_line_os_errors
 from kaleido_bert.errors import KaleidoError
 
 CATALOGUE_FILE = "catalogue.jsonl"
@@ -37,6 +44,8 @@ SPLITS = ("train", "val", "test")
 LABEL_FIELDS = ("category", "subcategory")
 """The label fields a classifier predicts (paper §4.2 CR and SUB)."""
 REQUIRED = ("id", "product_id", "image", "title", "description", "category", "subcategory", "split")
+OPTIONAL = ("extra", "sha256")
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class CatalogueError(KaleidoError):
@@ -56,12 +65,24 @@ class Item:
     subcategory: str
     split: str = "train"
     extra: dict[str, Any] = field(default_factory=dict)
+    sha256: str = ""
+    """SHA-256 of the image file's bytes, recorded by :func:`write_catalogue` ("" in older catalogues)."""
 
     def to_json(self) -> str:
         data = asdict(self)
-        if not data["extra"]:
-            del data["extra"]
+        for key in OPTIONAL:
+            if not data[key]:
+                del data[key]
         return json.dumps(data, ensure_ascii=False)
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read 1 MiB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def clean_text(value: Any, *, what: str, item_id: str) -> str:
@@ -156,7 +177,11 @@ def write_catalogue(out_dir: str | Path, items: list[Item], problems: Iterable[d
     """Write catalogue.jsonl, labels.json, stats.json (and problems.jsonl) into ``out_dir``; returns the stats.
 
     The caller makes the whole directory atomic (:func:`kaleido_bert.atomic.atomic_directory`); each file is also
-    written atomically.
+    written atomically. Each item's ``sha256`` is set from its image file in ``out_dir`` (left empty when the
+    file is not there).
+
+    Raises:
+        CatalogueError: duplicate ids, the split rule, or a failed write (a full disk: one line naming the path).
     """
     out = Path(out_dir)
     ids = Counter(it.id for it in items)
@@ -164,13 +189,18 @@ def write_catalogue(out_dir: str | Path, items: list[Item], problems: Iterable[d
     if dup:
         raise CatalogueError(f"duplicate item id {dup[0]} ({ids[dup[0]]} rows)")
     check_split_rule(items)
-    atomic_write_text(out / CATALOGUE_FILE, "".join(it.to_json() + "\n" for it in items))
-    atomic_write_json(out / LABELS_FILE, build_labels(items))
-    stats = compute_stats(items)
-    atomic_write_json(out / STATS_FILE, stats)
-    problems = list(problems)
-    if problems:
-        atomic_write_text(out / PROBLEMS_FILE, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in problems))
+    with one_line_os_errors(f"cannot write the catalogue {out}", CatalogueError):
+        for it in items:
+            image = out / it.image
+            it.sha256 = file_sha256(image) if not Path(it.image).is_absolute() and image.is_file() else ""
+        atomic_write_text(out / CATALOGUE_FILE, "".join(it.to_json() + "\n" for it in items))
+        atomic_write_json(out / LABELS_FILE, build_labels(items))
+        stats = compute_stats(items)
+        atomic_write_json(out / STATS_FILE, stats)
+        problems = list(problems)
+        if problems:
+            atomic_write_text(out / PROBLEMS_FILE,
+                              "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in problems))
     return stats
 
 
@@ -189,19 +219,41 @@ class Catalogue:
         return [it for it in self.items if it.split == name]
 
     def hash(self) -> str:
-        """SHA-256 of catalogue.jsonl: identifies the catalogue a feature store was built from."""
-        return catalogue_hash(self.root)
+        """Identifies the catalogue a feature store was built from: its texts and its images' contents.
+
+        The SHA-256 of ``catalogue.jsonl``; when rows lack a recorded ``sha256`` (older catalogues), the hashes
+        of their image files are folded in (computed once per loaded catalogue).
+        """
+        return self._hash
+
+    @cached_property
+    def _hash(self) -> str:
+        with one_line_os_errors(f"cannot read the catalogue {self.root}", CatalogueError):
+            rows = file_sha256(self.root / CATALOGUE_FILE)
+        unrecorded = [(it.id, content) for it, content in zip(self.items, self.image_hashes(), strict=True)
+                      if not it.sha256]
+        if not unrecorded:
+            return rows
+        digest = hashlib.sha256(rows.encode())
+        for item_id, content in unrecorded:
+            digest.update(f"\n{item_id}\0{content}".encode())
+        return digest.hexdigest()
+
+    def image_hashes(self) -> list[str]:
+        """Each item's image content hash: the recorded ``sha256``, else the file's ("" for a missing file)."""
+        return self._image_hashes
+
+    @cached_property
+    def _image_hashes(self) -> list[str]:
+        def content(it: Item) -> str:
+            path = self.image_path(it)
+            return it.sha256 or (file_sha256(path) if path.is_file() else "")
+
+        with one_line_os_errors(f"cannot read the images of {self.root}", CatalogueError):
+            return [content(it) for it in self.items]
 
     def __len__(self) -> int:
         return len(self.items)
-
-
-def catalogue_hash(root: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(Path(root) / CATALOGUE_FILE, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _parse_row(line: str, lineno: int) -> Item:
@@ -214,7 +266,7 @@ def _parse_row(line: str, lineno: int) -> Item:
     missing = [k for k in REQUIRED if k not in data]
     if missing:
         raise CatalogueError(f"{CATALOGUE_FILE} line {lineno} (id {data.get('id', '?')}): missing field {missing[0]}")
-    unknown = sorted(set(data) - set(REQUIRED) - {"extra"})
+    unknown = sorted(set(data) - set(REQUIRED) - set(OPTIONAL))
     if unknown:
         raise CatalogueError(f"{CATALOGUE_FILE} line {lineno} (id {data['id']}): unknown field {unknown[0]}")
     for key in REQUIRED:
@@ -222,6 +274,9 @@ def _parse_row(line: str, lineno: int) -> Item:
             raise CatalogueError(f"{CATALOGUE_FILE} line {lineno} (id {data.get('id')}): {key} must be a non-empty string")
     if not isinstance(data.get("extra", {}), dict):
         raise CatalogueError(f"{CATALOGUE_FILE} line {lineno} (id {data['id']}): extra must be an object")
+    recorded = data.get("sha256", "")
+    if not isinstance(recorded, str) or (recorded and not SHA256.match(recorded)):
+        raise CatalogueError(f"{CATALOGUE_FILE} line {lineno} (id {data['id']}): sha256 must be 64 hex digits")
     return Item(**data)
 
 

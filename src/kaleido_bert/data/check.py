@@ -2,7 +2,7 @@
 
 The catalogue is loaded with :func:`kaleido_bert.data.catalogue.load_catalogue` (format, duplicate ids, the split
 rule, labels), then every image is inspected from its header (:func:`kaleido_bert.data.images.inspect_image`, no
-full decode). Problems are records ``{"id", "image", "problem", "level"}`` with level ``error`` (the catalogue
+full decode) and compared with the content hash ``catalogue.jsonl`` recorded for it. Problems are records ``{"id", "image", "problem", "level"}`` with level ``error`` (the catalogue
 cannot be used as is) or ``warning`` (e.g. a stale ``stats.json``). The stats are those of ``stats.json``,
 recomputed, plus image width/height quantiles and the problem count.
 """
@@ -16,7 +16,14 @@ from typing import Any
 
 from tqdm import tqdm
 
-from kaleido_bert.data.catalogue import STATS_FILE, CatalogueError, compute_stats, load_catalogue, quantiles
+from kaleido_bert.data.catalogue import (
+    STATS_FILE,
+    CatalogueError,
+    compute_stats,
+    file_sha256,
+    load_catalogue,
+    quantiles,
+)
 from kaleido_bert.data.images import ImageProblem, inspect_image
 
 LISTED_PROBLEMS = 10
@@ -133,8 +140,12 @@ def check_catalogue(root: str | Path, *, images: bool = True, progress: bool = T
         for it in tqdm(cat.items, desc=f"check {root.name}", unit="image", disable=not progress):
             try:
                 info = inspect_image(cat.image_path(it))
-            except ImageProblem as err:
-                problems.append({"id": it.id, "image": it.image, "problem": str(err), "level": "error"})
+                if it.sha256 and file_sha256(cat.image_path(it)) != it.sha256:
+                    raise ImageProblem(f"image changed after the catalogue was written (its SHA-256 differs from "
+                                       f"the one in catalogue.jsonl): {cat.image_path(it)}")
+            except (ImageProblem, OSError) as err:
+                message = str(err) if isinstance(err, ImageProblem) else f"cannot read {it.image} ({err.strerror})"
+                problems.append({"id": it.id, "image": it.image, "problem": message, "level": "error"})
                 continue
             widths.append(info.width)
             heights.append(info.height)

@@ -3,16 +3,19 @@
 Validation reads the header only (size, mode, format) and bounds the pixel count before any decoding, so a
 decompression bomb (a 20000×20000 PNG of a few kB) is refused without allocating it. Integrity (a truncated
 file) is then checked cheaply: JPEGs are decoded in draft mode at 1/8 scale, PNGs are walked chunk by chunk
-(CRCs) and their compressed pixel stream is inflated into a counter (no pixel buffer), other formats use
-``verify()``.
+(CRCs) and their compressed pixel stream is inflated into a counter (no pixel buffer), GIFs are walked block by
+block to their trailer byte (0x3B), WebP files must hold every chunk their RIFF header promises, and any other
+format has its first frame decoded (its size is bounded by then).
 Loading returns an RGB ``PIL.Image`` whatever the source mode: CMYK, 16-bit, greyscale, palette and alpha images
 are converted (alpha is composited on white, the background of product photos).
 The ``*_bytes`` variants apply the same checks to an image held in memory (an upload, see
-:mod:`kaleido_bert.serve.uploads`).
+:mod:`kaleido_bert.serve.uploads`). :func:`load_rgb` can also check the file against the content hash a
+catalogue recorded for it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import struct
 import warnings
@@ -141,18 +144,73 @@ def _check_png_pixel_stream(fh: BinaryIO) -> None:
         raise OSError(f"pixel data ends early: {produced:,} of {expected:,} bytes")
 
 
+def _read_exactly(fh: BinaryIO, n: int, what: str) -> bytes:
+    data = fh.read(n)
+    if len(data) < n:
+        raise OSError(f"{what} ends early (truncated)")
+    return data
+
+
+def _check_gif_blocks(fh: BinaryIO) -> None:
+    """Walk a GIF's extensions and image blocks (their data sub-blocks included) up to the trailer 0x3B."""
+    screen = _read_exactly(fh, 13, "GIF header")
+    if screen[10] & 0x80:  # global colour table
+        _read_exactly(fh, 3 * (2 << (screen[10] & 7)), "GIF colour table")
+    while True:
+        kind = _read_exactly(fh, 1, "GIF before its trailer")[0]
+        if kind == 0x3B:
+            return
+        if kind == 0x21:  # extension: label, then sub-blocks
+            _read_exactly(fh, 1, "GIF extension")
+        elif kind == 0x2C:  # image: descriptor, local colour table, LZW code size, then sub-blocks
+            descriptor = _read_exactly(fh, 9, "GIF image descriptor")
+            if descriptor[8] & 0x80:
+                _read_exactly(fh, 3 * (2 << (descriptor[8] & 7)), "GIF colour table")
+            _read_exactly(fh, 1, "GIF image data")
+        else:
+            raise OSError(f"unknown GIF block 0x{kind:02x} (corrupt or truncated)")
+        while size := _read_exactly(fh, 1, "GIF data block")[0]:
+            _read_exactly(fh, size, "GIF data block")
+
+
+def _check_riff_chunks(fh: BinaryIO) -> None:
+    """A WebP file must be as long as its RIFF header says and every chunk must fit inside it."""
+    file_size = fh.seek(0, io.SEEK_END)
+    fh.seek(0)
+    head = _read_exactly(fh, 12, "WebP header")
+    end = 8 + struct.unpack("<I", head[4:8])[0]
+    if head[:4] != b"RIFF" or head[8:] != b"WEBP":
+        raise OSError("not a RIFF WebP file")
+    if end > file_size:
+        raise OSError(f"RIFF header promises {end:,} bytes, the file has {file_size:,} (truncated)")
+    pos = 12
+    while pos + 8 <= end:
+        fh.seek(pos)
+        size = struct.unpack("<I", _read_exactly(fh, 8, "WebP chunk")[4:])[0]
+        pos += 8 + size + (size & 1)
+    if pos < end - 1 or pos > end + 1:  # the last chunk's pad byte may or may not be counted
+        raise OSError(f"WebP chunks end at byte {pos:,}, the RIFF header says {end:,}")
+
+
+_STREAM_CHECKS = {"PNG": _check_png_pixel_stream, "GIF": _check_gif_blocks, "WEBP": _check_riff_chunks}
+"""Formats whose whole stream is walked without decoding pixels (PNG after ``verify()``, which checks CRCs)."""
+
+
 def _inspect_opened(img: Image.Image, source: Path | bytes, label: str) -> ImageInfo:
-    """The integrity pass on a header-checked image (closes it); ``source`` is re-read for the PNG stream walk."""
+    """The integrity pass on a header-checked image (closes it); ``source`` is re-read for the stream walks."""
     info = ImageInfo(img.width, img.height, img.mode, img.format, _conversion_notes(img.mode))
     try:
         if img.format in ("JPEG", "MPO"):
             img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
             img.load()  # decodes at 1/8 scale; a truncated stream raises here
+        elif img.format in _STREAM_CHECKS:
+            if img.format == "PNG":
+                img.verify()  # walks the chunks (CRCs, end marker); CRC-valid chunks can still hold too few pixels
+            with open(source, "rb") if isinstance(source, Path) else io.BytesIO(source) as fh:
+                fh.seek(0)
+                _STREAM_CHECKS[img.format](fh)
         else:
-            img.verify()  # walks the chunks (CRCs, end marker) without decoding pixels
-            if img.format == "PNG":  # CRC-valid chunks can still hold too little pixel data
-                with open(source, "rb") if isinstance(source, Path) else io.BytesIO(source) as fh:
-                    _check_png_pixel_stream(fh)
+            img.load()  # BMP, TIFF, …: the first frame decoded (the header check bounded its size)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, zlib.error, struct.error) as err:
         raise ImageProblem(f"image is truncated or corrupt ({str(err).splitlines()[0][:80]}): {label}") from None
     finally:
@@ -209,14 +267,26 @@ def _decode_rgb(img: Image.Image, label: str) -> Image.Image:
         raise ImageProblem(f"image is truncated or corrupt ({str(err).splitlines()[0][:80]}): {label}") from None
 
 
-def load_rgb(path: str | Path, *, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE) -> Image.Image:
+def load_rgb(path: str | Path, *, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE,
+             sha256: str | None = None) -> Image.Image:
     """Load an image as RGB with the EXIF orientation applied, refusing bombs and tiny images first.
 
+    Args:
+        sha256: the content hash the file must have (a catalogue's record of it); None skips the check.
+
     Raises:
-        ImageProblem: missing, empty, unreadable, truncated, too small or too large (one line, names the file).
+        ImageProblem: missing, empty, unreadable, truncated, too small or too large, or another content than
+            ``sha256`` (one line, names the file).
     """
     path = Path(path)
-    return _decode_rgb(_open_checked(path, max_pixels, min_side), str(path))
+    if sha256 is None:
+        return _decode_rgb(_open_checked(path, max_pixels, min_side), str(path))
+    _open_checked(path, max_pixels, min_side).close()
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise ImageProblem(f"image changed after the catalogue was written (its SHA-256 differs from the one in "
+                           f"catalogue.jsonl: re-import the catalogue): {path}")
+    return _decode_rgb(_open_bytes(data, str(path), max_pixels, min_side), str(path))
 
 
 def load_rgb_bytes(

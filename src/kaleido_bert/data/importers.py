@@ -2,10 +2,12 @@
 
 Two sources:
 
-* a CSV (e.g. Myntra ``styles.csv``) with one row per image plus a folder of images. Cells are decoded one by
-  one, UTF-8 first and Latin-1 as the fallback, so a file mixing encodings imports. Rows are numbered as in a
-  spreadsheet: the header is row 1, the first data row is row 2. Images are validated from their header
-  (:func:`kaleido_bert.data.images.inspect_image`) and hard-linked (or copied) to ``out/images/<id><ext>``.
+* a CSV (e.g. Myntra ``styles.csv``) with one row per image plus a folder of images, read by
+  :func:`kaleido_bert.data.csvfile.read_csv_table` (UTF-16/32 decoded, cells decoded one by one with UTF-8 first
+  and Latin-1 as the fallback, an unterminated quote reported at its line without swallowing the rows after it).
+  Rows are numbered as in a spreadsheet: the header is row 1, the first data row is row 2. Images are validated
+  from their header (:func:`kaleido_bert.data.images.inspect_image`) and the file a path resolves to (through
+  any symlink) is hard-linked (or copied) to ``out/images/<id><ext>``.
 * the official Fashion-Gen h5 files (``fashiongen_256_256_{train,validation}.h5``), read in chunks; each image
   is written as a JPEG (quality 95) to ``out/images/<productID>_<index>.jpg``. Rows are numbered from 0, as
   h5 indexes them. The validation file becomes the ``test`` split (paper §4.1); ``val`` is carved out of the
@@ -14,14 +16,14 @@ Two sources:
 With ``on_error="skip"`` a bad row is left out, recorded in ``problems.jsonl`` as ``{"row", "id", "problem",
 "level": "error"}`` and reported on stderr; with ``on_error="fail"`` the first bad row raises
 :class:`~kaleido_bert.errors.KaleidoError` and nothing is left at ``out``. Images that only need converting
-(CMYK, 16-bit, greyscale, alpha, palette) are kept and recorded with ``"level": "warning"``.
+(CMYK, 16-bit, greyscale, alpha, palette) are kept and recorded with ``"level": "warning"``. The summary
+counts every row read (imported + skipped) and notes the encoding. A failed write (a full disk) is one line
+naming the path, and nothing is left at ``out``.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import os
 import re
 import shutil
@@ -35,7 +37,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from kaleido_bert.atomic import atomic_directory
+from kaleido_bert.atomic import atomic_directory, one_line_os_errors
 from kaleido_bert.data.catalogue import (
     PROBLEMS_FILE,
     CatalogueError,
@@ -44,6 +46,7 @@ from kaleido_bert.data.catalogue import (
     clean_text,
     write_catalogue,
 )
+from kaleido_bert.data.csvfile import read_csv_table
 from kaleido_bert.data.images import MIN_SIDE, ImageProblem, inspect_image
 from kaleido_bert.errors import KaleidoError
 
@@ -79,6 +82,8 @@ class ImportReport:
     converted: int
     problems: list[dict] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    """One line each: the source's encoding, rows left out before they were rows."""
 
     def summary(self) -> str:
         """A few human-readable lines for the CLI."""
@@ -94,6 +99,9 @@ class ImportReport:
             lines.append(f"converted on load: {self.converted:,} images (not RGB; kept, see {PROBLEMS_FILE})")
         if self.skipped:
             lines.append(f"skipped: {self.skipped:,} bad rows (listed in {self.out / PROBLEMS_FILE})")
+        lines.append(f"rows read: {self.imported + self.skipped:,} = {self.imported:,} imported + "
+                     f"{self.skipped:,} skipped")
+        lines.extend(f"note: {note}" for note in self.notes)
         return "\n".join(lines)
 
 
@@ -150,7 +158,8 @@ def _file_stem(item_id: str) -> str:
 
 
 def _place(src: Path, dst: Path) -> None:
-    """Hard-link ``src`` to ``dst`` when both are on one filesystem, else copy it."""
+    """Hard-link the file ``src`` resolves to (never a symlink itself) to ``dst``, else copy it."""
+    src = src.resolve()
     try:
         os.link(src, dst)
     except OSError:
@@ -167,28 +176,12 @@ def _finish(out: Path, tmp: Path, items: list[Item], problems: _Problems, source
                         problems=problems.records, stats=stats)
 
 
+def _writing(out: Path):
+    """OSError while building ``out`` (a full disk) → one line; atomic_directory has removed the partial."""
+    return one_line_os_errors(f"import into {out} stopped, nothing was written there")
+
+
 # ----------------------------------------------------------------------------------------------- CSV
-
-
-def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[bytes]]]]:
-    """Header and rows ``(spreadsheet row number, raw cells)``; cells stay bytes until decoded one by one."""
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise KaleidoError(f"cannot read CSV {path}: {err.strerror or err}") from None
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    # Latin-1 maps every byte to one character, so the csv module sees the exact bytes and each cell can be
-    # turned back into them (the delimiters and quotes are ASCII, never part of a UTF-8 sequence).
-    reader = csv.reader(io.StringIO(data.decode("latin-1"), newline=""))
-    try:
-        rows = [[cell.encode("latin-1") for cell in row] for row in reader]
-    except csv.Error as err:
-        raise KaleidoError(f"CSV {path} line {reader.line_num}: {err}") from None
-    if not rows:
-        raise KaleidoError(f"CSV {path} is empty (no header row)")
-    header = [clean_text(cell, what="column", item_id="header") if cell.strip() else "" for cell in rows[0]]
-    return header, [(n, row) for n, row in enumerate(rows[1:], 2) if any(cell.strip() for cell in row)]
 
 
 def _find_image(value: str, item_id: str, images: Path, csv_dir: Path) -> Path:
@@ -242,7 +235,8 @@ def import_csv(csv_path: str | Path, *, images: str | Path, out: str | Path, id_
             usable row, or (with ``fail``) the first bad row, named by row number and id.
     """
     csv_path, images, out = Path(csv_path), Path(images), Path(out)
-    header, rows = _read_csv(csv_path)
+    table = read_csv_table(csv_path)
+    header = table.header
     if image_col == "" or (image_col == DEFAULT_IMAGE_COL and image_col not in header):
         image_col = None  # Kaggle's full styles.csv has no image column: its images are <id>.jpg
     wanted = [id_col, text_col, category_col, subcategory_col, title_col, image_col, product_col, split_col]
@@ -255,13 +249,15 @@ def import_csv(csv_path: str | Path, *, images: str | Path, out: str | Path, id_
     seen_ids: dict[str, int] = {}
     product_split: dict[str, tuple[str, int]] = {}
     items: list[Item] = []
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    with _writing(out), atomic_directory(out, overwrite=overwrite) as tmp:
         (tmp / IMAGE_DIR).mkdir()
-        for row_no, cells in tqdm(rows, desc=f"import {csv_path.name}", unit="row", disable=not progress):
-            item_id = ""
+        for row in tqdm(table.rows, desc=f"import {csv_path.name}", unit="row", disable=not progress):
+            row_no, cells, item_id = row.number, row.cells, ""
             try:
                 if len(cells) > col[id_col]:
                     item_id = _optional_text(cells[col[id_col]], "id", "?")
+                if row.problem:
+                    raise BadRow(row.problem)
                 if len(cells) != len(header):
                     raise BadRow(f"row has {len(cells)} fields, the header has {len(header)}")
                 cell = {name: cells[i] for name, i in col.items()}
@@ -295,7 +291,7 @@ def import_csv(csv_path: str | Path, *, images: str | Path, out: str | Path, id_
                 continue
             for note in info.notes:
                 problems.warn(row_no, item_id, f"converted: {note}")
-            ext = src.suffix.lower() or f".{(info.format or 'img').lower().replace('jpeg', 'jpg')}"
+            ext = src.resolve().suffix.lower() or f".{(info.format or 'img').lower().replace('jpeg', 'jpg')}"
             item.image = f"{IMAGE_DIR}/{_file_stem(item_id)}{ext}"
             _place(src, tmp / item.image)
             items.append(item)
@@ -305,6 +301,7 @@ def import_csv(csv_path: str | Path, *, images: str | Path, out: str | Path, id_
             for it in items:
                 it.split = by_product[it.product_id]
         report = _finish(out, tmp, items, problems, csv_path.name)
+    report.notes = table.notes
     return report
 
 
@@ -413,6 +410,7 @@ def import_fashiongen(files: list[str | Path], *, out: str | Path, on_error: str
     rows = _FashionGenRows()
     items: list[Item] = []
     with (
+        _writing(out),
         atomic_directory(out, overwrite=overwrite) as tmp,
         ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool,
     ):
@@ -420,7 +418,9 @@ def import_fashiongen(files: list[str | Path], *, out: str | Path, on_error: str
         for path in paths:
             split = "test" if "valid" in path.name.lower() else "train"
             problems.source = path.name
-            with h5py.File(path, "r") as h5:
+            with one_line_os_errors(f"cannot read Fashion-Gen file {path}"):
+                h5 = h5py.File(path, "r")
+            with h5:
                 sets = _fashiongen_datasets(h5, path)
                 total = sets["input_image"].shape[0]
                 with tqdm(total=total, desc=f"import {path.name}", unit="row", disable=not progress) as bar:

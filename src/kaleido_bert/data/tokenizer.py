@@ -9,6 +9,7 @@ descriptions with HF ``tokenizers`` for catalogues in other vocabularies, saved 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from transformers import BertTokenizerFast
 
@@ -84,3 +85,10 @@ def train_tokenizer(texts: list[str], out: str | Path, *, vocab_size: int = 8000
                                 pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]")
     wrapped.save_pretrained(str(out))
     return out
+
+
+def resolve_tokenizer(tokenizer: Any = None) -> Any:
+    """A loaded tokenizer as it is; a vocab directory (or None: the default vocab) loaded with :func:`load_tokenizer`."""
+    if tokenizer is None or isinstance(tokenizer, str | Path):
+        return load_tokenizer(tokenizer)
+    return tokenizer

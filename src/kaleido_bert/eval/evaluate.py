@@ -83,7 +83,7 @@ def evaluate_classifier(checkpoint: Path, config: RunConfig, *, progress: bool) 
 
 
 def evaluate_captions(checkpoint: Path, config: RunConfig, *, progress: bool) -> dict[str, Any]:
-    from kaleido_bert.eval.metrics import CaptionScorer, caption_metrics
+    from kaleido_bert.eval.caption_metrics import CaptionScorer, caption_metrics
     from kaleido_bert.eval.predict import caption_split
     from kaleido_bert.inputs.downstream import CaptionDataset
     from kaleido_bert.model.captioning import KaleidoBertForCaptioning
@@ -114,8 +114,13 @@ def evaluate_captions(checkpoint: Path, config: RunConfig, *, progress: bool) ->
 
 
 def evaluate_run(run: str | Path, config: RunConfig, out: str | Path, *, candidates: str | Path | None = None,
-                 progress: bool = True, dataset_label: str = "", gallery: bool = True) -> dict[str, Any]:
+                 progress: bool = True, dataset_label: str = "", gallery: bool = True,
+                 baseline_seeds: tuple[int, ...] | None = None) -> dict[str, Any]:
     """Evaluate every part of ``run`` on ``config``'s catalogue; write metrics.json, report.md and plots.
+
+    With ``baseline_seeds`` the frozen dual-encoder baseline (:mod:`kaleido_bert.eval.baseline`) is fitted and
+    scored on the same candidates and items into ``out/baseline.json``; the report shows it beside the model
+    whenever that file exists.
 
     Returns:
         The metrics dict (flat protocol-named keys plus ``timings`` and ``examples``).
@@ -128,6 +133,12 @@ def evaluate_run(run: str | Path, config: RunConfig, out: str | Path, *, candida
     with dist.autocast(dist.device(), dist.autocast_dtype(config.train.precision, dist.device())):  # the run's precision
         metrics, extras = _evaluate_parts(parts, config, out, candidates=candidates, progress=progress,
                                           dataset_label=dataset_label, gallery=gallery, run=run)
+    if baseline_seeds:  # outside autocast: the baseline's frozen text encoder and projections run in fp32
+        from kaleido_bert.eval.baseline import run_baseline
+
+        start = time.perf_counter()
+        run_baseline(config, out, seeds=tuple(baseline_seeds))
+        metrics["timings"]["frozen_baseline"] = round(time.perf_counter() - start, 1)
     atomic_write_json(out / "metrics.json", metrics)
     write_report(metrics, extras, config, out)
     return metrics

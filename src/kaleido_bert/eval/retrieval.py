@@ -31,7 +31,7 @@ from tqdm import tqdm
 from kaleido_bert.atomic import atomic_write_json
 from kaleido_bert.data.catalogue import Catalogue, Item
 from kaleido_bert.errors import KaleidoError
-from kaleido_bert.eval.metrics import rank_hits
+from kaleido_bert.eval.metrics import expected_rank_chance, rank_hits, ranked_recall, sum_r
 from kaleido_bert.model.dual_encoder import DualEncoder, store_patches
 from kaleido_bert.patches.store import FeatureStore
 
@@ -203,6 +203,7 @@ def evaluate_sample100(scorer: PairScorer, candidates: dict[str, Any], *, progre
     """Rank@K of both directions and SumR, keys named by protocol (``itr_sample100/R@1`` …), in %."""
     metrics: dict[str, Any] = {}
     ranked: dict[str, Any] = {}
+    hits_by_direction: dict[str, dict[int, float]] = {}
     for direction in ("itr", "tir"):
         queries = candidates[direction]
         if direction == "itr":
@@ -219,25 +220,20 @@ def evaluate_sample100(scorer: PairScorer, candidates: dict[str, Any], *, progre
             scores[row, :n], positive[row, 0] = flat[start:start + n], True
             start += n
         hits = rank_hits(scores, positive, ks)
+        hits_by_direction[direction] = hits
         for k in ks:
             metrics[f"{direction}_sample100/R@{k}"] = 100 * hits[k]
         order = np.argsort(-scores, axis=1, kind="stable")[:, :5]
         ranked[direction] = [{"query": q["query"], "positive": q["positive"],
                               "top": [q["candidates"][j] for j in order[row] if j < len(q["candidates"])]}
                              for row, q in enumerate(queries)]
-    metrics["sample100/SumR"] = sum(metrics[f"{d}_sample100/R@{k}"] for d in ("itr", "tir") for k in (1, 5, 10))
+    metrics["sample100/SumR"] = sum_r(hits_by_direction["itr"], hits_by_direction["tir"])
     metrics["sample100/queries"] = {d: len(candidates[d]) for d in ("itr", "tir")}
-    metrics["sample100/candidates_per_query"] = 1 + int(candidates["num_negatives"])
+    width = 1 + int(candidates["num_negatives"])
+    metrics["sample100/candidates_per_query"] = width
+    chance = {k: expected_rank_chance(width, k) for k in ks}
+    metrics["sample100/chance_SumR"] = sum_r(chance, chance)
     return {"metrics": metrics, "ranked": ranked}
-
-
-def recall_from_ranked(ranked: list[list[int]], positives: list[set[int]], ks: tuple[int, ...] = (1, 5, 10)
-                       ) -> dict[str, float]:
-    """R@K from ranked gallery indices per query (fraction of queries with a positive in the top K)."""
-    out = {f"R@{k}": float(np.mean([bool(set(r[:k]) & p) for r, p in zip(ranked, positives, strict=True)]))
-           for k in ks}
-    out["mean_recall"] = float(np.mean([out[f"R@{k}"] for k in ks]))
-    return out
 
 
 def _search(queries: np.ndarray, gallery: np.ndarray, k: int) -> np.ndarray:
@@ -288,13 +284,13 @@ def evaluate_gallery(scorer: PairScorer, catalogue: Catalogue, available: set[st
         ("tir", text_emb, image_emb, tir_pos, lambda q, g: (image_ids[g], pids[q])),
     ):
         top = _search(queries, gallery, depth)
-        for name, value in recall_from_ranked(top.tolist(), positives).items():
+        for name, value in ranked_recall(top.tolist(), positives).items():
             metrics[f"{direction}_gallery/{name}"] = 100 * value
         if rerank_k > 0:
             head = top[:, :rerank_k]
             reranked = [r + [int(g) for g in top[q, rerank_k:]]
                         for q, r in enumerate(_rerank(scorer, head, pair_of, desc=f"{direction.upper()} re-rank",
                                                       progress=progress))]
-            for name, value in recall_from_ranked(reranked, positives).items():
+            for name, value in ranked_recall(reranked, positives).items():
                 metrics[f"{direction}_gallery_rerank/{name}"] = 100 * value
     return {"metrics": metrics}

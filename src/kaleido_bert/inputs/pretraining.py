@@ -1,12 +1,18 @@
 """Pre-training batches: catalogue + feature store + alignments + masking → model inputs (paper §3.4–3.5).
 
-Each ``__getitem__`` draws a fresh corruption from a generator seeded by ``(seed, epoch, index)``: the same
-epoch and index always give the same sample (so resumed and distributed runs agree), and every epoch differs.
+A batch is assembled at once (``__getitems__``, which the DataLoader calls with the whole batch of indices):
+the token ids of every description and the ITM negative pools are built once, at construction; the rows of the
+batch are read from the store together (:mod:`kaleido_bert.inputs.rows`); the corruptions are planned and
+applied with array operations (:mod:`kaleido_bert.inputs.masking`), only items with aligned pairs going through
+the per-item planner. Every random choice of an item comes from counter-based draws fixed by ``(seed, epoch,
+index)`` (:mod:`kaleido_bert.inputs.draws`): the same epoch and index always give the same sample, whichever
+batch it is in (so resumed and distributed runs agree), and every epoch differs. ``ds[i]`` is the one-item batch.
 
 An item is one image. With probability ``masking.itm_negative_ratio`` its description is swapped for the
 description of another product of the same sub-category (ITM label 0; then the same category, then anywhere
-when the sub-category has a single product, counted in ``negative_sources``). Alignments guide masking only
-for matching pairs. Every task's loss is computed on every pair, negatives included, as the original did.
+when the sub-category has a single product, counted in ``negative_sources``; see
+:mod:`kaleido_bert.inputs.negatives`). Alignments guide masking only for matching pairs. Every task's loss is
+computed on every pair, negatives included, as the original did.
 
 Batch shapes (B pairs, T text tokens ≤ max_text_len, F feature size):
     text_ids, text_mask, mlm_labels       (B, T)  long
@@ -18,9 +24,10 @@ Batch shapes (B pairs, T text tokens ≤ max_text_len, F feature size):
 
 from __future__ import annotations
 
-from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -28,22 +35,30 @@ from torch.utils.data import Dataset
 from kaleido_bert.align.pairs import AlignedPair
 from kaleido_bert.config import MaskingConfig
 from kaleido_bert.data.catalogue import Catalogue, Item
-from kaleido_bert.inputs.masking import IGNORE, corrupt_patches, mask_text, plan_masks
+from kaleido_bert.inputs.draws import item_keys, uniforms
+from kaleido_bert.inputs.masking import (
+    IGNORE,
+    corrupt_patches_,
+    item_draws,
+    mask_tokens,
+    plan_masks,
+    priority_orders,
+    random_fill,
+)
+from kaleido_bert.inputs.negatives import NegativePool
+from kaleido_bert.inputs.rows import RowReader
+from kaleido_bert.patches.features import GREYED, NUM_COLOUR, ROTATED
 from kaleido_bert.patches.grid import level_slice
 from kaleido_bert.patches.store import FeatureStore
 
 PADDED_LABELS = ("mlm_labels", "labels")  # per-token label sequences, padded with -100
-
-
-def _seeded(*parts: int) -> torch.Generator:
-    seed = 0
-    for part in parts:
-        seed = (seed * 1_000_003 + int(part)) % (2**63 - 1)
-    return torch.Generator().manual_seed(seed)
-
-
-def _pick(pool: list[Any], generator: torch.Generator) -> Any:
-    return pool[int(torch.randint(0, len(pool), (1,), generator=generator))]
+DONOR_TRIES = 8
+"""Draws of a camouflage donor from another product before the item goes without camouflage."""
+# An item's draw streams (inputs.draws), each laid out so that a slot's meaning never depends on the batch:
+# scalars (negative?, easy?, which negative, quarter turns, jigsaw order, donor tries), three per text position
+# (fill order, 80/10/10 roll, random token), one per patch of levels 3–5, two per aligned pair (order, side).
+_SCALARS, _TEXT, _PATCH, _PAIRS = range(4)
+_PATCH_SLOTS = {3: slice(0, 9), 4: slice(9, 25), 5: slice(25, 50)}
 
 
 class PretrainDataset(Dataset):
@@ -64,46 +79,44 @@ class PretrainDataset(Dataset):
                  max_text_len: int = 64, seed: int = 0, corrupt: bool = True) -> None:
         self.masking = masking or MaskingConfig()
         self.corrupt = corrupt
-        self.store, self.tokenizer, self.seed, self.epoch = store, tokenizer, seed, 0
-        self.alignments = alignments or {}
+        self.store, self.seed, self.epoch = store, seed, 0
+        alignments = alignments or {}
         split_items = catalogue.split(split)
         self.items: list[Item] = [it for it in split_items if it.id in store]
         self.skipped = len(split_items) - len(self.items)
-        self.without_alignments = sum(1 for it in self.items if not self.alignments.get(it.id))
+        self.without_alignments = sum(1 for it in self.items if not alignments.get(it.id))
         self.budgets = {3: self.masking.camouflage, 4: self.masking.grey, 5: self.masking.blank}
-        self.special_ids = set(tokenizer.all_special_ids)
-        self.text_ids = {}
-        for it in self.items:
-            if it.product_id not in self.text_ids:
-                enc = tokenizer(it.description, max_length=max_text_len, truncation=True)
-                self.text_ids[it.product_id] = torch.tensor(enc["input_ids"], dtype=torch.long)
-        self._index_negatives()
+        self.negatives = NegativePool(self.items)
+        self.item_product = np.array([self.negatives.rank[it.product_id] for it in self.items], dtype=np.int64)
+        self.item_row = np.array([store.index[it.id] for it in self.items], dtype=np.int64)
+        self._tokenize(tokenizer, max_text_len)
+        use = self.masking.strategy == "alignment"
+        self.pairs: list[tuple[AlignedPair, ...]] = [
+            self._usable(alignments.get(it.id, ()), int(self.lengths[p])) if use else ()
+            for it, p in zip(self.items, self.item_product.tolist(), strict=True)]
+        self.features = RowReader(store.arrays["features"])
+        self.positions = RowReader(store.arrays["positions"])
+        self.feature_size = store.feature_size
 
-    def _index_negatives(self) -> None:
-        """Per product, where its negative descriptions come from: same sub-category, else category, else any."""
-        by_sub: dict[str, set[str]] = {}
-        by_cat: dict[str, set[str]] = {}
-        self.product_of = {}
+    def _tokenize(self, tokenizer, max_text_len: int) -> None:
+        """Every product's description once: ``tokens`` (products, L) right-padded, ``lengths`` (products,)."""
+        description = {}
         for it in self.items:
-            by_sub.setdefault(it.subcategory, set()).add(it.product_id)
-            by_cat.setdefault(it.category, set()).add(it.product_id)
-            self.product_of[it.product_id] = it
-        everything = sorted(self.product_of)
-        self.products, self.product_rank = everything, {pid: i for i, pid in enumerate(everything)}
-        self.negative_pool: dict[str, list[str]] = {}
-        self.negative_sources: Counter = Counter()
-        for pid, it in self.product_of.items():
-            for source, pool in (("subcategory", by_sub[it.subcategory]), ("category", by_cat[it.category]),
-                                 ("anywhere", set(everything))):
-                others = sorted(pool - {pid})
-                if others:
-                    self.negative_pool[pid] = others
-                    self.negative_sources[source] += 1
-                    break
+            description.setdefault(it.product_id, it.description)
+        texts = [description[pid] for pid in self.negatives.products]
+        encoded = tokenizer(texts, max_length=max_text_len, truncation=True)["input_ids"] if texts else []
+        self.lengths = np.array([len(ids) for ids in encoded], dtype=np.int64)
+        self.tokens = torch.full((len(encoded), int(self.lengths.max(initial=1))), tokenizer.pad_token_id,
+                                 dtype=torch.long)
+        for i, ids in enumerate(encoded):
+            self.tokens[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        self.pad_id, self.mask_token_id = tokenizer.pad_token_id, tokenizer.mask_token_id
+        special = np.asarray(sorted(set(tokenizer.all_special_ids)), dtype=np.int64)
+        self.replacements = torch.from_numpy(np.setdiff1d(np.arange(len(tokenizer)), special))
 
-    def _other_product(self, product_id: str, generator: torch.Generator) -> str:
-        j = int(torch.randint(0, len(self.products) - 1, (1,), generator=generator))
-        return self.products[j + (j >= self.product_rank[product_id])]
+    def _usable(self, pairs: Sequence[AlignedPair], length: int) -> tuple[AlignedPair, ...]:
+        """The pairs masking can use: a masked level, tokens among the maskable positions ``1..length-2``."""
+        return tuple(p for p in pairs if p.level in self.budgets and all(1 <= t <= length - 2 for t in p.tokens))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -112,80 +125,137 @@ class PretrainDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        g = _seeded(self.seed, self.epoch, index)
-        item = self.items[index]
-        m = self.masking
-        negatives = self.negative_pool.get(item.product_id)
-        is_negative = bool(negatives) and torch.rand((1,), generator=g).item() < m.itm_negative_ratio
-        if is_negative and m.itm_hard_ratio < 1 and torch.rand((1,), generator=g).item() >= m.itm_hard_ratio:
-            text_product = self._other_product(item.product_id, g)  # an easy negative: any other product
-        else:
-            text_product = _pick(negatives, g) if is_negative else item.product_id
-        ids = self.text_ids[text_product]
+        batch = self.__getitems__([index])
+        return {"id": batch.pop("ids")[0], **{k: v[0] for k, v in batch.items() if k != "text_mask"}}
+
+    def __getitems__(self, indices: Sequence[int]) -> dict[str, Any]:
+        """The collated batch of ``indices`` (see the module docstring); :func:`collate` passes it through."""
+        index = np.asarray(indices, dtype=np.int64)
+        keys = item_keys(self.seed, self.epoch, index)
+        m, b = self.masking, len(index)
+        product = self.item_product[index]
+        scalars = uniforms(keys, _SCALARS, 5 + DONOR_TRIES)  # negative?, easy?, which, turns, order, donors
+        negative = self.negatives.has_negative(product) & (scalars[:, 0] < m.itm_negative_ratio)
+        easy = negative & (m.itm_hard_ratio < 1) & (scalars[:, 1] >= m.itm_hard_ratio)
+        text_product = self.negatives.sample(product, negative, easy, scalars[:, 2])
+        lengths = self.lengths[text_product]
+        width = int(lengths.max())
+        text_ids = self.tokens[torch.from_numpy(text_product), :width]
+        text_mask = (torch.arange(width)[None, :] < torch.from_numpy(lengths)[:, None]).long()
+        rows = self.item_row[index]
+        self.features.prefetch(rows)
+        self.positions.prefetch(rows)
+        batch: dict[str, Any] = {"ids": [self.items[i].id for i in index.tolist()], "text_mask": text_mask,
+                                 "itm_label": torch.from_numpy((~negative).astype(np.int64))}
         if not self.corrupt:
-            return self._clean(item, ids, is_negative)
-        pairs = [] if is_negative else self.alignments.get(item.id, [])
-        candidates = list(range(1, len(ids) - 1))  # not [CLS] (0) nor the final [SEP]
-        plan = plan_masks(candidates, pairs, budgets=self.budgets, text_ratio=m.text_ratio, text_max=m.text_max,
-                          use_alignments=m.strategy == "alignment", generator=g)
-        text_ids, mlm_labels = mask_text(ids, plan.text, mask_token_id=self.tokenizer.mask_token_id,
-                                         vocab_size=len(self.tokenizer), special_ids=self.special_ids, generator=g)
-        feats = self.store[item.id]
-        donor = None
-        if len(self.items) > 1:
-            for _ in range(8):  # a camouflage donor from another product
-                j = int(torch.randint(0, len(self.items), (1,), generator=g))
-                if self.items[j].product_id != item.product_id:
-                    donor = self.store[self.items[j].id]["colour"]
-                    break
-        features, labels = corrupt_patches(feats["colour"], feats["rotated"], feats["grey"], donor, plan, generator=g)
-        grey_index, grey_target = self._targets(feats["colour"], plan.patches.get(4, []), 4, m.grey)
-        blank_index, blank_target = self._targets(feats["colour"], plan.patches.get(5, []), 5, m.blank)
+            colour = torch.from_numpy(self.features.read(rows)[:, :NUM_COLOUR]).float()
+            return {**batch, **self._clean(text_ids, colour, rows)}
+        donor = self._donors(scalars[:, 5:], product)
+        has_donor = donor >= 0
+        self.features.prefetch(self.item_row[donor[has_donor]], np.full(int(has_donor.sum()), level_slice(3).start),
+                               span=9)
+        text_draws = uniforms(keys, _TEXT, 3 * width).reshape(b, width, 3)  # per position: order, roll, token
+        text, patches = self._plan(keys, index, lengths, negative, text_draws[:, :, 0])
+        text_ids, mlm_labels = mask_tokens(
+            text_ids, torch.from_numpy(text), torch.from_numpy(text_draws[:, :, 1]),
+            torch.from_numpy(text_draws[:, :, 2]), mask_token_id=self.mask_token_id, replacements=self.replacements)
+        raw = torch.from_numpy(self.features.read(rows))  # (B, 74, F) float16
+        colour = raw[:, :NUM_COLOUR].float()
+        camouflaged = patches[3][:, 0] if self.budgets[3] else np.full(b, -1)
+        camouflaged = np.where(has_donor, camouflaged, -1)
+        used = camouflaged >= 0
+        donor_patch = torch.zeros(b, self.feature_size, dtype=raw.dtype)
+        if used.any():
+            donor_patch[torch.from_numpy(used)] = torch.from_numpy(self.features.read(
+                self.item_row[donor[used]], level_slice(3).start + camouflaged[used]))
+        turns = torch.from_numpy(np.minimum((scalars[:, 3] * 4).astype(np.int64), 3))
+        permutation = torch.from_numpy(np.minimum((scalars[:, 4] * 24).astype(np.int64), 23))
+        greyed, blanked = torch.from_numpy(patches[4]), torch.from_numpy(patches[5])
+        grey_index, grey_target = _targets(colour, greyed, 4)  # the clean features, before corruption
+        blank_index, blank_target = _targets(colour, blanked, 5)
+        features = corrupt_patches_(colour, raw[:, ROTATED], raw[:, GREYED], donor_patch, turns=turns,
+                                    permutation=permutation, camouflaged=torch.from_numpy(camouflaged),
+                                    greyed=greyed, blanked=blanked)
         return {
-            "id": item.id, "text_ids": text_ids, "mlm_labels": mlm_labels, "patch_features": features,
-            "patch_positions": feats["positions"], "itm_label": torch.tensor(0 if is_negative else 1),
-            "rotation_label": labels["rotation"], "jigsaw_label": labels["jigsaw"],
-            "camouflage_label": labels["camouflage"], "grey_index": grey_index, "grey_target": grey_target,
+            **batch, "text_ids": text_ids, "mlm_labels": mlm_labels, "patch_features": features,
+            "patch_positions": torch.from_numpy(self.positions.read(rows)),
+            "rotation_label": turns, "jigsaw_label": permutation,
+            "camouflage_label": torch.from_numpy(np.where(used, camouflaged, IGNORE)),
+            "grey_index": grey_index, "grey_target": grey_target,
             "blank_index": blank_index, "blank_target": blank_target,
         }
 
-    def _clean(self, item: Item, ids: Tensor, is_negative: bool) -> dict[str, Any]:
-        feats, m = self.store[item.id], self.masking
-        none = torch.tensor(IGNORE)
-        return {
-            "id": item.id, "text_ids": ids, "mlm_labels": torch.full_like(ids, IGNORE),
-            "patch_features": feats["colour"], "patch_positions": feats["positions"],
-            "itm_label": torch.tensor(0 if is_negative else 1), "rotation_label": none, "jigsaw_label": none,
-            "camouflage_label": none, "grey_index": torch.full((m.grey,), IGNORE),
-            "grey_target": torch.zeros(m.grey, feats["colour"].shape[1]),
-            "blank_index": torch.full((m.blank,), IGNORE),
-            "blank_target": torch.zeros(m.blank, feats["colour"].shape[1]),
-        }
+    def _donors(self, tries: np.ndarray, product: np.ndarray) -> np.ndarray:
+        """A camouflage donor per item: the first of ``DONOR_TRIES`` random items of another product, else -1."""
+        if len(self.items) < 2:
+            return np.full(len(product), -1, dtype=np.int64)
+        picked = np.minimum((tries * len(self.items)).astype(np.int64), len(self.items) - 1)
+        other = self.item_product[picked] != product[:, None]
+        first = other.argmax(axis=1)
+        return np.where(other.any(axis=1), picked[np.arange(len(product)), first], -1)
 
-    @staticmethod
-    def _targets(colour: Tensor, indices: list[int], level: int, budget: int) -> tuple[Tensor, Tensor]:
-        """Level-relative indices padded with -100 to the budget, and the clean colour features as targets."""
-        index = torch.full((budget,), IGNORE, dtype=torch.long)
-        target = torch.zeros(budget, colour.shape[1])
-        start = level_slice(level).start
-        for k, i in enumerate(indices[:budget]):
-            index[k] = i
-            target[k] = colour[start + i]
-        return index, target
+    def _plan(self, keys: np.ndarray, index: np.ndarray, lengths: np.ndarray, negative: np.ndarray,
+              text_keys: np.ndarray) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+        """Masked text positions ``(B, T)`` and per level the masked patches ``(B, budget)`` (-1 padding)."""
+        m = self.masking
+        patch_draws = uniforms(keys, _PATCH, 50)
+        patch_keys = {level: patch_draws[:, _PATCH_SLOTS[level]] for level in self.budgets}
+        text_order, patch_order = priority_orders(lengths, text_keys, patch_keys)
+        text, patches = random_fill(lengths, text_order, patch_order, budgets=self.budgets,
+                                    text_ratio=m.text_ratio, text_max=m.text_max)
+        aligned = [b for b, i in enumerate(index.tolist()) if self.pairs[i] and not negative[b]]
+        if not aligned:
+            return text, patches
+        most = max(len(self.pairs[index[b]]) for b in aligned)
+        pair_draws = uniforms(keys[aligned], _PAIRS, 2 * most).reshape(len(aligned), most, 2)  # order, side
+        for k, b in enumerate(aligned):
+            pairs = self.pairs[index[b]]
+            draws = item_draws(b, int(lengths[b]), text_order, patch_order, pair_draws[k, :len(pairs), 0],
+                               pair_draws[k, :len(pairs), 1])
+            plan = plan_masks(range(1, int(lengths[b]) - 1), pairs, draws, budgets=self.budgets,
+                              text_ratio=m.text_ratio, text_max=m.text_max)
+            text[b] = False
+            text[b, plan.text] = True
+            for level, chosen in plan.patches.items():
+                patches[level][b] = -1
+                patches[level][b, :len(chosen)] = chosen
+        return text, patches
+
+    def _clean(self, text_ids: Tensor, colour: Tensor, rows: np.ndarray) -> dict[str, Any]:
+        b, m, f = len(rows), self.masking, self.feature_size
+        none = torch.full((b,), IGNORE)
+        return {
+            "text_ids": text_ids, "mlm_labels": torch.full_like(text_ids, IGNORE),
+            "patch_features": colour, "patch_positions": torch.from_numpy(self.positions.read(rows)),
+            "rotation_label": none,
+            "jigsaw_label": none.clone(), "camouflage_label": none.clone(),
+            "grey_index": torch.full((b, m.grey), IGNORE), "grey_target": torch.zeros(b, m.grey, f),
+            "blank_index": torch.full((b, m.blank), IGNORE), "blank_target": torch.zeros(b, m.blank, f),
+        }
 
     def counts(self) -> dict[str, Any]:
         """Bad-input bookkeeping: skipped items, items without alignments, where negatives came from."""
         return {"items": len(self.items), "skipped_missing_features": self.skipped,
-                "without_alignments": self.without_alignments, "negative_sources": dict(self.negative_sources)}
+                "without_alignments": self.without_alignments, "negative_sources": dict(self.negatives.sources)}
 
 
-def collate(samples: list[dict[str, Any]], pad_id: int = 0) -> dict[str, Any]:
-    """Stack samples into a batch.
+def _targets(colour: Tensor, indices: Tensor, level: int) -> tuple[Tensor, Tensor]:
+    """Level-relative indices (B, k) padded with -100, and the clean colour features (B, k, F) as targets."""
+    valid = indices >= 0
+    safe = indices.clamp(min=0) + level_slice(level).start
+    target = torch.gather(colour, 1, safe[:, :, None].expand(-1, -1, colour.shape[2]))
+    return torch.where(valid, indices, IGNORE), target * valid[:, :, None]
+
+
+def collate(samples: list[dict[str, Any]] | dict[str, Any], pad_id: int = 0) -> dict[str, Any]:
+    """Stack samples into a batch; a batch a dataset already assembled (``__getitems__``) passes through.
 
     Variable-length 1-d keys are right-padded to the longest in the batch: ``text_ids`` with ``pad_id`` (and
     ``text_mask`` marks real tokens), label sequences (``mlm_labels``, ``labels``) with -100. Strings (``id``
     → ``ids`` and any other) become lists; every other tensor is stacked.
     """
+    if isinstance(samples, dict):
+        return samples
     longest = max(len(s["text_ids"]) for s in samples)
     b = len(samples)
     text_mask = torch.zeros((b, longest), dtype=torch.long)

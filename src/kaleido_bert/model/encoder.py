@@ -13,6 +13,7 @@ Shape legend: B batch, T text tokens, P patches (55), F patch feature size, D hi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +27,7 @@ from transformers.models.bert.modeling_bert import (
 
 from kaleido_bert.config import PRETRAINING_TASKS, ModelConfig
 from kaleido_bert.patches.grid import level_ids
+from kaleido_bert.runs import is_local_path, resolve_checkpoint
 
 MODEL_CONFIG_FIELDS = {
     "hidden_size": "hidden_size", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
@@ -101,6 +103,18 @@ class KaleidoBertPreTrainedModel(BertPreTrainedModel):
 
     config_class = KaleidoBertConfig
     base_model_prefix = "bert"
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """transformers' ``from_pretrained``, which also takes a run or stage directory (its latest checkpoint).
+
+        Raises:
+            KaleidoError: a local path that holds no checkpoint, in one line naming it and the latest checkpoint
+                beside it (``no checkpoint at runs/demo/pretrain/step-000300 (latest: step-001000)``).
+        """
+        if is_local_path(pretrained_model_name_or_path):
+            pretrained_model_name_or_path = str(resolve_checkpoint(Path(pretrained_model_name_or_path).expanduser()))
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)

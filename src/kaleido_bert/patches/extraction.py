@@ -2,7 +2,9 @@
 
 Per image: decode (DataLoader workers) → saliency box → 55 Kaleido boxes and positions → 74 patch features
 (``features.PatchEncoder``) → one store row. Resumable: rows already marked done are skipped, so a killed run
-re-run with the same arguments only does the rest; a bad image is recorded and the run goes on.
+re-run with the same arguments only does the rest; a bad image is recorded and the run goes on. Each image is
+checked against the content hash the catalogue recorded, and a re-run after the catalogue changed extracts the
+images whose content changed again (:class:`~kaleido_bert.patches.store.StoreWriter`).
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ FLUSH_SECONDS = 1.0
 class _ImageDataset(Dataset):
     """Decode an image and find its saliency box; a problem is returned, not raised, so the run continues."""
 
-    def __init__(self, paths: list[Path], rows: list[int], saliency: str, checkpoint: str | None) -> None:
-        self.paths, self.rows = paths, rows
+    def __init__(self, paths: list[Path], rows: list[int], saliency: str, checkpoint: str | None,
+                 hashes: list[str]) -> None:
+        self.paths, self.rows, self.hashes = paths, rows, hashes
         self.saliency, self.checkpoint = saliency, checkpoint
         self._detector = None
 
@@ -46,7 +49,7 @@ class _ImageDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         row = self.rows[i]
         try:
-            image = load_rgb(self.paths[row])
+            image = load_rgb(self.paths[row], sha256=self.hashes[row] or None)
             scale = min(1.0, MAX_SIDE / max(image.size))
             if scale < 1.0:
                 image = image.resize((round(image.width * scale), round(image.height * scale)))
@@ -92,6 +95,8 @@ def extract_features(
         A summary: items, done, failed, processed this run, seconds, images/s, backbone GFLOPs per image.
     """
     cat = load_catalogue(catalogue)
+    if not cat.items:
+        raise KaleidoError(f"catalogue {catalogue} has no items")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         backbone = build_backbone(config.backbone, config.weights, device=device)
@@ -99,12 +104,13 @@ def extract_features(
                            batch_size=config.batch_size)
     manifest = store_manifest(config, feature_size=backbone.feature_size, catalogue_hash=cat.hash(), seed=seed)
     manifest["catalogue"] = str(Path(catalogue).resolve())
-    writer = StoreWriter(out, manifest, [it.id for it in cat.items])
+    hashes = cat.image_hashes()
+    writer = StoreWriter(out, manifest, [it.id for it in cat.items], image_hashes=hashes)
     pending = writer.pending()
     if limit is not None:
         pending = pending[:limit]
     paths = [cat.image_path(it) for it in cat.items]
-    dataset = _ImageDataset(paths, pending, config.saliency, config.saliency_checkpoint)
+    dataset = _ImageDataset(paths, pending, config.saliency, config.saliency_checkpoint, hashes)
     loader = DataLoader(dataset, batch_size=IMAGES_PER_BATCH, num_workers=num_workers, collate_fn=list,
                         worker_init_fn=_worker_init if num_workers else None)
     start = last_flush = time.perf_counter()
@@ -133,7 +139,8 @@ def extract_features(
     bar.close()
     seconds = time.perf_counter() - start
     return {
-        "store": str(out), "items": len(cat.items), "processed": len(pending), "done": writer.manifest["done"],
+        "store": str(out), "items": len(cat.items), "processed": len(pending), "changed": len(writer.changed),
+        "done": writer.manifest["done"],
         "failed": writer.manifest["failed"], "fallback_boxes": writer.manifest["fallback_boxes"],
         "complete": writer.manifest["complete"], "seconds": round(seconds, 2),
         "images_per_s": round(len(pending) / seconds, 2) if seconds > 0 else None,

@@ -5,6 +5,7 @@ A store is a directory::
     manifest.json    backbone, weights, mode, patch/image size, feature size F, levels, saliency method,
                      catalogue hash, version, layout, complete flag
     ids.json         item ids in row order (the catalogue's order)
+    images.json      SHA-256 of each row's image file (the catalogue's content hashes), in row order
     features.npy     (N, 74, F) float16: 55 colour patches, 3 rotated 1×1, 16 grey 4×4 (features.FEATURE_LAYOUT)
     boxes.npy        (N, 55, 4) float32: patch boxes x1, y1, x2, y2 in the source image's pixels
     positions.npy    (N, 55, 5) float32: [x1, x2, y1, y2, w*h] normalised to [0, 1]
@@ -13,89 +14,302 @@ A store is a directory::
     status.npy       (N,) uint8: 0 to do, 1 done, 2 failed (see problems.jsonl); replaced atomically
     problems.jsonl   items that failed to decode, one JSON object each
 
-The ``.npy`` arrays are opened with ``numpy.load(mmap_mode=…)``: rows are read on demand, never the whole
-file. Rows are flushed before ``status.npy`` marks them done, so a killed run resumes exactly where the last
-flush left it. ``manifest.json`` says ``complete: false`` until every row is done or failed; readers refuse an
-incomplete store and a writer refuses to append to a store whose manifest does not match.
+The ``.npy`` arrays are memory-mapped: rows are read on demand, never the whole file. Every ``.npy`` file is
+checked by :func:`check_npy` before it is opened, on the read and the write path alike: magic, header, shape,
+dtype and the file size the header promises (``numpy.load(mmap_mode="r+")`` would silently grow a short file
+with zeros). New arrays are preallocated (``os.posix_fallocate``), so a full disk fails when the store is
+opened, not as SIGBUS in the middle of a run. Rows are flushed before ``status.npy`` marks them done, so a
+killed run resumes exactly where the last flush left it. ``manifest.json`` says ``complete: false`` until every
+row is done or failed; readers refuse an incomplete store, and a writer refuses to append to a store whose
+manifest does not match. A store built for an earlier version of the same catalogue (same ids, another
+catalogue hash) is brought up to date: rows whose image content changed are extracted again
+(:meth:`StoreWriter.pending`). :meth:`FeatureStore.require_catalogue` is the one check that a store belongs to
+a catalogue.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import math
+import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from kaleido_bert.atomic import atomic_path, atomic_write_json, atomic_write_text
+from kaleido_bert.atomic import atomic_path, atomic_write_json, atomic_write_text, one_line_os_errors
 from kaleido_bert.errors import KaleidoError
 from kaleido_bert.patches.features import FEATURE_LAYOUT, FEATURES_PER_IMAGE, GREYED, NUM_COLOUR, ROTATED
 
-STORE_VERSION = 1
-MANIFEST = "manifest.json"
+if TYPE_CHECKING:
+    from kaleido_bert.data.catalogue import Catalogue
+
+STORE_VERSION = 2
+"""2 added ``images.json`` (per-row image content hashes)."""
+MANIFEST, IDS, IMAGES, STATUS, PROBLEMS = "manifest.json", "ids.json", "images.json", "status.npy", "problems.jsonl"
+ARRAYS = ("features", "boxes", "positions", "saliency", "sizes")
 TODO, DONE, FAILED = 0, 1, 2
 MATCH_KEYS = ("backbone", "weights", "seed", "mode", "patch_size", "image_size", "saliency", "levels",
               "feature_size", "catalogue_hash")
 """Manifest fields that must agree before a store is resumed or used."""
+RESUME_KEYS = tuple(key for key in MATCH_KEYS if key != "catalogue_hash")
+"""Fields a resumed store must share; a new catalogue hash instead redoes the rows whose image changed."""
+REBUILD = "delete it to rebuild it"
 
 
 class StoreError(KaleidoError):
     """A feature store that is missing, incomplete, corrupt or does not match what was asked for."""
 
 
-def describe_mismatch(found: dict[str, Any], wanted: dict[str, Any], where: str) -> str | None:
+def describe_mismatch(found: dict[str, Any], wanted: dict[str, Any], where: str,
+                      keys: tuple[str, ...] = MATCH_KEYS) -> str | None:
     """One line naming the first manifest field that differs, or None when they agree."""
-    for key in MATCH_KEYS:
+    for key in keys:
         if key in wanted and found.get(key) != wanted[key]:
             return f"feature store {where} was built with {key}={found.get(key)!r}, but {key}={wanted[key]!r} was asked for"
     return None
 
 
-class StoreWriter:
-    """Create or resume a store; rows are written by index and committed with :meth:`flush`."""
+def array_specs(n: int, feature_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of each array of a store of ``n`` items with feature size F."""
+    return {"features": ((n, FEATURES_PER_IMAGE, feature_size), np.dtype(np.float16)),
+            "boxes": ((n, NUM_COLOUR, 4), np.dtype(np.float32)), "positions": ((n, NUM_COLOUR, 5), np.dtype(np.float32)),
+            "saliency": ((n, 5), np.dtype(np.float32)), "sizes": ((n, 2), np.dtype(np.int32))}
 
-    def __init__(self, root: str | Path, manifest: dict[str, Any], ids: list[str]) -> None:
+
+# ---------------------------------------------------------------------------------------------- file checks
+@dataclass(frozen=True)
+class NpyHeader:
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    offset: int
+    """Bytes before the data."""
+
+    @property
+    def file_size(self) -> int:
+        """The size the header promises: header plus shape × itemsize."""
+        return self.offset + math.prod(self.shape) * self.dtype.itemsize
+
+
+def check_npy(path: str | Path, shape: tuple[int, ...] | None = None, dtype: Any = None) -> NpyHeader:
+    """Read an ``.npy`` header and check it against the file's size (and the expected shape and dtype).
+
+    The one gate in front of every ``numpy.load`` of a store array, so that a truncated, grown or foreign file
+    is refused before it is memory-mapped (``mmap_mode="r+"`` would zero-fill a short file).
+
+    Raises:
+        StoreError: one line naming the file: missing, not an ``.npy`` array, an object (pickle) array, a size
+            that disagrees with its header, or another shape or dtype than expected.
+    """
+    path = Path(path)
+    fmt = np.lib.format
+    try:
+        with open(path, "rb") as fh:
+            version = fmt.read_magic(fh)
+            if version == (1, 0):
+                found_shape, fortran, found_dtype = fmt.read_array_header_1_0(fh)
+            elif version == (2, 0):
+                found_shape, fortran, found_dtype = fmt.read_array_header_2_0(fh)
+            else:
+                raise ValueError(f"unsupported .npy format version {version}")
+            header = NpyHeader(tuple(found_shape), np.dtype(found_dtype), fh.tell())
+    except FileNotFoundError:
+        raise StoreError(f"{path} is missing (corrupt store: {REBUILD})") from None
+    except (ValueError, SyntaxError, EOFError, TypeError) as err:
+        raise StoreError(f"{path} is not a valid .npy array ({(str(err).splitlines() or ['bad header'])[0][:80]}): "
+                         f"corrupt store, {REBUILD}") from None
+    if header.dtype.hasobject or fortran:
+        raise StoreError(f"{path} holds {'Python objects' if header.dtype.hasobject else 'a Fortran-order array'}, "
+                         f"not a store array (corrupt store: {REBUILD})")
+    size = path.stat().st_size
+    if size != header.file_size:
+        state = "truncated" if size < header.file_size else "longer than its header says"
+        raise StoreError(f"{path} is {size:,} bytes but its header ({header.shape} {header.dtype}) needs "
+                         f"{header.file_size:,}: {state} (corrupt store: {REBUILD})")
+    if (shape is not None and header.shape != tuple(shape)) or (dtype is not None and header.dtype != np.dtype(dtype)):
+        raise StoreError(f"{path} holds {header.shape} {header.dtype}, expected {tuple(shape or header.shape)} "
+                         f"{np.dtype(dtype or header.dtype)} (corrupt store: {REBUILD})")
+    return header
+
+
+def read_store_json(path: Path, kind: type, what: str) -> Any:
+    """A store's JSON file, refused in one line when missing, not JSON or not a ``kind``."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise StoreError(f"{path} is missing (corrupt store: {REBUILD})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise StoreError(f"{path} is not valid JSON ({str(err).splitlines()[0][:60]}): corrupt store, {REBUILD}") from None
+    if not isinstance(value, kind) or (kind is list and not all(isinstance(v, str) for v in value)):
+        raise StoreError(f"{path} does not hold {what} (corrupt store: {REBUILD})")
+    return value
+
+
+def load_status(root: Path, n: int) -> np.ndarray:
+    """``status.npy`` checked by :func:`check_npy` ((n,) uint8) and by value (0, 1 or 2)."""
+    path = root / STATUS
+    check_npy(path, (n,), np.uint8)
+    status = np.load(path, allow_pickle=False)
+    if status.size and status.max() > FAILED:
+        raise StoreError(f"{path} holds status {int(status.max())} (known: 0 to do, 1 done, 2 failed): "
+                         f"corrupt store, {REBUILD}")
+    return status
+
+
+def _read_problems(root: Path) -> list[dict[str, Any]]:
+    path = root / PROBLEMS
+    if not path.is_file():
+        return []
+    problems = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise StoreError(f"{path} line {lineno} is not valid JSON (corrupt store: {REBUILD})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("row"), int):
+            raise StoreError(f"{path} line {lineno} is not a problem record (corrupt store: {REBUILD})")
+        problems.append(record)
+    return problems
+
+
+def preallocate(path: Path) -> None:
+    """Reserve the disk blocks of ``path`` (``os.posix_fallocate``; a no-op where unsupported).
+
+    A memory-mapped array writes into a sparse file; on a full disk that write is a SIGBUS, with nothing on
+    stderr. Reserved blocks make the failure an ``OSError(ENOSPC)`` here, before any row is computed.
+    """
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as err:
+        if err.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise OSError(err.errno, os.strerror(err.errno), str(path)) from None
+    finally:
+        os.close(fd)
+
+
+def _open_arrays(root: Path, specs: dict[str, tuple[tuple[int, ...], np.dtype]], mode: str) -> dict[str, np.memmap]:
+    """Memory-map the arrays after :func:`check_npy`; ``r+`` also reserves their blocks."""
+    arrays = {}
+    for name, (shape, dtype) in specs.items():
+        path = root / f"{name}.npy"
+        check_npy(path, shape, dtype)
+        if mode == "r+":
+            preallocate(path)
+        arrays[name] = np.load(path, mmap_mode=mode, allow_pickle=False)
+    return arrays
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def _is_interrupted_creation(root: Path) -> bool:
+    """A directory holding only the files a store writes before its first manifest (a killed creation)."""
+    known = {IDS, IMAGES, STATUS, PROBLEMS, *(f"{name}.npy" for name in ARRAYS)}
+    entries = list(root.iterdir())
+    return bool(entries) and all(p.is_file() and (p.name in known or p.name.endswith(".tmp")) for p in entries)
+
+
+class StoreWriter:
+    """Create or resume a store; rows are written by index and committed with :meth:`flush`.
+
+    Args:
+        root: the store directory.
+        manifest: the fields the store is built with (:data:`MATCH_KEYS`, ``feature_size`` required).
+        ids: item ids in row order.
+        image_hashes: each row's image content hash (the catalogue's); when given, a store built for another
+            version of the catalogue with the same ids is updated: rows whose hash changed are done again.
+
+    Raises:
+        StoreError: a store that does not match, is corrupt (any file whose size or header is wrong), or a
+            directory that is not a store; an ``OSError`` (a full disk) as one line naming the path.
+    """
+
+    def __init__(self, root: str | Path, manifest: dict[str, Any], ids: list[str], *,
+                 image_hashes: list[str] | None = None) -> None:
         self.root = Path(root)
         self._staged: list[int] = []
-        path = self.root / MANIFEST
-        n, f = len(ids), int(manifest["feature_size"])
-        if path.is_file():
-            found = json.loads(path.read_text())
-            problem = describe_mismatch(found, manifest, str(self.root))
-            if problem:
-                raise StoreError(problem + " (use another --out, or delete the store to rebuild it)")
-            stored_ids = json.loads((self.root / "ids.json").read_text())
-            if stored_ids != ids:
-                raise StoreError(f"feature store {self.root} holds other item ids than the catalogue")
-            self.manifest = found
-            mode = "r+"
-        else:
-            if self.root.exists() and any(self.root.iterdir()):
-                raise StoreError(f"{self.root} exists and is not a feature store (no {MANIFEST})")
-            self.root.mkdir(parents=True, exist_ok=True)
-            self.manifest = {**manifest, "version": STORE_VERSION, "num_items": n, "complete": False,
-                             "layout": FEATURE_LAYOUT, "dtype": "float16"}
-            atomic_write_json(self.root / "ids.json", ids)
-            mode = "w+"
-        shapes = {"features": ((n, FEATURES_PER_IMAGE, f), np.float16), "boxes": ((n, NUM_COLOUR, 4), np.float32),
-                  "positions": ((n, NUM_COLOUR, 5), np.float32), "saliency": ((n, 5), np.float32),
-                  "sizes": ((n, 2), np.int32)}
-        self.arrays = {}
-        for name, (shape, dtype) in shapes.items():
-            file = self.root / f"{name}.npy"
-            if mode == "w+":
-                self.arrays[name] = np.lib.format.open_memmap(file, mode="w+", dtype=dtype, shape=shape)
+        self.changed: list[int] = []
+        """Rows reset to do because their image changed since the store was built."""
+        if image_hashes is not None and len(image_hashes) != len(ids):
+            raise StoreError(f"{len(image_hashes)} image hashes for {len(ids)} ids")
+        self.specs = array_specs(len(ids), int(manifest["feature_size"]))
+        with one_line_os_errors(f"feature store {self.root}", StoreError):
+            if (self.root / MANIFEST).is_file():
+                self._resume(manifest, ids, image_hashes)
             else:
-                self.arrays[name] = np.load(file, mmap_mode="r+")
-                if self.arrays[name].shape != shape:
-                    raise StoreError(f"feature store {self.root}: {name}.npy has shape {self.arrays[name].shape}, "
-                                     f"expected {shape} (corrupt store: delete it to rebuild)")
-        status_file = self.root / "status.npy"
-        self.status = np.load(status_file) if mode == "r+" and status_file.is_file() else np.zeros(n, np.uint8)
+                self._create(manifest, ids, image_hashes)
+
+    def _create(self, manifest: dict[str, Any], ids: list[str], image_hashes: list[str] | None) -> None:
+        if self.root.exists() and any(self.root.iterdir()):
+            if not _is_interrupted_creation(self.root):
+                raise StoreError(f"{self.root} exists and is not a feature store (no {MANIFEST})")
+            for leftover in self.root.iterdir():  # no manifest yet means no row was ever committed
+                leftover.unlink()
+        made_dir = not self.root.exists()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.manifest = {**manifest, "version": STORE_VERSION, "num_items": len(ids), "complete": False,
+                         "layout": FEATURE_LAYOUT, "dtype": "float16"}
+        try:
+            atomic_write_json(self.root / IDS, ids)
+            if image_hashes is not None:
+                atomic_write_json(self.root / IMAGES, image_hashes)
+            for name, (shape, dtype) in self.specs.items():  # sparse files; _open_arrays reserves their blocks
+                np.lib.format.open_memmap(self.root / f"{name}.npy", mode="w+", dtype=dtype, shape=shape).flush()
+            self.arrays = _open_arrays(self.root, self.specs, "r+")
+            self.status = np.zeros(len(ids), np.uint8)
+            self.problems: list[dict[str, Any]] = []
+            self.flush()  # the manifest comes last: until it exists, the directory is an interrupted creation
+        except BaseException:
+            self.arrays = {}
+            for name in (IDS, IMAGES, STATUS, PROBLEMS, *(f"{a}.npy" for a in ARRAYS)):
+                (self.root / name).unlink(missing_ok=True)
+            if made_dir and not any(self.root.iterdir()):
+                self.root.rmdir()
+            raise
+
+    def _resume(self, manifest: dict[str, Any], ids: list[str], image_hashes: list[str] | None) -> None:
+        found = read_store_json(self.root / MANIFEST, dict, "a store manifest (a JSON object)")
+        rebuild = " (use another --out, or delete the store to rebuild it)"
+        problem = describe_mismatch(found, manifest, str(self.root), RESUME_KEYS)
+        if problem:
+            raise StoreError(problem + rebuild)
+        if read_store_json(self.root / IDS, list, "a list of item ids") != ids:
+            raise StoreError(f"feature store {self.root} holds other item ids than the catalogue{rebuild}")
+        self.status = load_status(self.root, len(ids))
         self.problems = _read_problems(self.root)
-        if mode == "w+":
-            self.flush()
+        self.arrays = _open_arrays(self.root, self.specs, "r+")
+        self.manifest = found
+        new_hash = manifest.get("catalogue_hash")
+        if new_hash is not None and found.get("catalogue_hash") != new_hash:
+            if image_hashes is None:
+                raise StoreError(describe_mismatch(found, manifest, str(self.root), ("catalogue_hash",)) + rebuild)
+            self._update_catalogue(manifest, image_hashes)
+
+    def _update_catalogue(self, manifest: dict[str, Any], image_hashes: list[str]) -> None:
+        """Same ids, another catalogue version: redo the rows whose image changed, then adopt the new hash.
+
+        Kill-safe order: status.npy (changed rows to do) first, then images.json, then the manifest, so an
+        interrupted update finds the same rows to do (or finds them already marked) when it runs again.
+        """
+        path = self.root / IMAGES
+        old = read_store_json(path, list, "a list of image hashes") if path.is_file() else [None] * len(image_hashes)
+        if len(old) != len(image_hashes):
+            raise StoreError(f"{path} holds {len(old)} hashes for {len(image_hashes)} items (corrupt store: {REBUILD})")
+        self.changed = [i for i, (a, b) in enumerate(zip(old, image_hashes, strict=True)) if a != b]
+        changed = set(self.changed)
+        self.status[self.changed] = TODO
+        self.problems = [p for p in self.problems if p["row"] not in changed]
+        self._write_status()
+        atomic_write_json(path, image_hashes)
+        self.manifest.update(catalogue_hash=manifest["catalogue_hash"], version=STORE_VERSION,
+                             **{k: manifest[k] for k in ("catalogue",) if k in manifest})
+        self.flush()
 
     def pending(self) -> list[int]:
         """Row indices still to do."""
@@ -118,31 +332,34 @@ class StoreWriter:
         self.problems.append({"row": index, "id": item_id, "problem": problem})
         self.status[index] = FAILED
 
-    def flush(self) -> None:
-        """Commit: flush the arrays to disk, then mark the staged rows done (atomically)."""
-        for array in self.arrays.values():
-            array.flush()
-        for index in self._staged:
-            self.status[index] = DONE
-        self._staged = []
-        with atomic_path(self.root / "status.npy") as tmp:
+    def _write_status(self) -> None:
+        with atomic_path(self.root / STATUS) as tmp:
             with open(tmp, "wb") as fh:
                 np.save(fh, self.status)
-        atomic_write_text(self.root / "problems.jsonl", "".join(json.dumps(p) + "\n" for p in self.problems))
-        self.manifest["complete"] = bool((self.status != TODO).all())
-        self.manifest["done"] = int((self.status == DONE).sum())
-        self.manifest["failed"] = int((self.status == FAILED).sum())
-        self.manifest["fallback_boxes"] = int(self.arrays["saliency"][self.status == DONE, 4].sum())
-        atomic_write_json(self.root / MANIFEST, self.manifest)
+
+    def flush(self) -> None:
+        """Commit: flush the arrays to disk, then mark the staged rows done (atomically).
+
+        Raises:
+            StoreError: a write failed (a full disk): one line naming the file; rows committed before stay done.
+        """
+        with one_line_os_errors(f"feature store {self.root}: rows flushed earlier are kept, re-run to resume",
+                                StoreError):
+            for array in self.arrays.values():
+                array.flush()
+            for index in self._staged:
+                self.status[index] = DONE
+            self._staged = []
+            self._write_status()
+            atomic_write_text(self.root / PROBLEMS, "".join(json.dumps(p) + "\n" for p in self.problems))
+            self.manifest["complete"] = bool((self.status != TODO).all())
+            self.manifest["done"] = int((self.status == DONE).sum())
+            self.manifest["failed"] = int((self.status == FAILED).sum())
+            self.manifest["fallback_boxes"] = int(self.arrays["saliency"][self.status == DONE, 4].sum())
+            atomic_write_json(self.root / MANIFEST, self.manifest)
 
 
-def _read_problems(root: Path) -> list[dict[str, Any]]:
-    path = root / "problems.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
+# ---------------------------------------------------------------------------------------------- reading
 class FeatureStore:
     """Read-only random access to a complete store; arrays are memory-mapped.
 
@@ -157,23 +374,38 @@ class FeatureStore:
         path = self.root / MANIFEST
         if not path.is_file():
             raise StoreError(f"{self.root} is not a feature store ({MANIFEST} not found)")
-        try:
-            self.manifest = json.loads(path.read_text())
-            self.ids: list[str] = json.loads((self.root / "ids.json").read_text())
-            self.status = np.load(self.root / "status.npy")
-            self.arrays = {name: np.load(self.root / f"{name}.npy", mmap_mode="r")
-                           for name in ("features", "boxes", "positions", "saliency", "sizes")}
-        except (OSError, ValueError, json.JSONDecodeError) as err:
-            raise StoreError(f"feature store {self.root} is corrupt ({type(err).__name__}: {err})") from None
-        if not self.manifest.get("complete"):
-            raise StoreError(f"feature store {self.root} is incomplete ({self.manifest.get('done', 0)}/"
-                             f"{self.manifest.get('num_items')} items): re-run `kaleido patches` to finish it")
+        with one_line_os_errors(f"feature store {self.root}", StoreError):
+            self.manifest = read_store_json(path, dict, "a store manifest (a JSON object)")
+            self.ids: list[str] = read_store_json(self.root / IDS, list, "a list of item ids")
+            feature_size = self.manifest.get("feature_size")
+            if not isinstance(feature_size, int) or feature_size < 1:
+                raise StoreError(f"{path} has no valid feature_size (corrupt store: {REBUILD})")
+            self.status = load_status(self.root, len(self.ids))
+            complete = self.manifest.get("complete") and not (self.status == TODO).any()
+            if not complete:
+                raise StoreError(f"feature store {self.root} is incomplete ({int((self.status != TODO).sum())}/"
+                                 f"{len(self.ids)} items): re-run `kaleido patches` to finish it")
+            self.arrays = _open_arrays(self.root, array_specs(len(self.ids), feature_size), "r")
+            self.problems = _read_problems(self.root)
         if expect:
             problem = describe_mismatch(self.manifest, expect, str(self.root))
             if problem:
                 raise StoreError(problem)
         self.index = {item_id: i for i, item_id in enumerate(self.ids)}
-        self.problems = _read_problems(self.root)
+
+    def require_catalogue(self, catalogue: Catalogue) -> None:
+        """Refuse a store that was not built from ``catalogue`` as it is now (its texts and image contents).
+
+        The one identity check between a catalogue and a store; every command that opens both calls it.
+
+        Raises:
+            StoreError: one line naming both directories and how to rebuild the store.
+        """
+        found, wanted = self.manifest.get("catalogue_hash"), catalogue.hash()
+        if found != wanted:
+            raise StoreError(f"feature store {self.root} was built from another catalogue than {catalogue.root} "
+                             f"(or from an earlier version of it: catalogue hash {str(found)[:12]} in the store, "
+                             f"{wanted[:12]} now): re-run `kaleido patches {catalogue.root} --out {self.root}`")
 
     @property
     def feature_size(self) -> int:

@@ -14,9 +14,13 @@
 =============================  ==============================================================================
 
 Bad input never causes a 500: uploads go through :func:`kaleido_bert.serve.uploads.read_upload` (400/413/415),
-queries and ``k`` are validated (400/413/422), bodies over the upload limit are cut off with 413, and any
-:class:`~kaleido_bert.errors.KaleidoError` becomes a 400. Errors are JSON ``{"detail": "..."}`` (FastAPI's
-422 keeps its list of field errors). Every response carries ``Server-Timing`` and ``X-Latency-ms`` headers, and
+every request field has a strict type from :mod:`kaleido_bert.serve.validation` (booleans are ``true``/``false``,
+counts finite integers, texts UTF-8 within their length: 422), a blank query or an unknown category is a 400,
+bodies over the upload limit are cut off with 413, and any :class:`~kaleido_bert.errors.KaleidoError` becomes a
+400. Errors are JSON ``{"detail": "..."}`` (a 422 keeps FastAPI's list of field errors); every error body goes
+through :func:`~kaleido_bert.serve.validation.safe_json`, so one about a ``NaN`` or a lone surrogate can be sent.
+Each endpoint documents every status it answers with in the OpenAPI schema (``/openapi.json``, checked by
+schemathesis in ``tests/test_api_conformance.py``), and ``/healthz`` names no filesystem path. Every response carries ``Server-Timing`` and ``X-Latency-ms`` headers, and
 each request is logged (method, path, status, milliseconds) on the ``kaleido_bert.serve.app`` logger.
 Pipeline calls are serialised by a lock; they run in FastAPI's thread pool, off the event loop.
 
@@ -34,16 +38,29 @@ from typing import Annotated, Any, Protocol
 from urllib.parse import quote
 
 from fastapi import FastAPI, File, Form, HTTPException, UploadFile
+from fastapi import Path as PathParam
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kaleido_bert.errors import KaleidoError
 from kaleido_bert.serve.uploads import MAX_UPLOAD_BYTES, UploadError, read_upload
+from kaleido_bert.serve.validation import (
+    NOT_BLANK,
+    Count,
+    Flag,
+    input_faults,
+    public_facts,
+    safe_json,
+    text_type,
+)
 
 log = logging.getLogger("kaleido_bert.serve.app")
 
@@ -135,11 +152,31 @@ class ErrorResponse(BaseModel):
     detail: str = Field(description="one line saying what was wrong with the request")
 
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorResponse, "description": "bad input (empty query, corrupt image, unknown category, ...)"},
-    413: {"model": ErrorResponse, "description": "upload or query too large"},
+def _error(description: str) -> dict[str, Any]:
+    return {"model": ErrorResponse, "description": description}
+
+
+_BODY_TOO_LARGE = _error("the request body is over the upload limit (plus 64 KiB for the multipart framing)")
+_TEXT_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: _error("a blank query, an unknown category, a body that is not JSON, or a query the pipeline refuses"),
+    413: _BODY_TOO_LARGE,
+    422: {"description": "a field of the wrong type or out of range: k not a finite integer in range, rerank not "
+                         "a JSON boolean, a text over its length limit or not valid UTF-8, a missing query"},
 }
-_UPLOAD_ERRORS = {**_ERRORS, 415: {"model": ErrorResponse, "description": "not a JPEG, PNG or WebP image"}}
+_UPLOAD_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: _error("an empty, truncated, corrupt or too small image, a declared type that disagrees with the "
+                "file's signature, or a malformed multipart body"),
+    413: _error("the upload is over the byte limit or its header promises more pixels than allowed"),
+    415: _error("not a JPEG, PNG or WebP image (by declared content type or file signature)"),
+    422: {"description": "no file part, k not an integer in range, or a text over its length limit or not UTF-8"},
+}
+_IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the image file",
+          "content": {media: {"schema": {"type": "string", "format": "binary"}} for media in
+                      sorted(set(IMAGE_SUFFIXES.values()))}},
+    400: _error("a malformed path: absolute, with a backslash or NUL, or with '.', '..' or empty segments"),
+    404: _error("no such JPEG, PNG or WebP image inside the catalogue directory"),
+}
 
 
 # ---------------------------------------------------------------------------------------------- middleware
@@ -220,6 +257,12 @@ def catalogue_file(root: Path, relative: str) -> Path:
     return target
 
 
+def _example_image(root: Path) -> list[str] | None:
+    """One catalogue image path, as the schema's example of ``GET /images/{image_path}`` (None when there is none)."""
+    found = next((p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()), None)
+    return None if found is None else [found.relative_to(root).as_posix()]
+
+
 def _product(hit: dict[str, Any]) -> Product:
     return Product(**{**hit, "image_url": "/images/" + quote(str(hit["image"]))})
 
@@ -229,12 +272,11 @@ def _read_image(file: UploadFile, max_bytes: int) -> Image.Image:
     return read_upload(data, content_type=file.content_type, filename=file.filename or "upload", max_bytes=max_bytes)
 
 
-def _check_text(text: str, what: str, max_chars: int) -> str:
+def _check_text(text: str, what: str) -> str:
+    """``text`` without surrounding whitespace; a 400 when nothing is left (its length was checked as a field)."""
     text = text.strip()
     if not text:
         raise HTTPException(400, f"{what} is empty or whitespace-only")
-    if len(text) > max_chars:
-        raise HTTPException(413, f"{what} is {len(text):,} characters; the limit is {max_chars:,}")
     return text
 
 
@@ -271,15 +313,19 @@ def create_app(
     if min(max_upload_bytes, max_query_chars, max_k) < 1:
         raise KaleidoError("max_upload_bytes, max_query_chars and max_k must be positive")
     lock = threading.Lock()
+    known = list(pipeline.categories())
+    Query = text_type(max_query_chars)
+    Category = text_type(max([max_query_chars, *map(len, known)]))
+    upload = File(description=f"a JPEG, PNG or WebP product photo, at least 16 px a side, at most "
+                              f"{max_upload_bytes:,} bytes", json_schema_extra={"format": "binary", "minLength": 1})
 
     class TextSearchRequest(BaseModel):
-        query: str = Field(
-            description="what to look for, in words",
-            json_schema_extra={"minLength": 1, "maxLength": max_query_chars},
-        )
-        k: int = Field(10, ge=1, le=max_k, description="number of results")
-        category: str | None = Field(None, description="only products of this category (see /api/categories)")
-        rerank: bool = Field(True, description="re-score the candidates with the cross-modal model")
+        query: Query = Field(description="what to look for, in words (not blank; surrounding whitespace is ignored)",
+                             json_schema_extra={"minLength": 1, "pattern": NOT_BLANK})
+        k: Count = Field(10, ge=1, le=max_k, description="number of results")
+        category: Category | None = Field(None, description="only products of this category (see /api/categories); "
+                                          "null or \"\" for all", json_schema_extra={"enum": [None, "", *known]})
+        rerank: Flag = Field(True, description="re-score the candidates with the cross-modal model")
 
     app = FastAPI(
         title="kaleido-bert product search",
@@ -290,11 +336,20 @@ def create_app(
 
     @app.exception_handler(UploadError)
     async def _upload_error(request: Request, exc: UploadError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+        return JSONResponse({"detail": safe_json(str(exc))}, status_code=exc.status)
 
     @app.exception_handler(KaleidoError)
     async def _kaleido_error(request: Request, exc: KaleidoError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=400)
+        return JSONResponse({"detail": safe_json(str(exc))}, status_code=400)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": safe_json(exc.errors())}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Any:
+        safe = StarletteHTTPException(exc.status_code, detail=safe_json(exc.detail), headers=exc.headers)
+        return await http_exception_handler(request, safe)
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
@@ -304,27 +359,25 @@ def create_app(
 
     @app.get("/healthz", response_model=HealthResponse)
     def healthz() -> dict[str, Any]:
-        return {**pipeline.info(), "status": "ok"}
+        return {**public_facts(pipeline.info()), "status": "ok"}
 
     @app.get("/api/categories", response_model=CategoriesResponse)
     def categories() -> CategoriesResponse:
         return CategoriesResponse(categories=list(pipeline.categories()))
 
-    @app.post("/api/search/text", response_model=TextSearchResponse, responses=_ERRORS)
+    @app.post("/api/search/text", response_model=TextSearchResponse, responses=_TEXT_ERRORS)
     def search_text(body: TextSearchRequest) -> TextSearchResponse:
-        query = _check_text(body.query, "query", max_query_chars)
-        category = (body.category or "").strip() or None
-        if category is not None:
-            known = list(pipeline.categories())
-            if category not in known:
-                raise HTTPException(400, f"unknown category {category!r} (known: {', '.join(known)})")
-        with lock:
+        query = _check_text(body.query, "query")
+        category = body.category or None
+        if category is not None and category not in (names := list(pipeline.categories())):
+            raise HTTPException(400, f"unknown category {category!r} (known: {', '.join(names)})")
+        with lock, input_faults(query=query, category=category):
             hits = pipeline.search_text(query, body.k, category=category, rerank=body.rerank)
         return TextSearchResponse(query=query, k=body.k, category=category, results=[_product(h) for h in hits])
 
     @app.post("/api/search/image", response_model=ImageSearchResponse, responses=_UPLOAD_ERRORS)
     def search_image(
-        file: Annotated[UploadFile, File(description="a JPEG, PNG or WebP product photo")],
+        file: Annotated[UploadFile, upload],
         k: Annotated[int, Form(ge=1, le=max_k, description="number of products")] = 10,
     ) -> ImageSearchResponse:
         image = _read_image(file, max_upload_bytes)
@@ -336,7 +389,7 @@ def create_app(
         )
 
     @app.post("/api/caption", response_model=CaptionResponse, responses=_UPLOAD_ERRORS)
-    def caption(file: Annotated[UploadFile, File(description="a JPEG, PNG or WebP product photo")]) -> CaptionResponse:
+    def caption(file: Annotated[UploadFile, upload]) -> CaptionResponse:
         image = _read_image(file, max_upload_bytes)
         with lock:
             text = pipeline.caption(image)
@@ -344,20 +397,21 @@ def create_app(
 
     @app.post("/api/classify", response_model=ClassifyResponse, responses=_UPLOAD_ERRORS)
     def classify(
-        file: Annotated[UploadFile, File(description="a JPEG, PNG or WebP product photo")],
-        text: Annotated[str | None, Form(description="optional product text to classify with")] = None,
+        file: Annotated[UploadFile, upload],
+        text: Annotated[Query | None, Form(description="optional product text to classify with (blank = none)")] = None,
     ) -> ClassifyResponse:
-        words = _check_text(text, "text", max_query_chars) if text and text.strip() else None
+        words = text.strip() if text and text.strip() else None
         image = _read_image(file, max_upload_bytes)
-        with lock:
+        with lock, input_faults(text=words):
             labels = pipeline.classify(image, words)
         return ClassifyResponse(
             category=[LabelProb(**p) for p in labels["category"]],
             subcategory=[LabelProb(**p) for p in labels["subcategory"]],
         )
 
-    @app.get("/images/{image_path:path}", response_class=FileResponse, responses={400: {"model": ErrorResponse}})
-    def image(image_path: str) -> FileResponse:
+    @app.get("/images/{image_path:path}", response_class=FileResponse, responses=_IMAGE_RESPONSES)
+    def image(image_path: Annotated[str, PathParam(description="image path relative to the catalogue root",
+                                                   examples=_example_image(root))]) -> FileResponse:
         target = catalogue_file(root, image_path)
         return FileResponse(
             target,

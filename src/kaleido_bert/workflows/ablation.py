@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kaleido_bert import distributed as dist
 from kaleido_bert.atomic import atomic_write_json, atomic_write_text
 from kaleido_bert.config import AKPM_TASKS as AKPM
 from kaleido_bert.config import RunConfig
 from kaleido_bert.errors import KaleidoError
+from kaleido_bert.workflows.stages import extract_store
 
 PROTOCOLS = ("retrieval", "classification", "caption")
 
@@ -133,9 +133,7 @@ def ablate(config: RunConfig, out: str | Path, *, protocols: tuple[str, ...] = P
         only: column names to run (default all).
     """
     from kaleido_bert.eval.evaluate import evaluate_run
-    from kaleido_bert.runs import training_state
-    from kaleido_bert.train.finetune import finetune, finetune_config
-    from kaleido_bert.train.pretrain import pretrain
+    from kaleido_bert.workflows.stages import finetune_jobs, finetune_stage, pretrain_stage
 
     bad = sorted(set(protocols) - set(PROTOCOLS))
     if bad:
@@ -158,17 +156,11 @@ def ablate(config: RunConfig, out: str | Path, *, protocols: tuple[str, ...] = P
         run = column_config(config, column, features)
         root = out / column.run
         print(f"[ablate] {column.group} {column.name} → {root}", flush=True)
-        state = training_state(root / "pretrain", run.train.max_steps)
-        if state != "done":
-            pretrain(run, root / "pretrain", resume=state == "resume", progress=progress)
-        jobs = [("category", False), ("subcategory", False)] if "classification" in protocols else []
-        jobs += [("caption", False)] if "caption" in protocols else []
-        for task, image_only in jobs:
-            target = root / "finetune" / task
-            state = training_state(target, finetune_config(run, task).train.max_steps)
-            if state != "done":
-                finetune(task, run, root / "pretrain", target, image_only=image_only, resume=state == "resume",
-                         progress=progress)
+        pretrain_stage(run, root, progress=progress)
+        for task, image_only in finetune_jobs(run, retrieval=False, caption="caption" in protocols,
+                                              classifiers="classification" in protocols):
+            if not image_only:  # Table 4 reports the paper's image + text classifiers
+                finetune_stage(run, root, task, image_only, progress=progress)
         metrics = evaluate_run(root, run, root / "report", candidates=candidates if candidates.is_file() else None,
                                progress=progress, dataset_label=f"ablation {column.name}", gallery=False)
         if not candidates.is_file():
@@ -192,15 +184,8 @@ def ablate(config: RunConfig, out: str | Path, *, protocols: tuple[str, ...] = P
 
 def _feature_store(config: RunConfig, target: Path, saliency: str) -> Path:
     """A feature store of the catalogue with another saliency method (built once, resumed if interrupted)."""
-    from dataclasses import replace
-
-    from kaleido_bert.patches.extraction import extract_features
-
     manifest = target / "manifest.json"
     if manifest.is_file() and json.loads(manifest.read_text()).get("complete"):
         return target
-
-    extract_features(config.data.catalogue, target, replace(config.features, saliency=saliency),
-                     seed=config.train.seed, num_workers=config.data.num_workers,
-                     device=str(dist.device()))
+    extract_store(config.with_overrides({"features.saliency": saliency}), config.data.catalogue, target)
     return target
