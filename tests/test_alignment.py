@@ -243,3 +243,29 @@ def test_draw_attention_writes_a_png(trained, tiny, tokenizer, tmp_path):
     out = draw_attention(tiny / "cat", tiny / "store", ckpt, ids, tmp_path / "fig4.png", tokenizer=tokenizer,
                          max_words=3)
     assert Path(out).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_pipeline_align_stage_uses_the_run_vocabulary(trained, tiny, tmp_path):
+    """Regression: the demo's alignment stage once ignored ``data.tokenizer``, so a custom vocabulary gave token
+    positions from another WordPiece vocabulary than pre-training used."""
+    from kaleido_bert.config import load_config
+    from kaleido_bert.data.tokenizer import load_tokenizer, train_tokenizer
+    from kaleido_bert.workflows.stages import align
+
+    ckpt, _ = trained
+    cat = load_catalogue(tiny / "cat")
+    vocab = train_tokenizer([it.description for it in cat.items], tmp_path / "vocab", vocab_size=120,
+                            min_frequency=1)
+    config = load_config("tiny", [f"data.tokenizer={vocab}", "model.max_text_len=40"])
+    align(config, tiny / "cat", tiny / "store", ckpt, tmp_path / "out")
+    rows = {r["id"]: r for r in map(json.loads, (tmp_path / "out" / "alignments.jsonl").read_text().splitlines())}
+    custom, default = load_tokenizer(vocab), load_tokenizer()
+    differs = 0
+    by_id = {it.id: it for it in cat.items}
+    for item_id, row in rows.items():
+        expected = word_positions(by_id[item_id].description, custom, 40)
+        for pair in row["pairs"]:
+            assert pair["tokens"] == expected[pair["word"]], (item_id, pair["word"])
+        differs += expected != word_positions(by_id[item_id].description, default, 40)
+    assert sum(len(r["pairs"]) for r in rows.values()) > 0
+    assert differs > 0, "the custom vocabulary tokenises like the default one: the test cannot tell them apart"

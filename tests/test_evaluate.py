@@ -94,10 +94,13 @@ def test_negatives_prefer_the_same_subcategory(pipeline):
     by_sub = {}
     for it in catalogue.split("train"):
         by_sub.setdefault(it.subcategory, set()).add(it.product_id)
+    checked = 0
     for q in cands["itr"]:
         pos = products[q["positive"]]
         if len({p for p in by_sub[pos.subcategory] if products[p].description != pos.description}) > 1:
             assert products[q["candidates"][1]].subcategory == pos.subcategory
+            checked += 1
+    assert checked >= 10, f"only {checked} of {len(cands['itr'])} queries had a same-sub-category negative to draw"
 
 
 # ---------------------------------------------------------------------------------------------- scoring

@@ -1,8 +1,8 @@
 """Model contracts (paper §3.5): gradients reach every parameter, heads switch off, the KL loss, padding,
 parity with transformers' BertModel, BERT weight import and the state-dict key contract.
 
-``random_sample``/``random_batch`` build tiny-config batches in memory (vocab < 99, F = 24, odd text lengths);
-``test_train.py`` and ``test_checkpoint.py`` reuse them.
+``random_sample``/``random_batch``/``tiny_model`` (tiny-config batches in memory: vocab < 99, F = 24, odd text
+lengths) live in ``model_fixtures.py``, shared with ``test_train.py`` and ``test_checkpoint.py``.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from transformers import BertConfig, BertModel
 from kaleido_bert.checkpoint import load_bert_weights
 from kaleido_bert.config import ModelConfig, load_config
 from kaleido_bert.errors import KaleidoError
-from kaleido_bert.inputs.pretraining import collate
 from kaleido_bert.model.encoder import KaleidoBertConfig, KaleidoBertModel
 from kaleido_bert.model.heads import KaleidoBertForPreTraining, kl_reconstruction
+from model_fixtures import random_batch, tiny_model
 
 ALL_WITH_ITC = ["mlm", "itm", "rotation", "jigsaw", "camouflage", "grey_to_color", "blank_to_color", "itc"]
 HEAD_PREFIX = {
@@ -35,54 +35,6 @@ HEAD_PREFIX = {
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def random_sample(
-    index: int,
-    *,
-    seed: int = 0,
-    epoch: int = 0,
-    vocab: int = 99,
-    feature_size: int = 24,
-    positive: bool | None = None,
-) -> dict:
-    """One pre-training sample shaped like ``PretrainDataset``'s, fixed by ``(seed, epoch, index)``."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 10_007 + index)
-    length = int(torch.randint(5, 12, (1,), generator=g))
-    text_ids = torch.randint(5, vocab, (length,), generator=g)
-    text_ids[0], text_ids[-1] = 2, 3  # [CLS] … [SEP]
-    mlm_labels = torch.full((length,), -100)
-    for pos in torch.randperm(length - 2, generator=g)[:2] + 1:
-        mlm_labels[pos], text_ids[pos] = text_ids[pos], 4  # [MASK]
-    itm = int(torch.randint(0, 2, (1,), generator=g)) if positive is None else int(positive)
-    return {
-        "id": f"pair-{index}",
-        "text_ids": text_ids,
-        "mlm_labels": mlm_labels,
-        "patch_features": torch.randn(55, feature_size, generator=g),
-        "patch_positions": torch.rand(55, 5, generator=g),
-        "itm_label": torch.tensor(itm),
-        "rotation_label": torch.randint(0, 4, (), generator=g),
-        "jigsaw_label": torch.randint(0, 24, (), generator=g),
-        "camouflage_label": torch.randint(0, 9, (), generator=g),
-        "grey_index": torch.randperm(16, generator=g)[:2],
-        "grey_target": torch.randn(2, feature_size, generator=g),
-        "blank_index": torch.randperm(25, generator=g)[:3],
-        "blank_target": torch.randn(3, feature_size, generator=g),
-    }
-
-
-def random_batch(size: int = 3, *, seed: int = 0, **kwargs) -> dict:
-    return collate([random_sample(i, seed=seed, **kwargs) for i in range(size)])
-
-
-def tiny_model(tasks: list[str] | None = None, **changes) -> KaleidoBertForPreTraining:
-    model_config = load_config("tiny").model
-    model_config = dataclasses.replace(
-        model_config, **changes, **({"tasks": tasks} if tasks is not None else {})
-    )
-    torch.manual_seed(0)
-    return KaleidoBertForPreTraining(KaleidoBertConfig.from_model_config(model_config))
 
 
 def test_every_parameter_receives_a_gradient_and_nothing_is_nan():

@@ -29,7 +29,7 @@ from kaleido_bert.inputs.pretraining import collate
 from kaleido_bert.model.heads import pretraining_loss_counts
 from kaleido_bert.runs import LATEST, latest_checkpoint, list_checkpoints
 from kaleido_bert.train.loop import build_optimizer, get_lr, train
-from test_model import random_sample, tiny_model
+from model_fixtures import random_sample, tiny_model
 
 
 class RandomPairs(Dataset):
@@ -287,6 +287,12 @@ def test_cli_pretrain_killed_after_its_first_checkpoint_resumes_to_the_same_weig
         "tokenizer.json",
     }
     assert (killed / "data_counts.json").is_file() and (killed / "loss_curves.png").is_file()
+    # Regression: the ModelConfig ↔ config.json map once lacked patch_levels, so this resume was accepted.
+    refused = _cli(*run, "--out", str(killed), "--resume", "--set", "model.patch_levels=[5]")
+    assert refused.returncode == 2, refused.stdout[-500:]
+    last = refused.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "model.patch_levels=[1, 2, 3, 4, 5]" in last and "[5]" in last, last
+    assert "Traceback" not in refused.stderr
 
 
 def _free_port() -> int:

@@ -190,17 +190,32 @@ def save_checkpoint(out_dir: str | Path, step: int, *, model: nn.Module, run_con
 # ---------------------------------------------------------------------------------------------- loading
 
 
+def read_model_config(checkpoint: str | Path) -> dict[str, Any]:
+    """A checkpoint's ``config.json`` as a dict (read before transformers sees it, for a one-line error).
+
+    Raises:
+        KaleidoError: the file is missing, not JSON, not an object, or its ``tasks`` is not a list of names.
+    """
+    path = Path(checkpoint) / "config.json"
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise KaleidoError(f"{path} is missing or unreadable ({type(err).__name__}): the checkpoint is corrupt, "
+                           "use another one") from None
+    tasks = found.get("tasks", []) if isinstance(found, dict) else None
+    if not isinstance(found, dict) or not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
+        raise KaleidoError(f"{path} does not describe a Kaleido-BERT model (expected a JSON object with a task "
+                           "list): the checkpoint is corrupt, use another one")
+    return found
+
+
 def check_model_config(checkpoint: str | Path, model_config: ModelConfig) -> None:
     """Refuse a checkpoint whose ``config.json`` disagrees with the run's ``model`` section (names the field).
 
     Raises:
         KaleidoError: ``config.json`` is missing or unreadable, or a field of :data:`MODEL_CONFIG_FIELDS` differs.
     """
-    path = Path(checkpoint) / "config.json"
-    try:
-        found = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise KaleidoError(f"{path} is missing or unreadable ({type(err).__name__})") from None
+    found = read_model_config(checkpoint)
     wanted = KaleidoBertConfig.from_model_config(model_config).to_dict()
     for field, key in MODEL_CONFIG_FIELDS.items():
         if found.get(key) != wanted[key]:

@@ -1,7 +1,10 @@
 """The ``kaleido`` command line: a thin map from subcommands to plain functions (SPEC §2 flows).
 
 Every command that reads a run config takes ``--config NAME|PATH`` and repeated ``--set a.b=value``. A
-:class:`~kaleido_bert.errors.KaleidoError` anywhere becomes one line on stderr and exit code 2, never a traceback.
+:class:`~kaleido_bert.errors.KaleidoError` anywhere becomes one line on stderr and exit code 2, never a traceback;
+so does an ``OSError`` (a full disk, a read-only file system: the line names the path), and an ``--out`` that
+names an existing file where a directory is written (or a directory where a file is) is refused before anything
+runs.
 """
 
 from __future__ import annotations
@@ -15,6 +18,24 @@ from kaleido_bert import __version__
 from kaleido_bert.config import PRESET_NAMES, RunConfig, load_config
 from kaleido_bert.errors import KaleidoError
 from kaleido_bert.runs import FINETUNE_TASKS
+
+
+def _out_dir(value: str) -> str:
+    """argparse ``type`` of every directory ``--out``: refuse an existing file (or a file on the way to it)."""
+    for path in (Path(value), *Path(value).parents):
+        if path.exists():
+            if not path.is_dir():
+                raise KaleidoError(f"--out {value}: {path} is an existing file, not a directory")
+            break
+    return value
+
+
+def _out_file(value: str) -> str:
+    """argparse ``type`` of a file ``--out`` (a figure): refuse an existing directory."""
+    if Path(value).is_dir():
+        raise KaleidoError(f"--out {value} is an existing directory, not a file")
+    _out_dir(str(Path(value).parent))
+    return value
 
 
 def _add_config_args(parser: argparse.ArgumentParser, default: str | None = "demo") -> None:
@@ -264,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="run the whole pipeline on the built-in synthetic catalogue")
-    demo.add_argument("--out", default="runs/demo", help="output directory")
+    demo.add_argument("--out", type=_out_dir, default="runs/demo", help="output directory")
     demo.add_argument("--catalogue", help="run the same pipeline on this catalogue instead of the synthetic one")
     demo.add_argument("--dataset", default="", help="the dataset's name in the report (default: the catalogue's)")
     _add_config_args(demo)
@@ -272,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="build and check catalogues").add_subparsers(dest="data_command", required=True)
     synth = data.add_parser("synth", help="write the built-in synthetic fashion catalogue")
-    synth.add_argument("--out", required=True)
+    synth.add_argument("--out", type=_out_dir, required=True)
     synth.add_argument("--products", type=int, default=300)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--workers", type=int, default=0, help="worker processes (0 = in process)")
@@ -282,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     csv_ = data.add_parser("import-csv", help="import a CSV of products and an image folder")
     csv_.add_argument("csv")
     csv_.add_argument("--images", required=True, help="folder the image paths are relative to")
-    csv_.add_argument("--out", required=True)
+    csv_.add_argument("--out", type=_out_dir, required=True)
     csv_.add_argument("--id-col", default="id")
     csv_.add_argument("--text-col", default="productDisplayName", help="description column")
     csv_.add_argument("--title-col", default=None, help="title column (default: first words of the description)")
@@ -298,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     fg = data.add_parser("import-fashiongen", help="import the official Fashion-Gen h5 files")
     fg.add_argument("files", nargs="+")
-    fg.add_argument("--out", required=True)
+    fg.add_argument("--out", type=_out_dir, required=True)
     fg.add_argument("--on-error", choices=("skip", "fail"), default="fail")
     fg.add_argument("--seed", type=int, default=0)
     fg.add_argument("--overwrite", action="store_true")
@@ -313,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     psub = patches.add_subparsers(dest="patches_command", required=True)
     extract = psub.add_parser("extract", help="(default) build or resume a feature store: kaleido patches CATALOGUE --out STORE")
     extract.add_argument("catalogue")
-    extract.add_argument("--out", required=True, help="feature store directory")
+    extract.add_argument("--out", type=_out_dir, required=True, help="feature store directory")
     extract.add_argument("--device", default="cpu")
     extract.add_argument("--workers", type=int, default=2, help="image-decoding worker processes")
     extract.add_argument("--limit", type=int, default=None, help="stop after this many images (resume later)")
@@ -323,11 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("store")
     show.add_argument("--ids", nargs="*", default=None, help="item ids (default: the first three)")
     show.add_argument("--catalogue", default=None, help="catalogue directory (default: the one in the manifest)")
-    show.add_argument("--out", default="kaleido-patches.png")
+    show.add_argument("--out", default="kaleido-patches.png", type=_out_file)
     show.set_defaults(func=cmd_patches_show)
     tsal = psub.add_parser("train-saliency", help="train the small saliency U-Net on pseudo-masks")
     tsal.add_argument("catalogue")
-    tsal.add_argument("--out", required=True, help="checkpoint directory")
+    tsal.add_argument("--out", type=_out_dir, required=True, help="checkpoint directory")
     tsal.add_argument("--pseudo", choices=("threshold", "opencv"), default="threshold")
     tsal.add_argument("--image-size", type=int, default=128)
     tsal.add_argument("--epochs", type=int, default=5)
@@ -338,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     tok = sub.add_parser("tokenizer", help="WordPiece vocabularies").add_subparsers(dest="tok_command", required=True)
     ttrain = tok.add_parser("train", help="train a WordPiece vocab on a catalogue's descriptions (bert layout)")
     ttrain.add_argument("catalogue")
-    ttrain.add_argument("--out", required=True)
+    ttrain.add_argument("--out", type=_out_dir, required=True)
     ttrain.add_argument("--vocab-size", type=int, default=8000)
     ttrain.add_argument("--min-frequency", type=int, default=2)
     ttrain.set_defaults(func=cmd_tokenizer_train)
@@ -348,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     atrain = asub.add_parser("train", help="train the Show-Attend-Tell captioner on a catalogue + feature store")
     atrain.add_argument("catalogue")
     atrain.add_argument("--features", required=True, help="feature store (kaleido patches)")
-    atrain.add_argument("--out", required=True, help="captioner checkpoint directory")
+    atrain.add_argument("--out", type=_out_dir, required=True, help="captioner checkpoint directory")
     atrain.add_argument("--epochs", type=int, default=None, help="= --set align.epochs=N")
     atrain.add_argument("--seed", type=int, default=None, help="= --set train.seed=N")
     atrain.add_argument("--device", default="cpu")
@@ -358,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     aext.add_argument("catalogue")
     aext.add_argument("--features", required=True)
     aext.add_argument("--captioner", required=True)
-    aext.add_argument("--out", required=True, help="output directory")
+    aext.add_argument("--out", type=_out_dir, required=True, help="output directory")
     aext.add_argument("--tokenizer", default=None, help="WordPiece vocab dir (= --set data.tokenizer=DIR)")
     aext.add_argument("--max-text-len", type=int, default=None, help="= --set model.max_text_len=N")
     _add_config_args(aext)
@@ -368,12 +389,12 @@ def build_parser() -> argparse.ArgumentParser:
     ashow.add_argument("--features", required=True)
     ashow.add_argument("--captioner", required=True)
     ashow.add_argument("--ids", nargs="+", required=True)
-    ashow.add_argument("--out", default="alignment-attention.png")
+    ashow.add_argument("--out", default="alignment-attention.png", type=_out_file)
     _add_config_args(ashow)
     ashow.set_defaults(func=cmd_align_show)
 
     pre = sub.add_parser("pretrain", help="pre-train on a catalogue's feature store (single process or torchrun)")
-    pre.add_argument("--out", required=True, help="output directory: checkpoints, metrics.csv, loss curves")
+    pre.add_argument("--out", type=_out_dir, required=True, help="output directory: checkpoints, metrics.csv, loss curves")
     pre.add_argument("--resume", action="store_true", help="continue exactly from the latest checkpoint in --out")
     _add_config_args(pre)
     pre.set_defaults(func=cmd_pretrain)
@@ -381,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     fine = sub.add_parser("finetune", help="fine-tune a pre-trained model: category, subcategory, caption, retrieval")
     fine.add_argument("task", choices=FINETUNE_TASKS)
     fine.add_argument("--init", required=True, help="pre-training checkpoint or run directory (its latest)")
-    fine.add_argument("--out", required=True, help="output directory (RUN/finetune/TASK[-image] for `evaluate`)")
+    fine.add_argument("--out", type=_out_dir, required=True, help="output directory (RUN/finetune/TASK[-image] for `evaluate`)")
     fine.add_argument("--image-only", action="store_true", help="classify from the image alone (no description)")
     fine.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     _add_config_args(fine, default=None)
@@ -389,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="the paper's protocols over a run: report.md, metrics.json, plots")
     ev.add_argument("run", help="run directory (RUN/pretrain, RUN/finetune/...) or a pre-training checkpoint")
-    ev.add_argument("--out", help="report directory (default RUN/report)")
+    ev.add_argument("--out", type=_out_dir, help="report directory (default RUN/report)")
     ev.add_argument("--candidates", help="re-use a sample-100 candidate file (candidates.json of an earlier report)")
     ev.add_argument("--dataset", default="", help="dataset name printed in the report's column headers")
     ev.add_argument("--no-gallery", action="store_true", help="skip full-gallery retrieval of the pre-trained model")
@@ -398,14 +419,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     bl = sub.add_parser("baseline", help="the frozen dual-encoder baseline on the run's test items and candidates")
     bl.add_argument("run", help="run directory (its report/candidates.json is used when present)")
-    bl.add_argument("--out", help="report directory (default RUN/report): baseline.json, report.md's column")
+    bl.add_argument("--out", type=_out_dir, help="report directory (default RUN/report): baseline.json, report.md's column")
     bl.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="projection training seeds")
     bl.add_argument("--candidates", help="a sample-100 candidate file when the report directory has none")
     _add_config_args(bl)
     bl.set_defaults(func=cmd_baseline)
 
     abl = sub.add_parser("ablate", help="the paper's Table 4: pre-train + evaluate each ablation column")
-    abl.add_argument("--out", required=True, help="output root (one run per column, ablation.md)")
+    abl.add_argument("--out", type=_out_dir, required=True, help="output root (one run per column, ablation.md)")
     abl.add_argument("--protocols", default="retrieval,classification,caption",
                      help="comma-separated subset of retrieval,classification,caption")
     abl.add_argument("--only", nargs="+", help="column names or run slugs to run (default all 12 columns)")
@@ -414,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     idx = sub.add_parser("index", help="embed a catalogue with a run's retrieval model into a search index")
     idx.add_argument("run", help="run directory (RUN/finetune/retrieval, else RUN/pretrain) or a checkpoint")
-    idx.add_argument("--out", required=True, help="index directory")
+    idx.add_argument("--out", type=_out_dir, required=True, help="index directory")
     idx.add_argument("--catalogue", help="catalogue to index (default: data.catalogue of the run config)")
     idx.add_argument("--features", help="its feature store (default: data.features of the run config)")
     idx.add_argument("--kind", choices=("exact", "ivf", "hnsw"), default="exact", help="FAISS index kind")
@@ -449,11 +470,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) > 1 and argv[0] == "patches" and argv[1] not in (*PATCH_COMMANDS, "-h", "--help"):
         argv.insert(1, "extract")  # `kaleido patches CATALOGUE --out STORE` is the default action
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)  # the --out types raise KaleidoError, which argparse passes on
         args.func(args)
     except KaleidoError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        from kaleido_bert.atomic import describe_os_error
+
+        print(f"error: {describe_os_error(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

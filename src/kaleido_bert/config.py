@@ -174,9 +174,14 @@ class MaskingConfig:
     """Share of pairs whose description comes from another product (same sub-category first)."""
     itm_hard_ratio: float = 1.0
     """Share of those negatives drawn from the same sub-category (the paper); the rest come from any product."""
+    itm_negatives: str = "sampled"
+    """``sampled`` (only the dataset's negatives above) or ``mined``: each positive pair also gets a hard negative
+    text or image from the batch, drawn by softmax of the ITC similarity (ALBEF; needs ``itc`` in model.tasks)."""
 
     def __post_init__(self) -> None:
         _check_ranges("masking", self, non_negative=("text_max",))
+        if self.itm_negatives not in ("sampled", "mined"):
+            raise ConfigError(f"masking.itm_negatives={self.itm_negatives!r} must be 'sampled' or 'mined'")
         if self.strategy not in ("alignment", "random"):
             raise ConfigError(f"masking.strategy={self.strategy!r} must be 'alignment' or 'random'")
         if not (0 <= self.camouflage <= 9 and 0 <= self.grey <= 16 and 0 <= self.blank <= 25):
@@ -195,7 +200,9 @@ class TrainConfig:
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     max_steps: int = 50683
-    """Optimizer steps."""
+    """Optimizer steps (replaced by ``epochs`` when that is positive)."""
+    epochs: float = 0.0
+    """When > 0: ``max_steps`` = ceil(epochs × training items / batch_size), set by :meth:`RunConfig.with_train_items`."""
     warmup_ratio: float = 0.1
     """Linear warm-up as a share of ``max_steps``, then linear decay to 0."""
     weight_decay: float = 0.0
@@ -216,7 +223,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check_ranges("train", self, positive=("lr",), at_least_one=("batch_size", "grad_accum", "eval_every",
                                                                     "save_every", "keep_last"),
-                      non_negative=("max_steps", "weight_decay", "grad_clip", "seed"), fractions=("warmup_ratio",))
+                      non_negative=("max_steps", "epochs", "weight_decay", "grad_clip", "seed"),
+                      fractions=("warmup_ratio",))
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"train.precision={self.precision!r} must be auto, fp32, bf16 or fp16")
         if self.batch_size < 1 or self.grad_accum < 1 or self.max_steps < 0:
@@ -230,7 +238,12 @@ class FinetuneConfig:
     batch_size: int = 64
     """Global batch."""
     max_steps: int = 2000
-    """Optimizer steps per task."""
+    """Optimizer steps per task (replaced by ``epochs`` when that is positive)."""
+    epochs: float = 0.0
+    """When > 0: ``max_steps`` (and caption steps) = ceil(epochs × the task's training items / batch_size)."""
+    class_weights: str = "none"
+    """Classifier loss weights per class: ``none``, ``balanced`` (n / (C·n_c)) or ``sqrt`` (its square root),
+    normalised to mean 1 over the training items: a remedy for imbalanced sub-categories."""
     caption_max_steps: int = 0
     """Optimizer steps of caption fine-tuning (0 = ``max_steps``): generation needs more than a linear head."""
     caption_lr: float = 0.0
@@ -255,6 +268,10 @@ class FinetuneConfig:
         bad = sorted(set(self.inputs) - {"image+text", "image"})
         if bad:
             raise ConfigError(f"finetune.inputs has unknown input(s) {bad}; known: image+text, image")
+        if self.class_weights not in ("none", "balanced", "sqrt"):
+            raise ConfigError(f"finetune.class_weights={self.class_weights!r} must be none, balanced or sqrt")
+        if self.epochs < 0:
+            raise ConfigError(f"finetune.epochs={self.epochs} must be ≥ 0")
 
 
 @dataclass
@@ -340,6 +357,23 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def with_train_items(self, items: int) -> RunConfig:
+        """Epoch budgets made steps: ``train.max_steps`` from ``train.epochs`` and ``finetune.max_steps`` /
+        ``caption_max_steps`` from ``finetune.epochs`` (each only when positive), for ``items`` training items.
+
+        The one place epochs become steps (pre-training, fine-tuning and the demo call it); idempotent.
+        """
+        def steps(epochs: float, batch: int) -> int:
+            return max(1, math.ceil(epochs * items / batch))
+
+        values: dict[str, Any] = {}
+        if self.train.epochs > 0:
+            values["train.max_steps"] = steps(self.train.epochs, self.train.batch_size)
+        if self.finetune.epochs > 0:
+            values["finetune.max_steps"] = steps(self.finetune.epochs, self.finetune.batch_size)
+            values["finetune.caption_max_steps"] = 0
+        return self.with_overrides(values) if values else self
 
     def with_overrides(self, values: dict[str, Any]) -> RunConfig:
         """A new, validated config with dotted keys replaced: ``{"train.lr": 2e-5, "model.tasks": [...]}``.

@@ -68,7 +68,7 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     """The checkpoint ``latest`` names, else the newest ``step-*`` directory, else None."""
     pointer = Path(out_dir) / LATEST
     if pointer.is_file():
-        named = Path(out_dir) / pointer.read_text().strip()
+        named = Path(out_dir) / pointer.read_text(encoding="utf-8", errors="replace").strip()
         if named.is_dir() and STEP_DIR.match(named.name):
             return named
     found = list_checkpoints(out_dir)

@@ -19,4 +19,5 @@ def open_data(config: RunConfig) -> tuple[Catalogue, FeatureStore]:
                            "(--set data.catalogue=DIR --set data.features=STORE)")
     catalogue = load_catalogue(config.data.catalogue)
     store = FeatureStore(config.data.features, expect={"feature_size": config.model.patch_feature_size})
+    store.require_catalogue(catalogue)
     return catalogue, store

@@ -40,6 +40,8 @@ class KaleidoBertForClassification(KaleidoBertPreTrainedModel):
         self.bert = KaleidoBertModel(config)
         self.dropout = nn.Dropout(0.1)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        # per-class loss weights (C,) set by fine-tuning (finetune.class_weights); not saved with the weights
+        self.register_buffer("class_weight", None, persistent=False)
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -53,5 +55,6 @@ class KaleidoBertForClassification(KaleidoBertPreTrainedModel):
         out = self.bert(text_ids=batch["text_ids"], text_mask=batch["text_mask"],
                         patch_features=batch["patch_features"], patch_positions=batch["patch_positions"])
         logits = self.classifier(self.dropout(out.pooled))
-        loss = F.cross_entropy(logits.float(), batch["label"]) if "label" in batch else logits.sum() * 0.0
+        weight = None if self.class_weight is None else self.class_weight.to(logits.device)
+        loss = F.cross_entropy(logits.float(), batch["label"], weight=weight) if "label" in batch else logits.sum() * 0.0
         return ClassificationOutput(loss=loss, losses={"cls": loss}, logits=logits)

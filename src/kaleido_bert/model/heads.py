@@ -13,6 +13,12 @@ blank_to_color     hidden states of the blanked 5×5 tokens     ``PatchReconstru
 itc (optional)     pooled text-only and patch-only passes      two projections            InfoNCE
 =================  ==========================================  =========================  ================
 
+ITM negatives: the dataset's sampled ones (the paper), plus, with ``itm_negatives = "mined"`` and ITC on, one hard
+negative per positive pair mined from the batch (ALBEF §3.2): the first half of the positives get the text of
+another positive drawn by softmax of their ITC image→text similarity, the rest the image of another drawn by the
+text→image similarity; pairs of the same product (``batch["product"]`` when the batch carries it, else only the
+pair itself) are never drawn. Each mined pair costs one more joint pass; ITM is then CE over both sets.
+
 The KL follows the original: prediction and target are both softmaxed over the F feature dimensions and the loss
 is KL(target ‖ prediction), averaged over the masked patches. Losses are summed unweighted.
 Shapes: B batch, T text tokens, P patches, D hidden, F feature size.
@@ -106,8 +112,40 @@ class ContrastiveHead(nn.Module):
         return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
+def mine_negatives(image_emb: Tensor, text_emb: Tensor, scale: Tensor | float, same: Tensor | None = None,
+                   generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Hard negatives from ITC similarities (ALBEF): for each of N positive pairs, another text and another image.
+
+    Args:
+        image_emb, text_emb: ``(N, d)`` L2-normalised embeddings of the positives (row i = pair i).
+        scale: the ITC logit scale (inverse temperature) applied before the softmax.
+        same: ``(N, N)`` bool, True where two pairs share a product (never drawn); the diagonal always is.
+        generator: the sampling generator (default: torch's global one).
+
+    Returns:
+        ``neg_text (N,)`` (a text index per image), ``neg_image (N,)`` (an image index per text), both long, and
+        ``valid (N,)`` bool: False where every other pair shares the product (that row's draws are meaningless).
+    """
+    n = len(image_emb)
+    with torch.no_grad():
+        blocked = torch.eye(n, dtype=torch.bool, device=image_emb.device)
+        if same is not None:
+            blocked = blocked | same.bool()
+        sim = float(scale) * image_emb.float() @ text_emb.float().T  # (N, N) image × text
+        valid = ~blocked.all(1)
+        out = []
+        for logits in (sim, sim.T):
+            weights = logits.masked_fill(blocked, float("-inf")).softmax(1)
+            weights = torch.where(valid[:, None], weights, torch.full_like(weights, 1.0 / n)).nan_to_num(0.0)
+            out.append(torch.multinomial(weights, 1, generator=generator).squeeze(1))
+    return out[0], out[1], valid
+
+
 class PretrainingHeads(nn.Module):
     """The enabled tasks' heads; :meth:`losses` returns a dict of named scalar losses."""
+
+    itm_negatives: str = "sampled"
+    """``sampled`` or ``mined`` (see the module docstring); set by the training code, not saved with the weights."""
 
     def __init__(self, config, word_embeddings: nn.Embedding) -> None:
         super().__init__()
@@ -174,7 +212,37 @@ class KaleidoBertForPreTraining(KaleidoBertPreTrainedModel):
             image_only = self.bert(text_ids=cls, patch_features=batch["patch_features"],
                                    patch_positions=batch["patch_positions"]).pooled
             losses["itc"] = self.heads.itc(text_only, image_only, batch["itm_label"])
+            if self.heads.itm_negatives == "mined" and "itm" in losses:
+                mined = self._mined_itm_logits(batch, text_only, image_only)
+                if mined is not None:
+                    logits = torch.cat([self.heads.itm(out.pooled), mined]).float()
+                    labels = torch.cat([batch["itm_label"], batch["itm_label"].new_zeros(len(mined))])
+                    losses["itm"] = F.cross_entropy(logits, labels)
         return PretrainingOutput(loss=sum(losses.values()), losses=losses)
+
+    def _mined_itm_logits(self, batch: dict[str, Tensor], text_only: Tensor, image_only: Tensor) -> Tensor | None:
+        """ITM logits ``(M, 2)`` of one mined hard negative per positive pair (None with fewer than 2 positives)."""
+        rows = batch["itm_label"].bool().nonzero().squeeze(1)
+        if len(rows) < 2:
+            return None
+        itc = self.heads.itc
+        same = None
+        if "product" in batch:
+            product = batch["product"][rows]
+            same = product[:, None] == product[None, :]
+        neg_text, neg_image, valid = mine_negatives(itc.embed(image_only[rows], "image"),
+                                                    itc.embed(text_only[rows], "text"),
+                                                    itc.logit_scale.exp().clamp(max=100), same)
+        half = len(rows) // 2
+        keep = valid.clone()
+        image_rows = torch.cat([rows[:half], rows[neg_image[half:]]])[keep]
+        text_rows = torch.cat([rows[neg_text[:half]], rows[half:]])[keep]
+        if len(image_rows) == 0:
+            return None
+        out = self.bert(text_ids=batch["text_ids"][text_rows], text_mask=batch["text_mask"][text_rows],
+                        patch_features=batch["patch_features"][image_rows],
+                        patch_positions=batch["patch_positions"][image_rows])
+        return self.heads.itm(out.pooled)
 
 
 @dataclass

@@ -51,6 +51,16 @@ CLASSIFIER_PARTS = {("category", "image+text"): "category", ("category", "image"
                     ("subcategory", "image+text"): "subcategory", ("subcategory", "image"): "subcategory-image"}
 
 
+def _require_utf8(text: str, what: str) -> str:
+    """``text``, when it encodes as UTF-8 (what the tokenizer needs; it raises a bare TypeError otherwise)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise KaleidoError(f"{what} is not valid UTF-8 text: it holds a lone surrogate U+{ord(text[err.start]):04X} "
+                           f"at character {err.start}") from None
+    return text
+
+
 class PatchGenerator:
     """The Kaleido Patch Generator of a feature store, applied to new images (paper §3.2).
 
@@ -172,8 +182,15 @@ class KaleidoBertPipeline:
 
     # ------------------------------------------------------------------ encoding and scoring
     def encode_text(self, texts: list[str]) -> np.ndarray:
-        """Dual-encoder text embeddings: ``(N, D)``."""
-        return self.encoder.embed_texts(list(texts))
+        """Dual-encoder text embeddings: ``(N, D)``.
+
+        Raises:
+            KaleidoError: a text that is not valid UTF-8 (a lone surrogate), naming which.
+        """
+        texts = list(texts)
+        for i, text in enumerate(texts):
+            _require_utf8(text, f"text {i}")
+        return self.encoder.embed_texts(texts)
 
     def image_features(self, image: Image.Image) -> tuple[Tensor, Tensor]:
         """The Kaleido patches of one image as the catalogue's store holds them: ``(P, F)`` and ``(P, 5)``."""
@@ -186,6 +203,7 @@ class KaleidoBertPipeline:
 
     def score(self, image: Image.Image, text: str) -> float:
         """The ITM logit of an image and a text (higher = a better match)."""
+        _require_utf8(text, "the text")
         feats, pos = self.patches([image])
         return float(self.encoder.itm_logits([text], feats, pos)[0])
 
@@ -226,6 +244,7 @@ class KaleidoBertPipeline:
         """
         if not query or not query.strip():
             raise KaleidoError("the query is empty")
+        _require_utf8(query, "the query")
         if k < 1:
             raise KaleidoError(f"k must be ≥ 1, got {k}")
         allowed = None
@@ -309,7 +328,7 @@ class KaleidoBertPipeline:
         Raises:
             KaleidoError: the run lacks a classifier a field needs (one line naming the missing part).
         """
-        text = text.strip() if text and text.strip() else None
+        text = _require_utf8(text.strip(), "the text") if text and text.strip() else None
         chosen = {field: self._classifier(field, text) for field in LABEL_FIELDS}
         feats, pos = self.patches([image])
         feats, pos = feats.to(self.device), pos.to(self.device)
@@ -334,14 +353,26 @@ class KaleidoBertPipeline:
         return sorted(self.by_category)
 
     def info(self) -> dict[str, Any]:
-        """What is loaded: run, models, catalogue, index (served by ``GET /healthz``)."""
-        parts = {"retrieval": str(self.data.checkpoint)}
+        """What is loaded: run, models, catalogue, index (served by ``GET /healthz``).
+
+        No absolute path: the models are named relative to the run directory, the run and the catalogue by
+        their directory names, a path-valued patch-generator setting by its file name.
+        """
+        run = self.data.run.resolve()
+
+        def name(path: str | Path) -> str:
+            path = Path(path).resolve()
+            return path.relative_to(run).as_posix() if path.is_relative_to(run) else path.name
+
+        parts = {"retrieval": name(self.data.checkpoint)}
         if self.captioner is not None:
-            parts["caption"] = str(self.data.parts["caption"])
+            parts["caption"] = name(self.data.parts["caption"])
         for key in self.classifiers:
-            parts[CLASSIFIER_PARTS[key]] = str(self.data.parts[CLASSIFIER_PARTS[key]])
-        return {"pipeline": "kaleido-bert", "run": str(self.data.run), "models": parts,
-                "catalogue": str(self.data.catalogue.root), "items": len(self.index.images),
+            parts[CLASSIFIER_PARTS[key]] = name(self.data.parts[CLASSIFIER_PARTS[key]])
+        settings = {k: Path(v).name if isinstance(v, str) and Path(v).is_absolute() else v
+                    for k, v in self.patches.settings.items()}
+        return {"pipeline": "kaleido-bert", "run": run.name, "models": parts,
+                "catalogue": self.data.catalogue.root.resolve().name, "items": len(self.index.images),
                 "products": len(self.index.texts), "index": self.index.images.kind,
-                "config_hash": self.index.config_hash, "patch_generator": self.patches.settings,
+                "config_hash": self.index.config_hash, "patch_generator": settings,
                 "rerank": self.encoder.has_itm, "device": str(self.device)}

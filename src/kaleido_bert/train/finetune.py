@@ -23,7 +23,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from kaleido_bert.checkpoint import check_model_config
+import torch
+
+from kaleido_bert.checkpoint import check_model_config, read_model_config
 from kaleido_bert.config import RunConfig
 from kaleido_bert.data.catalogue import LABEL_FIELDS
 from kaleido_bert.data.tokenizer import load_tokenizer
@@ -51,6 +53,19 @@ def finetune_config(config: RunConfig, task: str) -> RunConfig:
     return config.with_overrides(values)
 
 
+def class_weights(labels: list[int], num_labels: int, kind: str) -> torch.Tensor:
+    """Per-class loss weights ``(C,)``: ``balanced`` = n / (C_seen · n_c), ``sqrt`` = its square root, normalised
+    to mean 1 over the training items; classes absent from training get weight 0 (they never appear as labels)."""
+    counts = torch.bincount(torch.tensor(labels, dtype=torch.long), minlength=num_labels).double()
+    seen = counts > 0
+    weights = torch.zeros(num_labels, dtype=torch.float64)
+    weights[seen] = counts.sum() / (int(seen.sum()) * counts[seen])
+    if kind == "sqrt":
+        weights = weights.sqrt()
+    weights *= counts.sum() / (weights * counts).sum()
+    return weights.float()
+
+
 def build_task(task: str, config: RunConfig, checkpoint: Path, tokenizer, *, image_only: bool = False
                ) -> tuple[Any, Any, Any, Any, Any]:
     """Model, train set, val set, collate function and loss-count function of one task."""
@@ -68,7 +83,11 @@ def build_task(task: str, config: RunConfig, checkpoint: Path, tokenizer, *, ima
                                 classifier_input="image" if image_only else "image+text")
         make = partial(ClassificationDataset, catalogue, store, tokenizer, field=task, label2id=label2id,
                        image_only=image_only, max_text_len=max_len)
-        return model, make(split="train"), make(split="val"), collate_fn, None
+        train_set = make(split="train")
+        if config.finetune.class_weights != "none":
+            model.class_weight = class_weights([label2id[getattr(it, task)] for it in train_set.items],
+                                               len(label2id), config.finetune.class_weights)
+        return model, train_set, make(split="val"), collate_fn, None
     if task == "caption":
         from kaleido_bert.inputs.downstream import CaptionDataset
         from kaleido_bert.model.captioning import KaleidoBertForCaptioning, caption_loss_counts
@@ -82,6 +101,7 @@ def build_task(task: str, config: RunConfig, checkpoint: Path, tokenizer, *, ima
         from kaleido_bert.model.heads import KaleidoBertForPreTraining, pretraining_loss_counts
 
         model = load_pretrained(KaleidoBertForPreTraining, checkpoint, tasks=list(RETRIEVAL_TASKS))
+        model.heads.itm_negatives = config.masking.itm_negatives
         make = partial(PretrainDataset, catalogue, store, tokenizer, masking=config.masking, max_text_len=max_len,
                        seed=config.train.seed, corrupt=False)
         return model, make(split="train"), make(split="val"), collate_fn, pretraining_loss_counts
@@ -111,10 +131,10 @@ def finetune(task: str, config: RunConfig, checkpoint: str | Path, out_dir: str 
     checkpoint = resolve_checkpoint(checkpoint)
     pretrained_tasks = _checkpoint_tasks(checkpoint)
     check_model_config(checkpoint, dataclasses.replace(config.model, tasks=pretrained_tasks))
-    run = finetune_config(config, task)
     tokenizer = load_tokenizer(checkpoint)
-    model, train_set, val_set, collate_fn, counts = build_task(task, run, checkpoint, tokenizer,
-                                                               image_only=image_only)
+    model, train_set, val_set, collate_fn, counts = build_task(task, finetune_config(config, task), checkpoint,
+                                                               tokenizer, image_only=image_only)
+    run = finetune_config(config.with_train_items(len(train_set)), task)  # finetune.epochs → steps
     if task != "retrieval":  # the resume check compares the model section with config.json
         run = dataclasses.replace(run, model=dataclasses.replace(run.model, tasks=pretrained_tasks))
     summary = train(model, train_set, val_set, collate_fn, run, out_dir, resume=resume, tokenizer=tokenizer,
@@ -124,6 +144,4 @@ def finetune(task: str, config: RunConfig, checkpoint: str | Path, out_dir: str 
 
 
 def _checkpoint_tasks(checkpoint: Path) -> list[str]:
-    import json
-
-    return list(json.loads((Path(checkpoint) / "config.json").read_text()).get("tasks", []))
+    return list(read_model_config(checkpoint).get("tasks", []))

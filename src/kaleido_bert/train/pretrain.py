@@ -35,8 +35,12 @@ def build_model(config: RunConfig) -> tuple[KaleidoBertForPreTraining, dict[str,
     Returns:
         The model and :func:`~kaleido_bert.checkpoint.load_bert_weights`'s report (None for random init).
     """
+    if config.masking.itm_negatives == "mined" and "itc" not in config.model.tasks:
+        raise KaleidoError("masking.itm_negatives=mined draws ITM negatives from ITC similarities: add itc to "
+                           "model.tasks, or use masking.itm_negatives=sampled")
     torch.manual_seed(config.train.seed)
     model = KaleidoBertForPreTraining(KaleidoBertConfig.from_model_config(config.model))
+    model.heads.itm_negatives = config.masking.itm_negatives
     report = load_bert_weights(model.bert, config.model.init) if config.model.init else None
     return model, report
 
@@ -45,7 +49,8 @@ def build_datasets(config: RunConfig, tokenizer: Any) -> tuple[PretrainDataset, 
     """Train and val :class:`PretrainDataset` from ``data.catalogue``, ``data.features``, ``data.alignments``.
 
     Raises:
-        KaleidoError: an unset or missing catalogue or store, a store built with another feature size.
+        KaleidoError: an unset or missing catalogue or store, a store built with another feature size or from
+            another catalogue (or another version of it).
     """
     data = config.data
     if not data.catalogue or not data.features:
@@ -54,6 +59,7 @@ def build_datasets(config: RunConfig, tokenizer: Any) -> tuple[PretrainDataset, 
                            "--set data.catalogue=DIR --set data.features=STORE")
     catalogue = load_catalogue(data.catalogue)
     store = FeatureStore(data.features, expect={"feature_size": config.model.patch_feature_size})
+    store.require_catalogue(catalogue)
     alignments = None
     if data.alignments:
         from kaleido_bert.align.alignment import load_alignments
@@ -90,6 +96,7 @@ def pretrain(config: RunConfig, out_dir: str | Path, *, resume: bool = False,
                            f"model.vocab_size={config.model.vocab_size}: set model.vocab_size to match, or "
                            "point data.tokenizer at the vocabulary the model uses")
     train_set, val_set = build_datasets(config, tokenizer)
+    config = config.with_train_items(len(train_set))  # train.epochs → train.max_steps
     counts = {"train": train_set.counts(), "val": val_set.counts()}
     model, init_report = build_model(config)
     # Every process of a DDP run writes the same bytes atomically, so no rank has to be singled out here.
