@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import pickle
+
+import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from kaleido_bert.align.pairs import AlignedPair
 from kaleido_bert.config import MaskingConfig, load_config
 from kaleido_bert.data.catalogue import load_catalogue
 from kaleido_bert.data.synth import synthesize
 from kaleido_bert.data.tokenizer import load_tokenizer
-from kaleido_bert.inputs.masking import IGNORE
+from kaleido_bert.inputs.masking import IGNORE, JIGSAW_PERMUTATIONS, MASKED_LEVELS, text_budget
+from kaleido_bert.inputs.negatives import NegativePool
 from kaleido_bert.inputs.pretraining import PretrainDataset, collate
+from kaleido_bert.inputs.rows import RowReader
 from kaleido_bert.patches.extraction import extract_features
+from kaleido_bert.patches.grid import level_slice
 from kaleido_bert.patches.store import FeatureStore
 
 
@@ -69,25 +76,31 @@ def test_resampled_every_epoch_but_deterministic(world):
     assert any(changed)
 
 
+def source_product(ds: PretrainDataset, sample: dict) -> list[str]:
+    """The products whose description the sample's (unmasked) text is."""
+    original = torch.where(sample["mlm_labels"] != IGNORE, sample["mlm_labels"], sample["text_ids"])
+    n = len(original)
+    return [p for r, p in enumerate(ds.negatives.products)
+            if ds.lengths[r] == n and torch.equal(ds.tokens[r, :n], original)]
+
+
 def test_negatives_come_from_the_same_subcategory(world):
     cat, store, tok = world
     ds = PretrainDataset(cat, store, tok, masking=MaskingConfig(itm_negative_ratio=1.0))
     by_product = {it.product_id: it for it in ds.items}
-    for pid, pool in ds.negative_pool.items():
-        source_sub = {by_product[p].subcategory for p in pool}
-        if ds.product_of[pid].subcategory in source_sub:
-            assert source_sub == {ds.product_of[pid].subcategory} and pid not in pool
-    assert sum(ds.negative_sources.values()) == len(ds.product_of)
+    for pid in ds.negatives.products:
+        tier, pool = ds.negatives.group_of(pid)
+        assert pool and pid not in pool
+        if tier == "subcategory":
+            assert {by_product[p].subcategory for p in pool} == {by_product[pid].subcategory}
+    assert sum(ds.negatives.sources.values()) == len(ds.negatives.products)
     for index in range(len(ds)):
         sample = ds[index]
         assert sample["itm_label"] == 0
-        original = torch.where(sample["mlm_labels"] != IGNORE, sample["mlm_labels"], sample["text_ids"])
-        sources = [p for p, ids in ds.text_ids.items() if torch.equal(ids, original)]
         item = ds.items[index]
-        assert sources and item.product_id not in sources
-        assert any(ds.product_of[p].subcategory == item.subcategory for p in sources) or \
-            ds.negative_pool[item.product_id][0] not in {it.product_id for it in ds.items
-                                                         if it.subcategory == item.subcategory}
+        tier, pool = ds.negatives.group_of(item.product_id)
+        sources = source_product(ds, sample)
+        assert sources and item.product_id not in sources and set(sources) & set(pool)
 
 
 def test_alignments_guide_masking_of_positive_pairs(world):
@@ -115,7 +128,163 @@ def test_missing_features_and_single_product_subcategories_are_counted(world, tm
     # drop all but one product of a sub-category: its negatives must come from elsewhere, and be counted
     sub = ds.items[0].subcategory
     keep = ds.items[0].product_id
-    ds.items = [it for it in ds.items if it.subcategory != sub or it.product_id == keep]
-    ds._index_negatives()
-    assert ds.negative_sources["category"] + ds.negative_sources["anywhere"] >= 1
-    assert all(ds.product_of[p].subcategory != sub for p in ds.negative_pool[keep])
+    pool = NegativePool([it for it in ds.items if it.subcategory != sub or it.product_id == keep])
+    assert pool.sources["category"] + pool.sources["anywhere"] >= 1
+    tier, others = pool.group_of(keep)
+    assert tier in ("category", "anywhere") and others and keep not in others
+    assert all(it.subcategory != sub for it in ds.items if it.product_id in others)
+    alone = NegativePool(ds.items[:1])  # one product: nowhere to take a negative from
+    assert not alone.has_negative(np.array([0]))[0] and sum(alone.sources.values()) == 0
+
+
+def aligned(ds: PretrainDataset, every: int = 2) -> dict[str, list[AlignedPair]]:
+    """Valid random pairs (a word of 1–2 positions at each of the levels 3–5) for every ``every``-th item."""
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for it in ds.items[::every]:
+        n = int(ds.lengths[ds.negatives.rank[it.product_id]])
+        pairs = []
+        for _ in range(3):
+            start = int(torch.randint(1, n - 1, (1,), generator=g))
+            tokens = tuple(range(start, min(start + 2, n - 1)))
+            pairs += [AlignedPair(tokens, level, int(torch.randint(0, level * level, (1,), generator=g)))
+                      for level in (3, 4, 5)]
+        out[it.id] = pairs
+    return out
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
+
+
+def test_a_batch_is_its_items_collated_and_each_item_is_fixed_by_seed_epoch_and_index(world):
+    cat, store, tok = world
+    masking = MaskingConfig(itm_negative_ratio=0.5, itm_hard_ratio=0.5)
+    ds = PretrainDataset(cat, store, tok, masking=masking, seed=4)
+    ds = PretrainDataset(cat, store, tok, masking=masking, seed=4, alignments=aligned(ds))
+    ds.set_epoch(2)
+    order = [5, 0, 9, 3, 17, 11]
+    batch = ds.__getitems__(order)
+    assert same(batch, collate([ds[i] for i in order], pad_id=tok.pad_token_id))
+    assert collate(batch) is batch  # the DataLoader hands __getitems__' batch to the collate function
+    loader = DataLoader(ds, batch_sampler=[order], collate_fn=collate)
+    assert same(next(iter(loader)), batch)
+    # item 9 in another batch (other neighbours, another text width) is the same sample
+    other = ds.__getitems__([9, 1])
+    n = int(other["text_mask"][0].sum())
+    for key in batch:
+        if isinstance(batch[key], torch.Tensor):
+            a, b = batch[key][2], other[key][0]
+            if key in ("text_ids", "mlm_labels", "text_mask"):
+                a, b = a[:n], b[:n]
+            assert torch.equal(a, b), key
+    again = PretrainDataset(cat, store, tok, masking=masking, seed=4, alignments=aligned(ds))
+    again.set_epoch(2)
+    assert same(again.__getitems__(order), batch)
+    again.seed = 5
+    assert not same(again.__getitems__(order), batch)
+
+
+@pytest.mark.parametrize("epoch", range(3))
+def test_budgets_and_labels_hold_for_every_item_of_a_batch(world, epoch):
+    cat, store, tok = world
+    m = MaskingConfig(itm_negative_ratio=0.5, itm_hard_ratio=0.5)
+    ds = PretrainDataset(cat, store, tok, masking=m)
+    pairs = aligned(ds)
+    ds = PretrainDataset(cat, store, tok, masking=m, alignments=pairs)
+    ds.set_epoch(epoch)
+    batch = ds.__getitems__(list(range(len(ds))))
+    special = set(tok.all_special_ids)
+    for b, item in enumerate(ds.items):
+        n = int(batch["text_mask"][b].sum())
+        sample = {k: v[b][:n] if k in ("text_ids", "mlm_labels") else v[b] for k, v in batch.items() if k != "ids"}
+        (source,) = source_product(ds, sample)
+        original = ds.tokens[ds.negatives.rank[source], :n]
+        assert (batch["itm_label"][b] == 1) == (source == item.product_id)
+        masked = (sample["mlm_labels"] != IGNORE).nonzero().flatten().tolist()
+        guided = bool(pairs.get(item.id)) and source == item.product_id
+        assert len(masked) == text_budget(n - 2) if not guided else 1 <= len(masked) <= text_budget(n - 2)
+        assert all(1 <= p <= n - 2 for p in masked) and (batch["mlm_labels"][b, n:] == IGNORE).all()
+        assert torch.equal(sample["mlm_labels"][masked], original[masked])
+        unmasked = [p for p in range(n) if p not in masked]
+        assert torch.equal(sample["text_ids"][unmasked], original[unmasked])
+        assert all(t == tok.mask_token_id or t not in special for t in sample["text_ids"][masked].tolist())
+        clean = store[item.id]
+        features = sample["patch_features"]
+        touched = {0, 1, 2, 3, 4}
+        turns, perm = int(sample["rotation_label"]), int(sample["jigsaw_label"])
+        assert torch.equal(features[0], clean["colour"][0] if turns == 0 else clean["rotated"][turns - 1])
+        assert torch.equal(features[1:5], clean["colour"][1 + torch.tensor(JIGSAW_PERMUTATIONS[perm])])
+        for level, key, budget in ((4, "grey", m.grey), (5, "blank", m.blank)):
+            index = [i for i in sample[f"{key}_index"].tolist() if i != IGNORE]
+            assert len(index) == len(set(index)) and (len(index) == budget if not guided else len(index) <= budget)
+            start = level_slice(level).start
+            for k, i in enumerate(index):
+                assert torch.equal(sample[f"{key}_target"][k], clean["colour"][start + i])
+                assert torch.equal(features[start + i], clean["grey"][i] if key == "grey" else torch.zeros_like(
+                    features[0]))
+                touched.add(start + i)
+            assert (sample[f"{key}_target"][len(index):] == 0).all()
+        camo = int(sample["camouflage_label"])
+        if camo != IGNORE:
+            patch = features[level_slice(3).start + camo]
+            donors = [it for it in ds.items if it.product_id != item.product_id
+                      and torch.equal(store[it.id]["colour"][level_slice(3).start + camo], patch)]
+            assert donors and 0 <= camo < 9
+            touched.add(level_slice(3).start + camo)
+        else:
+            assert guided  # a donor exists for every item here, so only an aligned pair can use up the budget
+        rest = [i for i in range(55) if i not in touched]
+        assert torch.equal(features[rest], clean["colour"][rest])
+        assert torch.equal(sample["patch_positions"], clean["positions"])
+        if guided:
+            text = set(masked)
+            for p in pairs[item.id]:
+                index = sample[f"{MASKED_LEVELS[p.level]}_index"] if p.level > 3 else sample["camouflage_label"][None]
+                assert not (set(p.tokens) & text and p.patch in index.tolist())  # never both sides
+
+
+def test_negatives_are_never_the_products_own_description(world):
+    cat, store, tok = world
+    ds = PretrainDataset(cat, store, tok, masking=MaskingConfig(itm_negative_ratio=1.0, itm_hard_ratio=0.5))
+    kinds = set()
+    for epoch in range(4):
+        ds.set_epoch(epoch)
+        batch = ds.__getitems__(list(range(len(ds))))
+        assert (batch["itm_label"] == 0).all()
+        for b, item in enumerate(ds.items):
+            n = int(batch["text_mask"][b].sum())
+            sample = {"mlm_labels": batch["mlm_labels"][b, :n], "text_ids": batch["text_ids"][b, :n]}
+            sources = source_product(ds, sample)
+            assert sources and item.product_id not in sources
+            _, pool = ds.negatives.group_of(item.product_id)
+            kinds.add("pool" if set(sources) & set(pool) else "elsewhere")
+    assert kinds == {"pool", "elsewhere"}  # itm_hard_ratio=0.5 mixes hard negatives and any-product ones
+
+
+def test_clean_pairs_are_uncorrupted(world):
+    cat, store, tok = world
+    ds = PretrainDataset(cat, store, tok, corrupt=False, masking=MaskingConfig(itm_negative_ratio=0.5))
+    batch = ds.__getitems__(list(range(8)))
+    for b, item_id in enumerate(batch["ids"]):
+        assert torch.equal(batch["patch_features"][b], store[item_id]["colour"])
+    for key in ("mlm_labels", "rotation_label", "jigsaw_label", "camouflage_label", "grey_index", "blank_index"):
+        assert (batch[key] == IGNORE).all(), key
+    assert batch["grey_target"].shape == (8, 2, store.feature_size) and (batch["grey_target"] == 0).all()
+    assert set(batch["itm_label"].tolist()) <= {0, 1}
+
+
+def test_row_reader_reads_what_the_memory_map_holds(world):
+    cat, store, tok = world
+    mapped = store.arrays["features"]
+    direct, fallback = RowReader(mapped), RowReader(np.array(mapped))
+    assert direct.direct and not fallback.direct
+    rows = np.array([3, 0, 7, 3])
+    sub = np.array([5, 73, 0, 13])
+    direct.prefetch(rows)
+    for reader in (direct, fallback):
+        assert np.array_equal(reader.read(rows), mapped[rows])
+        assert np.array_equal(reader.read(rows, sub), mapped[rows, sub])
+        assert reader.read(rows[:0]).shape == (0, *mapped.shape[1:])
+    assert pickle.loads(pickle.dumps(direct)).read(rows[:1]).tobytes() == mapped[3].tobytes()

@@ -299,14 +299,16 @@ def test_category_filter(client, pipeline):
     [
         ({"query": "   ", "k": 5}, 400, "empty or whitespace-only"),
         ({"query": "", "k": 5}, 400, "empty"),
-        ({"query": "x" * 65}, 413, "65 characters; the limit is 64"),
-        ({"query": "!!! ???"}, 400, "has no words"),  # a KaleidoError from the pipeline
+        ({"query": "x" * 65}, 422, "at most 64 characters"),
+        ({"query": " x" + " " * 63}, 422, "at most 64 characters"),  # the limit counts what was sent
         ({"query": "shirt", "category": "SPACESHIPS"}, 400, "unknown category 'SPACESHIPS'"),
         ({"query": "shirt", "k": 0}, 422, "greater than or equal to 1"),
         ({"query": "shirt", "k": 21}, 422, "less than or equal to 20"),
         ({"query": "shirt", "k": "ten"}, 422, "valid integer"),
         ({"query": "shirt", "k": 2.5}, 422, "integer"),
         ({"query": 42}, 422, "valid string"),
+        ({"query": "shirt", "rerank": 0}, 422, "valid boolean"),
+        ({"query": "shirt", "category": " TOPS "}, 400, "unknown category ' TOPS '"),  # exact names only
         ({"k": 3}, 422, "Field required"),
     ],
 )
@@ -314,6 +316,17 @@ def test_text_search_validation(client, body, status, words_in_detail):
     response = client.post("/api/search/text", json=body)
     assert response.status_code == status, response.text
     assert words_in_detail in json.dumps(response.json()["detail"])
+
+
+def test_a_pipeline_refusal_is_a_400(pipeline, catalogue_root):
+    class Refusing(CataloguePipeline):
+        def search_text(self, query: str, k: int, **kw: Any) -> list[dict]:
+            raise KaleidoError(f"query {query!r} has no words to search for")
+
+    app = create_app(Refusing(catalogue_root), catalogue_root=catalogue_root)
+    with TestClient(app) as refusing:
+        response = refusing.post("/api/search/text", json={"query": "!!! ???"})
+    assert response.status_code == 400 and response.json() == {"detail": "query '!!! ???' has no words to search for"}
 
 
 def test_malformed_bodies_are_not_server_errors(client):

@@ -37,6 +37,11 @@ def describe_os_error(err: OSError) -> str:
     return what + (f" ({code})" if code else "") + (f": {where}" if where else "")
 
 
+def with_path(err: OSError, path: str | Path) -> OSError:
+    """The same error (same errno, so the same subclass) naming ``path``."""
+    return OSError(err.errno, err.strerror or str(err), str(path))
+
+
 @contextlib.contextmanager
 def one_line_os_errors(what: str, error: type[KaleidoError] = KaleidoError) -> Iterator[None]:
     """Re-raise an ``OSError`` of the block as ``error("{what}: {describe_os_error(err)}")`` (no traceback)."""
@@ -59,6 +64,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with open(tmp_path, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
+    except OSError as err:
+        if err.filename is None:  # a failed write() names no file: name the one being written
+            raise with_path(err, path) from None
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

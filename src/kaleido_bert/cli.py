@@ -217,7 +217,7 @@ def cmd_baseline(args: argparse.Namespace) -> None:
     from kaleido_bert.eval.baseline_report import baseline_section, update_report
 
     out = Path(args.out) if args.out else Path(args.run) / "report"
-    result = run_baseline(_config(args), out, seeds=tuple(args.seeds), candidates=args.candidates)
+    result = run_baseline(_config(args, args.run), out, seeds=tuple(args.seeds), candidates=args.candidates)
     metrics_path = out / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     print("\n".join(baseline_section(metrics, result)[1:-3]))
@@ -274,6 +274,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     """The whole pipeline on the built-in synthetic catalogue; grows stage by stage (README, "Demo")."""
     from kaleido_bert.workflows.demo import run_demo
 
+    if args.config is None:  # a real catalogue gets the recipe for real catalogues; the synthetic one the demo's
+        args.config = "real" if args.catalogue else "demo"
     label = args.dataset or (Path(args.catalogue).name if args.catalogue else "synthetic demo catalogue")
     run_demo(_config(args), args.out, catalogue=args.catalogue, dataset_label=label)
 
@@ -288,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=_out_dir, default="runs/demo", help="output directory")
     demo.add_argument("--catalogue", help="run the same pipeline on this catalogue instead of the synthetic one")
     demo.add_argument("--dataset", default="", help="the dataset's name in the report (default: the catalogue's)")
-    _add_config_args(demo)
+    _add_config_args(demo, default=None)  # None: `real` with --catalogue, else `demo`
     demo.set_defaults(func=cmd_demo)
 
     data = sub.add_parser("data", help="build and check catalogues").add_subparsers(dest="data_command", required=True)
@@ -422,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--out", type=_out_dir, help="report directory (default RUN/report): baseline.json, report.md's column")
     bl.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="projection training seeds")
     bl.add_argument("--candidates", help="a sample-100 candidate file when the report directory has none")
-    _add_config_args(bl)
+    _add_config_args(bl, default=None)
     bl.set_defaults(func=cmd_baseline)
 
     abl = sub.add_parser("ablate", help="the paper's Table 4: pre-train + evaluate each ablation column")
@@ -479,7 +481,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         from kaleido_bert.atomic import describe_os_error
 
-        print(f"error: {describe_os_error(err)}", file=sys.stderr)
+        out = getattr(locals().get("args"), "out", None)
+        where = f" (writing {out})" if err.filename is None and out else ""
+        print(f"error: {describe_os_error(err)}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -294,6 +294,8 @@ class EvalConfig:
     """Pairs or images per forward pass when scoring."""
     split: str = "test"
     """The split evaluated."""
+    baseline_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """Seeds of the frozen dual-encoder baseline ``kaleido demo`` scores beside the model (empty = none)."""
 
     def __post_init__(self) -> None:
         _check_ranges("eval", self, at_least_one=("num_queries", "num_negatives", "beam_size", "max_caption_len",
@@ -514,9 +516,11 @@ def load_config(name_or_path: str | Path = "demo", overrides: list[str] | None =
     else:
         raise ConfigError(f"unknown preset {text!r}: use one of {', '.join(PRESET_NAMES)} or a YAML file path")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} cannot be read ({type(err).__name__}): not a YAML text file") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections")
     data.setdefault("name", label)

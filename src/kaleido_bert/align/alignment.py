@@ -117,7 +117,7 @@ def load_alignments(path: str | Path, *, max_text_len: int = 64) -> dict[str, li
         raise KaleidoError(f"alignment file {path} not found (run `kaleido align` first)")
     last = max_text_len - 2  # the last real position: [SEP] closes a truncated sequence
     out: dict[str, list[AlignedPair]] = {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from kaleido_bert.atomic import atomic_directory, one_line_os_errors
+from kaleido_bert.atomic import atomic_directory, one_line_os_errors, with_path
 from kaleido_bert.data.catalogue import (
     PROBLEMS_FILE,
     CatalogueError,
@@ -163,7 +163,10 @@ def _place(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst)
     except OSError:
-        shutil.copy2(src, dst)
+        try:
+            shutil.copy2(src, dst)
+        except OSError as err:
+            raise (with_path(err, dst) if err.filename is None else err) from None
 
 
 def _finish(out: Path, tmp: Path, items: list[Item], problems: _Problems, source: str) -> ImportReport:

@@ -115,33 +115,33 @@ def extract_features(
                         worker_init_fn=_worker_init if num_workers else None)
     start = last_flush = time.perf_counter()
     bar = tqdm(total=len(pending), unit="img", desc=f"patches ({config.mode}, {config.backbone})", disable=not progress)
-    for batch in loader:
-        good = [b for b in batch if "image" in b]
-        for b in batch:
-            if "problem" in b:
-                item_id = cat.items[b["row"]].id
-                writer.fail(b["row"], item_id, b["problem"])
-                tqdm.write(f"skipped item {item_id}: {b['problem']}")
-        if good:
-            boxes = [kaleido_boxes(b["box"]) for b in good]
-            feats = encoder.encode([b["image"] for b in good], boxes)
-            for b, box, feat in zip(good, boxes, feats, strict=True):
-                h, w = b["image"].shape[1:]
-                s = b["scale"]
-                writer.write(b["row"], features=feat, boxes=box / s, positions=positions(box, w, h),
-                             saliency=tuple(v / s for v in b["box"]), fallback=b["fallback"],
-                             size=(round(w / s), round(h / s)))
-        bar.update(len(batch))
-        if time.perf_counter() - last_flush > FLUSH_SECONDS:
-            writer.flush()
-            last_flush = time.perf_counter()
-    writer.flush()
-    bar.close()
+    with bar:  # closed before an error propagates, so the error prints on a line of its own
+        for batch in loader:
+            good = [b for b in batch if "image" in b]
+            for b in batch:
+                if "problem" in b:
+                    item_id = cat.items[b["row"]].id
+                    writer.fail(b["row"], item_id, b["problem"])
+                    tqdm.write(f"skipped item {item_id}: {b['problem']}")
+            if good:
+                boxes = [kaleido_boxes(b["box"]) for b in good]
+                feats = encoder.encode([b["image"] for b in good], boxes)
+                for b, box, feat in zip(good, boxes, feats, strict=True):
+                    h, w = b["image"].shape[1:]
+                    s = b["scale"]
+                    writer.write(b["row"], features=feat, boxes=box / s, positions=positions(box, w, h),
+                                 saliency=tuple(v / s for v in b["box"]), fallback=b["fallback"],
+                                 size=(round(w / s), round(h / s)))
+            bar.update(len(batch))
+            if time.perf_counter() - last_flush > FLUSH_SECONDS:
+                writer.flush()
+                last_flush = time.perf_counter()
+        writer.flush()
     seconds = time.perf_counter() - start
     return {
         "store": str(out), "items": len(cat.items), "processed": len(pending), "changed": len(writer.changed),
-        "done": writer.manifest["done"],
-        "failed": writer.manifest["failed"], "fallback_boxes": writer.manifest["fallback_boxes"],
+        "done": writer.manifest["done"], "failed": writer.manifest["failed"],
+        "fallback_boxes": writer.manifest["fallback_boxes"],
         "complete": writer.manifest["complete"], "seconds": round(seconds, 2),
         "images_per_s": round(len(pending) / seconds, 2) if seconds > 0 else None,
         "gflops_per_image": round(encoder.flops_per_image() / 1e9, 3),

@@ -325,7 +325,7 @@ def create_app(
         k: Count = Field(10, ge=1, le=max_k, description="number of results")
         category: Category | None = Field(None, description="only products of this category (see /api/categories); "
                                           "null or \"\" for all", json_schema_extra={"enum": [None, "", *known]})
-        rerank: bool = Field(True, description="re-score the candidates with the cross-modal model")
+        rerank: Flag = Field(True, description="re-score the candidates with the cross-modal model")
 
     app = FastAPI(
         title="kaleido-bert product search",

@@ -8,6 +8,9 @@ curves of the paper's Fig. 6.
 
 Data order is a seeded permutation per epoch, sharded by :func:`~kaleido_bert.distributed.shard_batches`;
 dropout is seeded per ``(seed, step, rank)``, so a resumed run replays the same batches and randomness.
+A dataset with ``__getitems__`` assembles each batch itself (the loader hands it the whole batch of indices).
+Every step logs ``data_wait``, the share of its time spent blocked on the loader (``metrics.csv`` and the
+progress bar, which says ``data-bound`` when the share of the last steps is above ``DATA_BOUND``).
 
 Exact global means. A task loss is a mean over its own units (masked tokens for MLM, masked patches for the
 reconstructions, pairs for ITM), whose number differs between micro-batches and ranks. ``loss_counts(batch)``
@@ -23,6 +26,7 @@ import contextlib
 import csv
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,6 +44,8 @@ from kaleido_bert.config import RunConfig, TrainConfig
 from kaleido_bert.errors import KaleidoError
 
 CountFn = Callable[[dict[str, Any]], dict[str, float]]
+DATA_BOUND = 0.5
+"""Share of the step time spent waiting for the next batch above which a run is reported as data-bound."""
 
 
 def get_lr(step: int, *, lr: float, warmup_steps: int, max_steps: int) -> float:
@@ -73,12 +79,22 @@ class _EpochItems(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        epoch, index = key
+    def _at(self, epoch: int) -> Dataset:
         if epoch != self.epoch and hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
         self.epoch = epoch
-        return self.dataset[index]
+        return self.dataset
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        return self._at(epoch)[index]
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> Any:
+        """A whole batch (of one epoch: batches never straddle two), from the dataset's ``__getitems__`` if any."""
+        dataset = self._at(keys[0][0])
+        indices = [index for _, index in keys]
+        many = getattr(dataset, "__getitems__", None)
+        return many(indices) if many else [dataset[i] for i in indices]
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -119,7 +135,7 @@ class _Metrics:
     @staticmethod
     def _columns(row: dict[str, float]) -> list[str]:
         tasks = [k.split("/", 1)[1] for k in row if k.startswith("train/")]
-        return ["step", "lr", *[f"train/{t}" for t in tasks], *[f"val/{t}" for t in tasks]]
+        return ["step", "lr", "data_wait", *[f"train/{t}" for t in tasks], *[f"val/{t}" for t in tasks]]
 
     def log(self, row: dict[str, float]) -> None:
         self.history.append(row)
@@ -229,6 +245,12 @@ def _forward_backward(ddp: nn.Module, micro: list[dict[str, Any]], count_fn: Cou
     return sums
 
 
+def data_wait_note(waited: float, total: float) -> str:
+    """The progress-bar note of the share of step time spent waiting for data, e.g. ``"62% data-bound"``."""
+    share = waited / total if total > 0 else 0.0
+    return f"{share:.0%}" + (" data-bound" if share > DATA_BOUND else "")
+
+
 def _stop_on_nonfinite(step: int, what: str, micro: list[dict[str, Any]]) -> None:
     ids = [i for part in dist.all_gather_object([i for b in micro for i in b.get("ids", [])]) for i in part]
     shown = ", ".join(map(str, ids[:12])) + (f", … ({len(ids)} pairs)" if len(ids) > 12 else "")
@@ -255,7 +277,9 @@ def train(model: nn.Module, train_dataset: Dataset, val_dataset: Dataset | None,
         loss_counts: batch → units each loss averages over (see the module docstring); None = pairs.
 
     Returns:
-        Summary: steps, epochs, seconds, pairs/s, final and best validation losses per task, last checkpoint.
+        Summary: steps, epochs, seconds, pairs/s, the share of the step time spent waiting for data
+        (``data_wait``; ``data_bound`` above ``DATA_BOUND``), final and best validation losses per task, the
+        last checkpoint.
 
     Raises:
         KaleidoError: a batch size that does not split over processes and micro-batches, a train split
@@ -336,7 +360,8 @@ def train(model: nn.Module, train_dataset: Dataset, val_dataset: Dataset | None,
     tasks = [k[6:] for k in (history[0] if history else {}) if k.startswith("train/") and k != "train/loss"]
     has_val = val_dataset is not None and len(val_dataset) > 0
     bar = tqdm(total=tc.max_steps, initial=step, desc="train", unit="step", disable=not (progress and main))
-    last_saved, loop_seconds, start_step = None, 0.0, step
+    last_saved, loop_seconds, wait_seconds, start_step = None, 0.0, 0.0, step
+    recent: deque[tuple[float, float]] = deque(maxlen=20)  # (waited, step seconds) of the last steps
     model.train()
     try:
         while step < tc.max_steps:
@@ -344,6 +369,7 @@ def train(model: nn.Module, train_dataset: Dataset, val_dataset: Dataset | None,
             if position == steps_per_epoch:
                 epoch, position = epoch + 1, 0
             micro = [next(batches) for _ in range(tc.grad_accum)]
+            waited = time.perf_counter() - tick  # blocked on the loader
             torch.manual_seed((tc.seed * 1_000_003 + step) * 1_009 + dist.rank())  # this step's dropout
             lr = scheduler.get_last_lr()[0]
             sums = _forward_backward(ddp, micro, loss_counts, device=device, dtype=dtype, scaler=scaler)
@@ -362,10 +388,15 @@ def train(model: nn.Module, train_dataset: Dataset, val_dataset: Dataset | None,
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step, position = step + 1, position + 1
-            loop_seconds += time.perf_counter() - tick
-            row = {"step": step, "lr": lr, **{f"train/{t}": v for t, v in zip(tasks, logged, strict=True)}}
+            seconds = time.perf_counter() - tick
+            loop_seconds, wait_seconds = loop_seconds + seconds, wait_seconds + waited
+            recent.append((waited, seconds))
+            row = {"step": step, "lr": lr, "data_wait": waited / seconds,
+                   **{f"train/{t}": v for t, v in zip(tasks, logged, strict=True)}}
             row["train/loss"] = sum(logged)
-            bar.set_postfix({t: f"{v:.3f}" for t, v in zip(tasks, logged, strict=True)}, refresh=False)
+            postfix = {t: f"{v:.3f}" for t, v in zip(tasks, logged, strict=True)}
+            postfix["data"] = data_wait_note(*map(sum, zip(*recent, strict=True)))
+            bar.set_postfix(postfix, refresh=False)
             bar.update()
             evaluate = step % tc.eval_every == 0 or step == tc.max_steps
             if has_val and evaluate:
@@ -385,7 +416,8 @@ def train(model: nn.Module, train_dataset: Dataset, val_dataset: Dataset | None,
             dist.cleanup()
     summary = _summary(history, out_dir, steps=step, epochs=epoch + position / steps_per_epoch,
                        seconds=time.perf_counter() - started, loop_seconds=loop_seconds,
-                       pairs=(step - start_step) * tc.batch_size, run_steps=step - start_step)
+                       wait_seconds=wait_seconds, pairs=(step - start_step) * tc.batch_size,
+                       run_steps=step - start_step)
     summary["checkpoint"] = str(last_saved or runs.latest_checkpoint(out_dir) or "")
     if main:
         atomic_write_json(out_dir / "summary.json", summary)
@@ -394,7 +426,7 @@ def train(model: nn.Module, train_dataset: Dataset, val_dataset: Dataset | None,
 
 
 def _summary(history: list[dict[str, float]], out_dir: Path, *, steps: int, epochs: float, seconds: float,
-             loop_seconds: float, pairs: int, run_steps: int) -> dict[str, Any]:
+             loop_seconds: float, wait_seconds: float, pairs: int, run_steps: int) -> dict[str, Any]:
     vals = [r for r in history if "val/loss" in r]
     final_val = {k[4:]: round(v, 5) for k, v in vals[-1].items() if k.startswith("val/")} if vals else {}
     best_val = {k: round(min(r[f"val/{k}"] for r in vals if f"val/{k}" in r), 5) for k in final_val}
@@ -403,6 +435,8 @@ def _summary(history: list[dict[str, float]], out_dir: Path, *, steps: int, epoc
         "out_dir": str(out_dir), "steps": steps, "steps_this_run": run_steps, "epochs": round(epochs, 3),
         "seconds": round(seconds, 2),
         "pairs_per_s": round(pairs / loop_seconds, 2) if loop_seconds > 0 else None,
+        "data_wait": round(wait_seconds / loop_seconds, 4) if loop_seconds > 0 else None,
+        "data_bound": loop_seconds > 0 and wait_seconds / loop_seconds > DATA_BOUND,
         "final_train": {k[6:]: round(v, 5) for k, v in last.items() if k.startswith("train/")},
         "final_val": final_val, "best_val": best_val,
     }

@@ -74,15 +74,23 @@ def run_demo(config: RunConfig, out: str | Path, *, catalogue: str | Path | None
               draw_attention(catalogue, features, captioner, ids, out / "alignment-attention.png",
                              tokenizer=run.data.tokenizer, max_text_len=run.model.max_text_len))
 
+    def budget() -> RunConfig:
+        """``run`` with its epoch budgets (``train.epochs``, ``finetune.epochs``) turned into steps."""
+        if run.train.epochs <= 0 and run.finetune.epochs <= 0:
+            return run
+        store = FeatureStore(features)
+        return run.with_train_items(sum(it.id in store for it in load_catalogue(catalogue).split("train")))
+
     def make_pretrained() -> None:
-        summary = pretrain_stage(run, out)
+        summary = pretrain_stage(budget(), out)
         if summary is not None:
             print(json.dumps({k: v for k, v in summary.items() if k not in ("data_counts", "init")}, indent=2))
         print("[demo] loss curves (paper Fig. 6):", out / "pretrain" / "loss_curves.png")
 
     def make_finetuned() -> None:
-        for task, image_only in finetune_jobs(run):
-            summary = finetune_stage(run, out, task, image_only)
+        resolved = budget()
+        for task, image_only in finetune_jobs(resolved):
+            summary = finetune_stage(resolved, out, task, image_only)
             if summary is not None:
                 print(json.dumps({k: v for k, v in summary.items()
                                   if k in ("steps", "seconds", "pairs_per_s", "final")}))
@@ -91,7 +99,8 @@ def run_demo(config: RunConfig, out: str | Path, *, catalogue: str | Path | None
         from kaleido_bert.eval.evaluate import evaluate_run
         from kaleido_bert.eval.report import print_tables
 
-        metrics = evaluate_run(out, run, out / "report", dataset_label=dataset_label)
+        metrics = evaluate_run(out, run, out / "report", dataset_label=dataset_label,
+                               baseline_seeds=tuple(run.eval.baseline_seeds) or None)  # the frozen baseline column
         print("\n" + print_tables(metrics))
         print(f"\n[demo] report: {out / 'report' / 'report.md'}")
         return metrics

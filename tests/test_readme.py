@@ -1,0 +1,69 @@
+"""The README's examples run as a newcomer pastes them: every ```python block, against a tiny ``kaleido demo``.
+
+The demo run lives at ``runs/demo`` under a temporary working directory (the path the README uses), built with the
+tiny preset and a few fine-tuning steps. Also checks that the run describes itself: ``kaleido evaluate runs/demo``
+needs no ``--config`` nor ``--set data.…`` (it reads ``runs/demo/run.yaml``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from kaleido_bert.cli import main
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+TINY_DEMO = ["--config", "tiny", "--set", "model.vocab_size=30522", "--set", "model.patch_feature_size=512",
+             "--set", "align.epochs=1", "--set", "finetune.max_steps=2", "--set", "finetune.caption_max_steps=2",
+             "--set", "finetune.batch_size=8", "--set", "eval.caption_items=4"]
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def python_blocks(text: str) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+
+
+@pytest.fixture(scope="module")
+def demo_cwd(tmp_path_factory):
+    """A working directory holding a finished tiny demo run at ``runs/demo``."""
+    root = tmp_path_factory.mktemp("readme")
+    before = Path.cwd()
+    os.chdir(root)
+    try:
+        assert main(["demo", "--out", "runs/demo", *TINY_DEMO]) == 0
+        yield root
+    finally:
+        os.chdir(before)
+
+
+def test_the_readme_has_python_examples():
+    assert len(python_blocks(README.read_text())) >= 4
+
+
+@pytest.mark.parametrize("index", range(len(python_blocks(README.read_text()))))
+def test_every_readme_python_block_runs(demo_cwd, index, monkeypatch, capsys):
+    monkeypatch.chdir(demo_cwd)
+    code = python_blocks(README.read_text())[index]
+    exec(compile(code, f"README.md python block {index + 1}", "exec"), {"__name__": "__readme__"})
+    capsys.readouterr()
+
+
+def test_evaluate_reads_the_run_config_of_the_run(demo_cwd, monkeypatch, capsys):
+    monkeypatch.chdir(demo_cwd)
+    assert main(["evaluate", "runs/demo", "--out", "runs/demo/report-again", "--no-gallery"]) == 0
+    assert (demo_cwd / "runs/demo/report-again/report.md").is_file()
+    capsys.readouterr()
+
+
+def test_a_missing_checkpoint_path_is_named_with_the_latest_one(demo_cwd, monkeypatch):
+    from kaleido_bert import KaleidoBertForPreTraining, KaleidoError
+
+    monkeypatch.chdir(demo_cwd)
+    latest = (demo_cwd / "runs/demo/pretrain/latest").read_text().strip()
+    with pytest.raises(KaleidoError) as err:
+        KaleidoBertForPreTraining.from_pretrained("runs/demo/pretrain/step-000300")
+    assert str(err.value) == f"no checkpoint at runs/demo/pretrain/step-000300 (latest: {latest})"
