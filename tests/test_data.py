@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from kaleido_bert.align.pairs import AlignedPair
 from kaleido_bert.config import MaskingConfig, load_config
-from kaleido_bert.data.catalogue import load_catalogue
+from kaleido_bert.data.catalogue import Item, load_catalogue
 from kaleido_bert.data.synth import synthesize
 from kaleido_bert.data.tokenizer import load_tokenizer
 from kaleido_bert.inputs.masking import IGNORE, JIGSAW_PERMUTATIONS, MASKED_LEVELS, text_budget
@@ -288,3 +288,28 @@ def test_row_reader_reads_what_the_memory_map_holds(world):
         assert np.array_equal(reader.read(rows, sub), mapped[rows, sub])
         assert reader.read(rows[:0]).shape == (0, *mapped.shape[1:])
     assert pickle.loads(pickle.dumps(direct)).read(rows[:1]).tobytes() == mapped[3].tobytes()
+
+
+def test_negative_pool_tiers_and_draws():
+    """Sub-category first, then category, then anywhere; a draw is uniform over the others, never the product."""
+    layout = {"a": ("TOPS", "shirts"), "b": ("TOPS", "shirts"), "c": ("TOPS", "shirts"), "d": ("TOPS", "vests"),
+              "e": ("SHOES", "boots")}
+    items = [Item(f"{p}-v{v}", p, "x.jpg", p, p, cat, sub) for p, (cat, sub) in layout.items() for v in range(2)]
+    pool = NegativePool(items)
+    assert pool.products == list("abcde")
+    assert pool.group_of("a") == ("subcategory", ["b", "c"]) and pool.group_of("d") == ("category", ["a", "b", "c"])
+    assert pool.group_of("e") == ("anywhere", ["a", "b", "c", "d"])
+    assert dict(pool.sources) == {"subcategory": 3, "category": 1, "anywhere": 1}
+    products = np.repeat(np.arange(5), 3000)
+    picks = np.random.default_rng(0).random(len(products))
+    yes, no = np.ones(len(products), bool), np.zeros(len(products), bool)
+    hard = pool.sample(products, yes, no, picks)
+    easy = pool.sample(products, yes, yes, picks)
+    assert np.array_equal(pool.sample(products, no, no, picks), products)
+    for r, pid in enumerate(pool.products):
+        _, others = pool.group_of(pid)
+        drawn = np.bincount(hard[products == r], minlength=5)
+        assert drawn[r] == 0 and {pool.products[i] for i in np.flatnonzero(drawn)} == set(others)
+        assert drawn[drawn > 0].min() > 0.8 * 3000 / len(others)  # uniform over the group
+        spread = np.bincount(easy[products == r], minlength=5)
+        assert spread[r] == 0 and (np.delete(spread, r) > 0.8 * 3000 / 4).all()

@@ -7,6 +7,7 @@ pre-trained model; then each fine-tuning task through the CLI, ``kaleido evaluat
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -293,3 +294,44 @@ def test_a_new_itc_head_starts_at_clip_temperature(pipeline, tmp_path):
     KaleidoBertForPreTraining(KaleidoBertConfig.from_model_config(config.model)).save_pretrained(tmp_path / "no-itc")
     model = load_pretrained(KaleidoBertForPreTraining, tmp_path / "no-itc", tasks=["itm", "itc"])
     assert float(model.heads.itc.logit_scale) == pytest.approx(math.log(1 / 0.07))
+
+
+def test_evaluate_under_torchrun_with_two_processes_equals_one_process(pipeline, tmp_path, capsys):
+    """Every protocol's batches are shared out over 2 gloo ranks and merged: the metrics equal 1 process's."""
+    import socket
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    shutil.copytree(pipeline / "run" / "pretrain", run / "pretrain")
+    small = [*_args(pipeline), "--set", "finetune.max_steps=2", "--set", "finetune.caption_max_steps=2",
+             "--set", "finetune.batch_size=8", "--set", "eval.batch_size=7", "--set", "eval.caption_items=9"]
+    for task in ("category", "caption", "retrieval"):
+        assert main(["finetune", task, "--init", str(run / "pretrain"), "--out", str(run / "finetune" / task),
+                     *small]) == 0, capsys.readouterr().err
+    assert main(["evaluate", str(run), *small, "--out", str(tmp_path / "one")]) == 0
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+                             "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "kaleido_bert.cli",
+                             "evaluate", str(run), *small, "--out", str(tmp_path / "two")],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    one.pop("timings"), two.pop("timings")
+    seconds = [k for k in one if k.endswith("/seconds")]
+    for key in seconds:
+        one.pop(key), two.pop(key, None)
+    assert one.keys() == two.keys()
+    assert {k for k in one if "sample100" in k or "gallery" in k or k.startswith(("cr/", "fc/"))} >= {
+        "sample100/SumR", "itr_gallery_rerank/R@1", "cr/image+text/accuracy", "fc/seq2seq/cider"}
+    for key, value in one.items():
+        if isinstance(value, float):
+            assert two[key] == pytest.approx(value, abs=1e-9), key
+        elif key not in ("run",):
+            assert two[key] == value, key
+    assert (tmp_path / "two" / "candidates.json").read_bytes() == (tmp_path / "one" / "candidates.json").read_bytes()
+    capsys.readouterr()

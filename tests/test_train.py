@@ -28,7 +28,7 @@ from kaleido_bert.errors import KaleidoError
 from kaleido_bert.inputs.pretraining import collate
 from kaleido_bert.model.heads import pretraining_loss_counts
 from kaleido_bert.runs import LATEST, latest_checkpoint, list_checkpoints
-from kaleido_bert.train.loop import build_optimizer, get_lr, train
+from kaleido_bert.train.loop import build_optimizer, data_wait_note, get_lr, train
 from model_fixtures import random_sample, tiny_model
 
 
@@ -77,6 +77,11 @@ def _train(out, config, dataset=None, *, model=None, val=None, **kwargs):
 def _rows(path: Path) -> list[dict[str, str]]:
     with open(path / "metrics.csv", newline="") as fh:
         return list(csv.DictReader(fh))
+
+
+def _untimed(rows: list[dict]) -> list[dict]:
+    """Rows without ``data_wait``, the one column that is a wall-clock measurement."""
+    return [{k: v for k, v in row.items() if k != "data_wait"} for row in rows]
 
 
 def test_learning_rate_warms_up_linearly_then_decays_to_zero():
@@ -135,10 +140,9 @@ def test_resume_from_a_middle_checkpoint_matches_the_uninterrupted_run(tmp_path)
     assert summary["steps"] == 6 and summary["steps_this_run"] == 3
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
-    assert _rows(tmp_path / "a") == _rows(tmp_path / "b")
-    assert (
-        load_train_state(tmp_path / "b" / "step-000006")["history"]
-        == load_train_state(tmp_path / "a" / "step-000006")["history"]
+    assert _untimed(_rows(tmp_path / "a")) == _untimed(_rows(tmp_path / "b"))
+    assert _untimed(load_train_state(tmp_path / "b" / "step-000006")["history"]) == _untimed(
+        load_train_state(tmp_path / "a" / "step-000006")["history"]
     )
 
 
@@ -148,7 +152,7 @@ def test_accumulation_gives_the_global_batch_mean(tmp_path):
     one, four = tiny_model(), tiny_model()
     _train(tmp_path / "one", _config(*base), model=one)
     _train(tmp_path / "four", _config(*base, "train.grad_accum=4"), model=four)
-    for a, b in zip(_rows(tmp_path / "one"), _rows(tmp_path / "four"), strict=True):
+    for a, b in zip(_untimed(_rows(tmp_path / "one")), _untimed(_rows(tmp_path / "four")), strict=True):
         assert a.keys() == b.keys() and [k for k in a if a[k]] == [k for k in b if b[k]]
         for key in (k for k in a if a[k]):
             assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-6), key
@@ -161,7 +165,25 @@ def test_loader_workers_read_the_same_batches_across_epochs(tmp_path):
     base = ("train.max_steps=7", "train.save_every=7", "train.eval_every=7")  # 3 steps per epoch: 3 epochs
     _train(tmp_path / "main", _config(*base))
     _train(tmp_path / "workers", _config(*base, "data.num_workers=2"))
-    assert _rows(tmp_path / "main") == _rows(tmp_path / "workers")
+    assert _untimed(_rows(tmp_path / "main")) == _untimed(_rows(tmp_path / "workers"))
+
+
+class BatchedPairs(RandomPairs):
+    """``RandomPairs`` that assembles whole batches itself (``__getitems__``), as ``PretrainDataset`` does."""
+
+    def __getitems__(self, indices: list[int]) -> dict:
+        return collate([self[i] for i in indices])
+
+
+def test_data_wait_is_logged_every_step_and_whole_batch_datasets_train_the_same(tmp_path):
+    base = ("train.max_steps=7", "train.save_every=7", "train.eval_every=7")  # 3 steps per epoch: 3 epochs
+    summary = _train(tmp_path / "items", _config(*base))
+    _train(tmp_path / "batches", _config(*base, "data.num_workers=2"), BatchedPairs(12))
+    rows = _rows(tmp_path / "items")
+    assert list(rows[0])[:3] == ["step", "lr", "data_wait"] and all(0 <= float(r["data_wait"]) <= 1 for r in rows)
+    assert _untimed(rows) == _untimed(_rows(tmp_path / "batches"))
+    assert 0 <= summary["data_wait"] <= 1 and summary["data_bound"] == (summary["data_wait"] > 0.5)
+    assert data_wait_note(3, 4) == "75% data-bound" and data_wait_note(1, 4) == "25%" and data_wait_note(0, 0) == "0%"
 
 
 def test_a_nan_loss_stops_in_one_line_naming_the_step_and_ids_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -200,14 +200,19 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    from kaleido_bert import distributed as dist
     from kaleido_bert.eval.evaluate import evaluate_run
     from kaleido_bert.eval.report import print_tables
 
     out = Path(args.out) if args.out else Path(args.run) / "report"
-    metrics = evaluate_run(args.run, _config(args, args.run), out, candidates=args.candidates, dataset_label=args.dataset,
-                           gallery=not args.no_gallery)
-    print(print_tables(metrics))
-    print(f"\nreport: {out / 'report.md'}")
+    try:
+        metrics = evaluate_run(args.run, _config(args, args.run), out, candidates=args.candidates,
+                               dataset_label=args.dataset, gallery=not args.no_gallery)
+    finally:
+        dist.cleanup()
+    if dist.is_main():
+        print(print_tables(metrics))
+        print(f"\nreport: {out / 'report.md'}")
 
 
 def cmd_baseline(args: argparse.Namespace) -> None:

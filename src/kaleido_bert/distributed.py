@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -99,6 +99,27 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def map_chunks(num_items: int, chunk_size: int, fn: Callable[[int, int], Any], *, desc: str = "",
+               progress: bool = False) -> list[Any]:
+    """Evaluate ``fn(start, stop)`` on every chunk of ``range(num_items)``, the chunks shared out over the ranks.
+
+    Rank ``r`` computes chunks ``r, r + W, r + 2W …``; the results are gathered to every rank and returned in
+    chunk order. The chunks are those one process would use, so every chunk's result is computed on the same
+    batch as in a single process, and the merged outputs match one process exactly (an embarrassingly parallel
+    evaluation under ``torchrun``; one process without a launcher).
+    """
+    from tqdm import tqdm
+
+    starts = list(range(0, num_items, max(1, chunk_size)))
+    mine = [i for i in range(len(starts)) if i % world_size() == rank()]
+    local = {i: fn(starts[i], min(num_items, starts[i] + chunk_size))
+             for i in tqdm(mine, desc=desc, unit="batch", disable=not progress or not is_main(), leave=False)}
+    merged: dict[int, Any] = {}
+    for part in all_gather_object(local):
+        merged.update(part)
+    return [merged[i] for i in range(len(starts))]
 
 
 def epoch_order(num_items: int, *, seed: int, epoch: int) -> list[int]:

@@ -30,8 +30,10 @@ from kaleido_bert.model.loading import load_pretrained, require_head
 from kaleido_bert.runs import CLASSIFIERS, run_parts
 
 
-def evaluate_retrieval(checkpoint: Path, config: RunConfig, *, candidates_in: str | Path | None, out: Path,
+def evaluate_retrieval(checkpoint: Path, config: RunConfig, *, candidates_in: str | Path | dict | None, out: Path,
                        gallery: bool, progress: bool) -> dict[str, Any]:
+    """Sample-100 (and full-gallery) retrieval of one checkpoint; ``candidates_in``: a candidate file, an already
+    loaded draw, or None (drawn from ``config.eval`` and saved to ``out/candidates.json``)."""
     from kaleido_bert.eval.retrieval import (
         PairScorer,
         build_candidates,
@@ -45,17 +47,21 @@ def evaluate_retrieval(checkpoint: Path, config: RunConfig, *, candidates_in: st
     require_head(checkpoint, "heads.itm.", "ITM ranking (sample-100 retrieval)")
     catalogue, store = open_data(config)
     available = set(store.available_ids())
-    if candidates_in:
+    if isinstance(candidates_in, dict):
+        candidates = candidates_in
+    elif candidates_in:
         candidates = load_candidates(candidates_in, catalogue, available)
     else:
         ev = config.eval
         candidates = build_candidates(catalogue, available, split=ev.split, num_queries=ev.num_queries,
                                       num_negatives=ev.num_negatives, seed=ev.seed)
-    save_candidates(candidates, out / "candidates.json")
+    if dist.is_main():  # the draw is seeded: every rank holds the same candidates, one writes them
+        save_candidates(candidates, out / "candidates.json")
     encoder = DualEncoder.from_checkpoint(checkpoint, batch_size=config.eval.batch_size, device=dist.device())
     scorer = PairScorer(encoder, store, product_descriptions(catalogue.items))
     result = evaluate_sample100(scorer, candidates, progress=progress)
     result["metrics"]["sample100/sources"] = candidates["sources"]
+    result["candidates"] = candidates
     if gallery:
         result["metrics"].update(evaluate_gallery(scorer, catalogue, available, split=config.eval.split,
                                                   rerank_k=config.eval.rerank_k, progress=progress)["metrics"])
@@ -127,20 +133,23 @@ def evaluate_run(run: str | Path, config: RunConfig, out: str | Path, *, candida
     """
     from kaleido_bert.eval.report import write_report
 
+    dist.init()  # under torchrun the protocols' batches are shared out over the ranks; rank 0 writes
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     parts = run_parts(run)
     with dist.autocast(dist.device(), dist.autocast_dtype(config.train.precision, dist.device())):  # the run's precision
         metrics, extras = _evaluate_parts(parts, config, out, candidates=candidates, progress=progress,
                                           dataset_label=dataset_label, gallery=gallery, run=run)
-    if baseline_seeds:  # outside autocast: the baseline's frozen text encoder and projections run in fp32
+    if baseline_seeds and dist.is_main():  # outside autocast: the baseline's frozen text encoder and projections run in fp32
         from kaleido_bert.eval.baseline import run_baseline
 
         start = time.perf_counter()
         run_baseline(config, out, seeds=tuple(baseline_seeds))
         metrics["timings"]["frozen_baseline"] = round(time.perf_counter() - start, 1)
-    atomic_write_json(out / "metrics.json", metrics)
-    write_report(metrics, extras, config, out)
+    if dist.is_main():
+        atomic_write_json(out / "metrics.json", metrics)
+        write_report(metrics, extras, config, out)
+    dist.barrier()
     return metrics
 
 
@@ -165,7 +174,7 @@ def _evaluate_parts(parts: dict[str, Path], config: RunConfig, out: Path, *, can
     extras["ranked"] = retrieval["ranked"]
     if "retrieval" in parts:
         tuned = timed("retrieval_finetuned", lambda: evaluate_retrieval(
-            parts["retrieval"], config, candidates_in=out / "candidates.json", out=out, gallery=True,
+            parts["retrieval"], config, candidates_in=retrieval["candidates"], out=out, gallery=True,
             progress=progress))
         metrics.update({k.replace("sample100", "sample100_finetuned", 1) if "sample100" in k else k: v
                         for k, v in tuned["metrics"].items() if not k.startswith("sample100/sources")})

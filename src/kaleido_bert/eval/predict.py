@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm import tqdm
+from torch.utils.data import Dataset, Subset
 
+from kaleido_bert import distributed as dist
 from kaleido_bert.errors import KaleidoError
 from kaleido_bert.inputs.downstream import ClassificationDataset
 from kaleido_bert.inputs.pretraining import collate
@@ -47,22 +47,22 @@ def caption_split(model: KaleidoBertForCaptioning, dataset: Dataset, tokenizer: 
     device = next(model.parameters()).device
     specials = [int(i) for i in tokenizer.all_special_ids]
     ids = {"cls_id": tokenizer.cls_token_id, "sep_id": tokenizer.sep_token_id}
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                        collate_fn=partial(collate, pad_id=tokenizer.pad_token_id))
-    captions: dict[str, str] = {}
-    with tqdm(total=len(dataset), desc=f"captions ({method})", unit="img", disable=not progress) as bar:
-        for batch in loader:
-            feats, positions = batch["patch_features"].to(device), batch["patch_positions"].to(device)
-            if method == "beam":
-                decoded = generate(model, feats, positions, beam_size=beam_size, max_len=max_len,
-                                   length_penalty=length_penalty, banned_ids=specials, **ids)
-            else:
-                decoded = generate_one_shot(model, feats, positions, mask_id=tokenizer.mask_token_id,
-                                            special_ids=specials, **ids)
-            for item_id, tokens in zip(batch["ids"], decoded, strict=True):
-                captions[item_id] = tokenizer.decode(tokens, skip_special_tokens=True).lower()
-            bar.update(len(decoded))
-    return captions
+    pad = partial(collate, pad_id=tokenizer.pad_token_id)
+
+    def one_batch(start: int, stop: int) -> list[tuple[str, str]]:
+        batch = pad([dataset[i] for i in range(start, stop)])
+        feats, positions = batch["patch_features"].to(device), batch["patch_positions"].to(device)
+        if method == "beam":
+            decoded = generate(model, feats, positions, beam_size=beam_size, max_len=max_len,
+                               length_penalty=length_penalty, banned_ids=specials, **ids)
+        else:
+            decoded = generate_one_shot(model, feats, positions, mask_id=tokenizer.mask_token_id,
+                                        special_ids=specials, **ids)
+        return [(item_id, tokenizer.decode(tokens, skip_special_tokens=True).lower())
+                for item_id, tokens in zip(batch["ids"], decoded, strict=True)]
+
+    parts = dist.map_chunks(len(dataset), batch_size, one_batch, desc=f"captions ({method})", progress=progress)
+    return dict(pair for part in parts for pair in part)
 
 
 @torch.no_grad()
@@ -71,12 +71,12 @@ def predict(model: KaleidoBertForClassification, dataset: ClassificationDataset,
             ) -> tuple[list[str], Tensor, Tensor]:
     """Class probabilities of every sample: ``(ids, probs (N, C), labels (N,))``."""
     model.eval().to(device)
-    ids, probs, labels = [], [], []
-    for start in tqdm(range(0, len(dataset), batch_size), desc=f"predict {dataset.field}", disable=not progress,
-                      leave=False):
-        batch = collate_fn([dataset[i] for i in range(start, min(len(dataset), start + batch_size))])
+
+    def one_batch(start: int, stop: int) -> tuple[list[str], Tensor, Tensor]:
+        batch = collate_fn([dataset[i] for i in range(start, stop)])
         inputs = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-        probs.append(model(inputs).logits.float().softmax(-1).cpu())
-        labels.append(batch["label"])
-        ids.extend(batch["ids"])
-    return ids, torch.cat(probs), torch.cat(labels)
+        return list(batch["ids"]), model(inputs).logits.float().softmax(-1).cpu(), batch["label"]
+
+    parts = dist.map_chunks(len(dataset), batch_size, one_batch, desc=f"predict {dataset.field}", progress=progress)
+    ids = [i for part in parts for i in part[0]]
+    return ids, torch.cat([part[1] for part in parts]), torch.cat([part[2] for part in parts])

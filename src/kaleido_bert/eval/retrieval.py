@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
+from kaleido_bert import distributed as dist
 from kaleido_bert.atomic import atomic_write_json
 from kaleido_bert.data.catalogue import Catalogue, Item
 from kaleido_bert.errors import KaleidoError
@@ -170,31 +170,31 @@ class PairScorer:
     def __init__(self, encoder: DualEncoder, store: FeatureStore, descriptions: dict[str, str]) -> None:
         self.encoder, self.store, self.descriptions = encoder, store, descriptions
 
-    def _chunks(self, n: int, desc: str, progress: bool):
-        step = self.encoder.batch_size
-        return tqdm(range(0, n, step), desc=desc, unit="batch", disable=not progress, leave=False)
+    def _map(self, n: int, fn, desc: str, progress: bool, empty: np.ndarray) -> np.ndarray:
+        """``fn(start, stop)`` over batches of ``encoder.batch_size``, shared out over the ranks under torchrun."""
+        parts = dist.map_chunks(n, self.encoder.batch_size, fn, desc=desc, progress=progress)
+        return np.concatenate([empty, *parts])
 
     def itm_logits(self, pairs: list[tuple[str, str]], *, desc: str = "ITM", progress: bool = True) -> np.ndarray:
         """Raw class-1 ITM logits of ``(image id, product id)`` pairs, in order: ``(N,)`` float64."""
-        out = np.empty(len(pairs))
-        for start in self._chunks(len(pairs), desc, progress):
-            chunk = pairs[start:start + self.encoder.batch_size]
+        def score(start: int, stop: int) -> np.ndarray:
+            chunk = pairs[start:stop]
             feats, pos = store_patches(self.store, [i for i, _ in chunk])
-            texts = [self.descriptions[p] for _, p in chunk]
-            out[start:start + len(chunk)] = self.encoder.itm_logits(texts, feats, pos)
-        return out
+            return self.encoder.itm_logits([self.descriptions[p] for _, p in chunk], feats, pos)
+
+        return self._map(len(pairs), score, desc, progress, np.empty(0))
 
     def embed_texts(self, pids: list[str], *, progress: bool = True) -> np.ndarray:
         """Text-only embeddings of the products' descriptions: ``(N, D)``."""
-        return self.encoder.embed_texts([self.descriptions[p] for p in pids], progress=progress)
+        texts = [self.descriptions[p] for p in pids]
+        return self._map(len(texts), lambda a, b: self.encoder.embed_texts(texts[a:b]), "embed text", progress,
+                         np.empty((0, self.encoder.dim), np.float32))
 
     def embed_images(self, image_ids: list[str], *, progress: bool = True) -> np.ndarray:
         """Patch-only embeddings of store rows: ``(N, D)``."""
-        parts = [np.empty((0, self.encoder.dim), np.float32)]
-        for start in self._chunks(len(image_ids), "embed image", progress):
-            chunk = image_ids[start:start + self.encoder.batch_size]
-            parts.append(self.encoder.embed_patches(*store_patches(self.store, chunk)))
-        return np.concatenate(parts)
+        return self._map(len(image_ids),
+                         lambda a, b: self.encoder.embed_patches(*store_patches(self.store, image_ids[a:b])),
+                         "embed image", progress, np.empty((0, self.encoder.dim), np.float32))
 
 
 # ---------------------------------------------------------------------------------------------- protocols

@@ -15,8 +15,8 @@
 
 Bad input never causes a 500: uploads go through :func:`kaleido_bert.serve.uploads.read_upload` (400/413/415),
 every request field has a strict type from :mod:`kaleido_bert.serve.validation` (booleans are ``true``/``false``,
-counts finite integers, texts UTF-8 within their length: 422), a blank query or an unknown category is a 400,
-bodies over the upload limit are cut off with 413, and any :class:`~kaleido_bert.errors.KaleidoError` becomes a
+counts finite integers in range, texts UTF-8: 422), a blank query or an unknown category is a 400, a text over its
+length limit is a 413 (counted as sent), bodies over the upload limit are cut off with 413, and any :class:`~kaleido_bert.errors.KaleidoError` becomes a
 400. Errors are JSON ``{"detail": "..."}`` (a 422 keeps FastAPI's list of field errors); every error body goes
 through :func:`~kaleido_bert.serve.validation.safe_json`, so one about a ``NaN`` or a lone surrogate can be sent.
 Each endpoint documents every status it answers with in the OpenAPI schema (``/openapi.json``, checked by
@@ -52,15 +52,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kaleido_bert.errors import KaleidoError
 from kaleido_bert.serve.uploads import MAX_UPLOAD_BYTES, UploadError, read_upload
-from kaleido_bert.serve.validation import (
-    NOT_BLANK,
-    Count,
-    Flag,
-    input_faults,
-    public_facts,
-    safe_json,
-    text_type,
-)
+from kaleido_bert.serve.validation import NOT_BLANK, Count, Flag, Text, input_faults, public_facts, safe_json
 
 log = logging.getLogger("kaleido_bert.serve.app")
 
@@ -156,19 +148,19 @@ def _error(description: str) -> dict[str, Any]:
     return {"model": ErrorResponse, "description": description}
 
 
-_BODY_TOO_LARGE = _error("the request body is over the upload limit (plus 64 KiB for the multipart framing)")
 _TEXT_ERRORS: dict[int | str, dict[str, Any]] = {
     400: _error("a blank query, an unknown category, a body that is not JSON, or a query the pipeline refuses"),
-    413: _BODY_TOO_LARGE,
+    413: _error("a query over its length limit, or a request body over the upload limit"),
     422: {"description": "a field of the wrong type or out of range: k not a finite integer in range, rerank not "
-                         "a JSON boolean, a text over its length limit or not valid UTF-8, a missing query"},
+                         "a JSON boolean, a text that is not valid UTF-8, a missing query"},
 }
 _UPLOAD_ERRORS: dict[int | str, dict[str, Any]] = {
     400: _error("an empty, truncated, corrupt or too small image, a declared type that disagrees with the "
                 "file's signature, or a malformed multipart body"),
-    413: _error("the upload is over the byte limit or its header promises more pixels than allowed"),
+    413: _error("the upload is over the byte limit or its header promises more pixels than allowed, the "
+                "request body is over the limit, or a text is over its length limit"),
     415: _error("not a JPEG, PNG or WebP image (by declared content type or file signature)"),
-    422: {"description": "no file part, k not an integer in range, or a text over its length limit or not UTF-8"},
+    422: {"description": "no file part, k not an integer in range, or a text that is not valid UTF-8"},
 }
 _IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "the image file",
@@ -272,12 +264,14 @@ def _read_image(file: UploadFile, max_bytes: int) -> Image.Image:
     return read_upload(data, content_type=file.content_type, filename=file.filename or "upload", max_bytes=max_bytes)
 
 
-def _check_text(text: str, what: str) -> str:
-    """``text`` without surrounding whitespace; a 400 when nothing is left (its length was checked as a field)."""
-    text = text.strip()
-    if not text:
+def _check_text(text: str, what: str, max_chars: int, *, blank: bool = False) -> str | None:
+    """``text`` without surrounding whitespace: a 413 when it was sent over ``max_chars`` characters, and when
+    nothing is left None if ``blank`` is allowed, else a 400."""
+    if len(text) > max_chars:
+        raise HTTPException(413, f"{what} is {len(text):,} characters; the limit is {max_chars:,}")
+    if not text.strip() and not blank:
         raise HTTPException(400, f"{what} is empty or whitespace-only")
-    return text
+    return text.strip() or None
 
 
 # ---------------------------------------------------------------------------------------------- the app
@@ -314,16 +308,14 @@ def create_app(
         raise KaleidoError("max_upload_bytes, max_query_chars and max_k must be positive")
     lock = threading.Lock()
     known = list(pipeline.categories())
-    Query = text_type(max_query_chars)
-    Category = text_type(max([max_query_chars, *map(len, known)]))
     upload = File(description=f"a JPEG, PNG or WebP product photo, at least 16 px a side, at most "
                               f"{max_upload_bytes:,} bytes", json_schema_extra={"format": "binary", "minLength": 1})
 
     class TextSearchRequest(BaseModel):
-        query: Query = Field(description="what to look for, in words (not blank; surrounding whitespace is ignored)",
-                             json_schema_extra={"minLength": 1, "pattern": NOT_BLANK})
+        query: Text = Field(description="what to look for, in words (not blank; surrounding whitespace is ignored)",
+                            json_schema_extra={"minLength": 1, "maxLength": max_query_chars, "pattern": NOT_BLANK})
         k: Count = Field(10, ge=1, le=max_k, description="number of results")
-        category: Category | None = Field(None, description="only products of this category (see /api/categories); "
+        category: Text | None = Field(None, description="only products of this category (see /api/categories); "
                                           "null or \"\" for all", json_schema_extra={"enum": [None, "", *known]})
         rerank: Flag = Field(True, description="re-score the candidates with the cross-modal model")
 
@@ -367,7 +359,7 @@ def create_app(
 
     @app.post("/api/search/text", response_model=TextSearchResponse, responses=_TEXT_ERRORS)
     def search_text(body: TextSearchRequest) -> TextSearchResponse:
-        query = _check_text(body.query, "query")
+        query = _check_text(body.query, "query", max_query_chars)
         category = body.category or None
         if category is not None and category not in (names := list(pipeline.categories())):
             raise HTTPException(400, f"unknown category {category!r} (known: {', '.join(names)})")
@@ -398,9 +390,10 @@ def create_app(
     @app.post("/api/classify", response_model=ClassifyResponse, responses=_UPLOAD_ERRORS)
     def classify(
         file: Annotated[UploadFile, upload],
-        text: Annotated[Query | None, Form(description="optional product text to classify with (blank = none)")] = None,
+        text: Annotated[Text | None, Form(description="optional product text to classify with (blank = none)",
+                                          json_schema_extra={"maxLength": max_query_chars})] = None,
     ) -> ClassifyResponse:
-        words = text.strip() if text and text.strip() else None
+        words = None if text is None else _check_text(text, "text", max_query_chars, blank=True)
         image = _read_image(file, max_upload_bytes)
         with lock, input_faults(text=words):
             labels = pipeline.classify(image, words)

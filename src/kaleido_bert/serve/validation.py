@@ -7,8 +7,8 @@ every field to the same rules, and its schema says what the server checks:
 * :data:`Count`: a JSON integer (``5``, and ``5.0`` which JSON Schema also calls an integer); ``NaN``,
   ``Infinity``, ``1e400`` (which Python's JSON reader turns into ``inf``), ``2.5``, ``"5"`` and ``true`` are
   refused;
-* :func:`text_type`: a JSON string of at most ``max_chars`` characters that encodes as UTF-8 (a lone surrogate
-  such as ``"\\ud800"`` is refused with a 422 naming the field, before a tokenizer sees it). A query declares
+* :data:`Text`: a JSON string that encodes as UTF-8 (a lone surrogate such as ``"\\ud800"`` is refused with a
+  422 naming the field, before a tokenizer sees it). A query declares
   :data:`NOT_BLANK`, a pattern saying it holds a non-whitespace character; :data:`SPACES` is Python's
   whitespace, the set ``str.strip`` removes, spelled out so that every regex engine reads the pattern alike.
 
@@ -30,7 +30,7 @@ from typing import Annotated, Any
 
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from pydantic import BeforeValidator, StrictBool, StrictInt, StringConstraints, ValidationInfo
+from pydantic import BeforeValidator, StrictBool, StrictInt, StrictStr, ValidationInfo
 from pydantic_core import PydanticCustomError
 
 SPACES = "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008" \
@@ -73,10 +73,9 @@ Count = Annotated[StrictInt, BeforeValidator(_json_integer)]
 """An integer field: a JSON integer (or an integral float), never a string, boolean or non-finite number."""
 
 
-def text_type(max_chars: int) -> Any:
-    """A string field: a JSON string (no numbers, no ``null`` unless the field says ``| None``) of at most
-    ``max_chars`` characters that encodes as UTF-8."""
-    return Annotated[str, StringConstraints(strict=True, max_length=max_chars), BeforeValidator(_utf8)]
+Text = Annotated[StrictStr, BeforeValidator(_utf8)]
+"""A string field: a JSON string (not a number, not ``null`` unless the field says ``| None``) that encodes as UTF-8.
+Its length limit is the endpoint's to check: an over-long text is a 413, as the README promises."""
 
 
 def safe_json(value: Any) -> Any:
