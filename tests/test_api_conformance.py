@@ -1,6 +1,6 @@
 """The search service against its own OpenAPI schema, checked by an outside tool: schemathesis ``--checks all``.
 
-The app over the word-overlap :class:`test_serve_app.CataloguePipeline` is served by uvicorn on 127.0.0.1 (a
+The app over the word-overlap :class:`serve_fixtures.CataloguePipeline` is served by uvicorn on 127.0.0.1 (a
 port the OS picked), and ``st run URL/openapi.json`` generates positive and negative requests for every
 operation (examples, coverage and fuzzing phases; a fixed seed, at most 25 cases per operation, one worker, no
 example database) and runs every check: no 5xx, every status and content type documented, responses match their
@@ -30,7 +30,7 @@ pytest.importorskip("uvicorn", reason="the serve extra (uvicorn) is not installe
 pytest.importorskip("schemathesis", reason="the dev extra (schemathesis) is not installed")
 
 from kaleido_bert.serve.app import create_app  # noqa: E402
-from test_serve_app import CataloguePipeline  # noqa: E402
+from serve_fixtures import CataloguePipeline  # noqa: E402
 
 HOOKS = Path(__file__).resolve().parent / "schemathesis_hooks.py"
 MAX_EXAMPLES = 25

@@ -23,7 +23,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from kaleido_bert.serve.app import create_app  # noqa: E402
 from kaleido_bert.serve.validation import NOT_BLANK, SPACES, input_faults, public_facts, safe_json  # noqa: E402
-from test_serve_app import CataloguePipeline  # noqa: E402
+from serve_fixtures import CataloguePipeline  # noqa: E402
 
 NON_FINITE = [b"NaN", b"Infinity", b"-Infinity", b"1e400", b"-1e400", b"1e309"]
 SURROGATES = [rb'"\ud800"', rb'"a\udfffb"', rb'"\ude00\ud83d"', rb'"\udbff"', b'"\xed\xa0\x80"']  # last: CESU-8
@@ -230,11 +230,11 @@ def test_input_faults_turn_only_text_caused_errors_into_a_422():
 
 def test_safe_json_makes_anything_sendable():
     value = {"\ud800": [math.nan, math.inf, -math.inf, b"\xff", ValueError("bad \udfff"), (1, 2.5, None, True)],
-             3: "ok \U0001f600"}
+             3: "ok \U0001f600", "big": 10**5000}
     safe = safe_json(value)
     assert json.loads(json.dumps(safe, allow_nan=False).encode("utf-8")) == {
         "\\ud800": ["NaN", "Infinity", "-Infinity", "\\xff", "bad \\udfff", [1, 2.5, None, True]],
-        "3": "ok \U0001f600"}
+        "3": "ok \U0001f600", "big": "an integer of 16,610 bits"}
 
 
 def test_the_blank_pattern_agrees_with_str_strip():

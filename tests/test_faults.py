@@ -477,7 +477,7 @@ def test_truncated_gif_and_webp_are_caught(tmp_path, capsys):
     code, out, _ = cli(capsys, "data", "import-csv", csv_path, "--images", src, "--out", tmp_path / "cat",
                        "--on-error", "skip")
     assert code == 0 and "rows read: 4 = 2 imported + 2 skipped" in out
-    assert (tmp_path / "cat" / "problems.jsonl").read_text().count("truncated") == 2
+    assert (tmp_path / "cat" / "problems.jsonl").read_text().count("image is truncated or corrupt (") == 2
 
 
 def test_a_partial_left_by_a_killed_import_is_cleaned_by_the_next(tmp_path, capsys):

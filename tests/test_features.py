@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from kaleido_bert.config import load_config
-from kaleido_bert.data.catalogue import Item, write_catalogue
+from kaleido_bert.data.catalogue import Item, load_catalogue, write_catalogue
 from kaleido_bert.patches.backbones import build_backbone
 from kaleido_bert.patches.extraction import extract_features
 from kaleido_bert.patches.features import FEATURES_PER_IMAGE, PatchEncoder
@@ -132,6 +132,7 @@ def test_mismatched_store_is_refused(catalogue, tmp_path):
 def test_bad_image_is_recorded_and_the_run_continues(tmp_path, capsys):
     root = make_catalogue(tmp_path / "cat", n=4)
     (root / "images" / "2.png").write_bytes((root / "images" / "2.png").read_bytes()[:60])  # truncated
+    write_catalogue(root, load_catalogue(root).items)  # as imported (an edit after import is another fault)
     summary = extract_features(root, tmp_path / "s", features_config(), num_workers=0, progress=False)
     assert summary["complete"] and summary["done"] == 3 and summary["failed"] == 1
     store = FeatureStore(tmp_path / "s")
@@ -145,6 +146,7 @@ def test_bad_image_is_recorded_and_the_run_continues(tmp_path, capsys):
 def test_blank_image_falls_back_to_the_whole_image(tmp_path):
     root = make_catalogue(tmp_path / "cat", n=2)
     Image.new("RGB", (71, 53), (250, 250, 250)).save(root / "images" / "0.png")
+    write_catalogue(root, load_catalogue(root).items)
     extract_features(root, tmp_path / "s", features_config(), num_workers=0, progress=False)
     entry = FeatureStore(tmp_path / "s")["item0"]
     assert bool(entry["fallback"]) and entry["saliency"].tolist() == pytest.approx([0, 0, 71, 53], abs=1)

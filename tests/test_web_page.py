@@ -1,7 +1,7 @@
 """The search page in a real headless Chromium: text search, result images, upload, caption, error box.
 
 The app runs under uvicorn on a free loopback port in a background thread, over the word-overlap
-:class:`test_serve_app.CataloguePipeline` (the model pipeline's browser test is separate). Skips, with the
+:class:`serve_fixtures.CataloguePipeline` (the model pipeline's browser test is separate). Skips, with the
 reason, where no Chromium or Playwright is installed.
 """
 
@@ -17,7 +17,7 @@ pytest.importorskip("fastapi", reason="the serve extra (fastapi) is not installe
 uvicorn = pytest.importorskip("uvicorn", reason="the serve extra (uvicorn) is not installed")
 
 from kaleido_bert.serve.app import create_app  # noqa: E402
-from test_serve_app import CataloguePipeline  # noqa: E402
+from serve_fixtures import CataloguePipeline  # noqa: E402
 
 pytestmark = [pytest.mark.browser, skip_without_browser, pytest.mark.timeout(120)]
 

@@ -15,6 +15,7 @@ catalogue recorded for it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import struct
@@ -62,6 +63,9 @@ def _open_header(source: Path | BinaryIO, label: str, max_pixels: int, min_side:
     except Image.DecompressionBombError:
         raise ImageTooLarge(f"image too large to open safely: {label}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        short = _riff_truncation(source)  # Pillow's WebP decoder fails at open on a cut file
+        if short:
+            raise ImageProblem(f"image is truncated or corrupt ({short}): {label}") from None
         raise ImageProblem(f"not a readable image ({type(err).__name__}): {label}") from None
     w, h = img.size
     if w * h > max_pixels:
@@ -190,6 +194,20 @@ def _check_riff_chunks(fh: BinaryIO) -> None:
         pos += 8 + size + (size & 1)
     if pos < end - 1 or pos > end + 1:  # the last chunk's pad byte may or may not be counted
         raise OSError(f"WebP chunks end at byte {pos:,}, the RIFF header says {end:,}")
+
+
+def _riff_truncation(source: Path | BinaryIO) -> str | None:
+    """Why a RIFF WebP file is cut short, or None (not WebP, or whole)."""
+    with open(source, "rb") if isinstance(source, Path) else contextlib.nullcontext(source) as fh:
+        fh.seek(0)
+        head = fh.read(12)
+        if head[:4] != b"RIFF" or head[8:] != b"WEBP":
+            return None
+        try:
+            _check_riff_chunks(fh)
+        except (OSError, struct.error) as err:
+            return str(err)
+    return None
 
 
 _STREAM_CHECKS = {"PNG": _check_png_pixel_stream, "GIF": _check_gif_blocks, "WEBP": _check_riff_chunks}

@@ -248,7 +248,8 @@ def _put_(out: Tensor, level: int, indices: Tensor, source: Tensor | None) -> No
 
 
 def rotate_patch(colour: Tensor, rotated: Tensor, quarter_turns: Tensor) -> Tensor:
-    """Rotation task (1×1): swap in the rotated-by-``quarter_turns`` feature ``(B, 3, F)``; 0 keeps it. Label = turns."""
+    """Rotation task (1×1): swap in the rotated-by-``quarter_turns`` (B,) feature of ``rotated`` (B, 3, F); 0 keeps
+    the original. Label = turns."""
     out = colour.clone()
     _rotate_(out, rotated, quarter_turns)
     return out

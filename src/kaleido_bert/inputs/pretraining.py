@@ -110,7 +110,7 @@ class PretrainDataset(Dataset):
                                  dtype=torch.long)
         for i, ids in enumerate(encoded):
             self.tokens[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        self.pad_id, self.mask_token_id = tokenizer.pad_token_id, tokenizer.mask_token_id
+        self.mask_token_id = tokenizer.mask_token_id
         special = np.asarray(sorted(set(tokenizer.all_special_ids)), dtype=np.int64)
         self.replacements = torch.from_numpy(np.setdiff1d(np.arange(len(tokenizer)), special))
 

@@ -63,7 +63,7 @@ class RowReader:
             os.posix_fadvise(fd, start, size, os.POSIX_FADV_WILLNEED)
 
     def read(self, rows: np.ndarray, sub: np.ndarray | None = None) -> np.ndarray:
-        """Rows ``rows`` ``(B,)`` → ``(B, *row)``; with ``sub`` ``(B,)``, sub-row ``sub[b]`` of each → ``(B, *row[1:])``."""
+        """Rows ``rows`` (B,) → ``(B, *row)``; with ``sub`` (B,), sub-row ``sub[b]`` of each → ``(B, *row[1:])``."""
         if not self.direct:
             return np.asarray(self.array[rows] if sub is None else self.array[rows, sub])
         shape = self.array.shape[1:] if sub is None else self.array.shape[2:]

@@ -15,12 +15,13 @@
 
 Bad input never causes a 500: uploads go through :func:`kaleido_bert.serve.uploads.read_upload` (400/413/415),
 every request field has a strict type from :mod:`kaleido_bert.serve.validation` (booleans are ``true``/``false``,
-counts finite integers in range, texts UTF-8: 422), a blank query or an unknown category is a 400, a text over its
-length limit is a 413 (counted as sent), bodies over the upload limit are cut off with 413, and any :class:`~kaleido_bert.errors.KaleidoError` becomes a
-400. Errors are JSON ``{"detail": "..."}`` (a 422 keeps FastAPI's list of field errors); every error body goes
-through :func:`~kaleido_bert.serve.validation.safe_json`, so one about a ``NaN`` or a lone surrogate can be sent.
-Each endpoint documents every status it answers with in the OpenAPI schema (``/openapi.json``, checked by
-schemathesis in ``tests/test_api_conformance.py``), and ``/healthz`` names no filesystem path. Every response carries ``Server-Timing`` and ``X-Latency-ms`` headers, and
+counts finite integers in range, texts UTF-8: 422), a blank query or an unknown category is a 400, a text over
+its length limit is a 413 (counted as sent), bodies over the upload limit are cut off with 413, and any
+:class:`~kaleido_bert.errors.KaleidoError` becomes a 400. Errors are JSON ``{"detail": "..."}`` (a 422 keeps
+FastAPI's list of field errors); every error body goes through :func:`~kaleido_bert.serve.validation.safe_json`,
+so one about a ``NaN`` or a lone surrogate can still be sent. Each endpoint documents every status it answers with
+in the OpenAPI schema (``/openapi.json``; ``tests/test_api_conformance.py`` checks it with schemathesis), and
+``/healthz`` names no absolute path. Every response carries ``Server-Timing`` and ``X-Latency-ms`` headers, and
 each request is logged (method, path, status, milliseconds) on the ``kaleido_bert.serve.app`` logger.
 Pipeline calls are serialised by a lock; they run in FastAPI's thread pool, off the event loop.
 
@@ -308,8 +309,10 @@ def create_app(
         raise KaleidoError("max_upload_bytes, max_query_chars and max_k must be positive")
     lock = threading.Lock()
     known = list(pipeline.categories())
-    upload = File(description=f"a JPEG, PNG or WebP product photo, at least 16 px a side, at most "
-                              f"{max_upload_bytes:,} bytes", json_schema_extra={"format": "binary", "minLength": 1})
+
+    def upload() -> Any:  # the file part of each upload endpoint: non-empty, sent as a file (``format: binary``)
+        return File(description=f"a JPEG, PNG or WebP product photo, at least 16 px a side, at most "
+                                f"{max_upload_bytes:,} bytes", json_schema_extra={"format": "binary", "minLength": 1})
 
     class TextSearchRequest(BaseModel):
         query: Text = Field(description="what to look for, in words (not blank; surrounding whitespace is ignored)",
@@ -369,7 +372,7 @@ def create_app(
 
     @app.post("/api/search/image", response_model=ImageSearchResponse, responses=_UPLOAD_ERRORS)
     def search_image(
-        file: Annotated[UploadFile, upload],
+        file: Annotated[UploadFile, upload()],
         k: Annotated[int, Form(ge=1, le=max_k, description="number of products")] = 10,
     ) -> ImageSearchResponse:
         image = _read_image(file, max_upload_bytes)
@@ -381,7 +384,7 @@ def create_app(
         )
 
     @app.post("/api/caption", response_model=CaptionResponse, responses=_UPLOAD_ERRORS)
-    def caption(file: Annotated[UploadFile, upload]) -> CaptionResponse:
+    def caption(file: Annotated[UploadFile, upload()]) -> CaptionResponse:
         image = _read_image(file, max_upload_bytes)
         with lock:
             text = pipeline.caption(image)
@@ -389,7 +392,7 @@ def create_app(
 
     @app.post("/api/classify", response_model=ClassifyResponse, responses=_UPLOAD_ERRORS)
     def classify(
-        file: Annotated[UploadFile, upload],
+        file: Annotated[UploadFile, upload()],
         text: Annotated[Text | None, Form(description="optional product text to classify with (blank = none)",
                                           json_schema_extra={"maxLength": max_query_chars})] = None,
     ) -> ClassifyResponse:

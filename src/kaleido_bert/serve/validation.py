@@ -8,12 +8,13 @@ every field to the same rules, and its schema says what the server checks:
   ``Infinity``, ``1e400`` (which Python's JSON reader turns into ``inf``), ``2.5``, ``"5"`` and ``true`` are
   refused;
 * :data:`Text`: a JSON string that encodes as UTF-8 (a lone surrogate such as ``"\\ud800"`` is refused with a
-  422 naming the field, before a tokenizer sees it). A query declares
-  :data:`NOT_BLANK`, a pattern saying it holds a non-whitespace character; :data:`SPACES` is Python's
-  whitespace, the set ``str.strip`` removes, spelled out so that every regex engine reads the pattern alike.
+  422 naming the field, before a tokenizer sees it). A query declares :data:`NOT_BLANK`, a pattern saying it
+  holds a non-whitespace character; :data:`SPACES` is Python's whitespace, the set ``str.strip`` removes,
+  spelled out so that every regex engine reads the pattern alike.
 
 Error bodies: :func:`safe_json` makes any error detail sendable (non-finite numbers become the strings
-``"NaN"``/``"Infinity"``, strings and bytes that are not UTF-8 are backslash-escaped), so an error about bad
+``"NaN"``/``"Infinity"``, strings and bytes that are not UTF-8 are backslash-escaped, an integer too long to
+print is described), so an error about bad
 input never fails to encode and turn into a 500. :func:`input_faults` turns a ``TypeError``/``UnicodeError``
 raised inside the pipeline into a 422 only when a text it was given is not UTF-8; any other exception stays a
 server fault. :func:`public_facts` keeps filesystem paths out of ``/healthz``.
@@ -38,6 +39,7 @@ SPACES = "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\
 """Every character ``str.isspace`` (and so ``str.strip``) treats as whitespace."""
 NOT_BLANK = f"[^{SPACES}]"
 """The pattern of a text that holds at least one non-whitespace character (JSON Schema patterns are unanchored)."""
+_MAX_INT_BITS = 14_000  # about 4,200 decimal digits, under Python's int-to-str limit
 
 
 def utf8_problem(text: str) -> str | None:
@@ -86,6 +88,8 @@ def safe_json(value: Any) -> Any:
         return bytes(value).decode("utf-8", "backslashreplace")
     if isinstance(value, float) and not math.isfinite(value):
         return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > _MAX_INT_BITS:
+        return f"an integer of {value.bit_length():,} bits"  # str() refuses over 4,300 digits
     if value is None or isinstance(value, bool | int | float):
         return value
     if isinstance(value, dict):
