@@ -10,9 +10,10 @@ Each measurement runs in its own process on one thread (``torch.set_num_threads(
 ``num_workers=0``, batches of 32 in the training loop's order): ``warm`` is the best of the passes after a first
 one over the same batches; ``cold`` is one pass right after every store file was dropped from the page cache
 (``posix_fadvise(DONTNEED)``; a page mapped by a live process cannot be dropped, hence the fresh processes), with
-the resident share of ``features.npy`` checked by ``mincore`` before the pass. Old and new alternate, and each
-cell is the best of ``--repeats`` processes (the 2-core machine is shared). Pairs/s is wall-clock; CPU pairs/s
-(per CPU-second of the process) is shown next to it. The old path is the implementation of commit ``ec31ac3``,
+the resident share of ``features.npy`` checked by ``mincore`` before the pass. The batch sampler is wrapped in
+``inputs.rows.read_ahead`` as the training loop wraps it (a no-op for the old path, which has no ``prefetch``).
+Old and new alternate, and each cell is the best of ``--repeats`` processes (the 2-core machine is shared).
+Pairs/s is wall-clock; CPU pairs/s (per CPU-second of the process) is shown next to it. The old path is the implementation of commit ``ec31ac3``,
 read with ``git show`` into a temporary module, so no dead code stays in the package.
 
     python benchmarks/bench_data.py                       # F = 320 and 1280 (the demo preset's EfficientNet-Lite0)
@@ -150,6 +151,7 @@ def measure(args: argparse.Namespace) -> dict:
     from kaleido_bert.data.catalogue import load_catalogue
     from kaleido_bert.data.tokenizer import load_tokenizer
     from kaleido_bert.distributed import epoch_order
+    from kaleido_bert.inputs.rows import read_ahead
     from kaleido_bert.patches.store import FeatureStore
 
     root = Path(args.root)
@@ -165,11 +167,12 @@ def measure(args: argparse.Namespace) -> dict:
                                      masking=MaskingConfig(itm_negative_ratio=0.5, itm_hard_ratio=0.5), seed=0)
     order = epoch_order(len(dataset), seed=0, epoch=0)
     batches = [order[i * BATCH:(i + 1) * BATCH] for i in range(min(args.batches, len(order) // BATCH))]
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=0,
-                        collate_fn=partial(module.collate, pad_id=tokenizer.pad_token_id))
+    collate = partial(module.collate, pad_id=tokenizer.pad_token_id)
+    prefetch = getattr(dataset, "prefetch", None)  # the new path's read-ahead, as the training loop wires it
 
     def one_pass() -> tuple[float, float]:
         wall, cpu = time.perf_counter(), time.process_time()
+        loader = DataLoader(dataset, batch_sampler=read_ahead(batches, prefetch), num_workers=0, collate_fn=collate)
         pairs = sum(len(batch["ids"]) for batch in loader)
         return pairs / (time.perf_counter() - wall), pairs / max(time.process_time() - cpu, 1e-9)
 

@@ -17,7 +17,7 @@ from kaleido_bert.data.tokenizer import load_tokenizer
 from kaleido_bert.inputs.masking import IGNORE, JIGSAW_PERMUTATIONS, MASKED_LEVELS, text_budget
 from kaleido_bert.inputs.negatives import NegativePool
 from kaleido_bert.inputs.pretraining import PretrainDataset, collate
-from kaleido_bert.inputs.rows import RowReader
+from kaleido_bert.inputs.rows import RowReader, read_ahead
 from kaleido_bert.patches.extraction import extract_features
 from kaleido_bert.patches.grid import level_slice
 from kaleido_bert.patches.store import FeatureStore
@@ -313,3 +313,17 @@ def test_negative_pool_tiers_and_draws():
         assert drawn[drawn > 0].min() > 0.8 * 3000 / len(others)  # uniform over the group
         spread = np.bincount(easy[products == r], minlength=5)
         assert spread[r] == 0 and (np.delete(spread, r) > 0.8 * 3000 / 4).all()
+
+
+def test_read_ahead_hints_the_next_batch_and_changes_nothing(world):
+    cat, store, tok = world
+    ds = PretrainDataset(cat, store, tok)
+    batches = [[3, 1], [0, 5], [2, 4]]
+    hinted = []
+    assert list(read_ahead(batches, hinted.append)) == batches and hinted == [[0, 5], [2, 4]]
+    keyed = [[(1, 3), (1, 1)], [(1, 0), (1, 5)]]
+    hinted.clear()
+    assert list(read_ahead(keyed, hinted.append)) == keyed and hinted == [[0, 5]]
+    assert list(read_ahead(iter(batches), None)) == batches
+    loader = DataLoader(ds, batch_sampler=read_ahead(batches, ds.prefetch), collate_fn=collate)
+    assert all(same(a, ds.__getitems__(b)) for a, b in zip(loader, batches, strict=True))

@@ -225,8 +225,12 @@ def test_classifier_refuses_labels_missing_from_its_label_map(pipeline, tmp_path
     labels["category"]["SPACESUITS"] = len(labels["category"])  # the new catalogue knows it, the model does not
     (other / "labels.json").write_text(json.dumps(labels))
     from kaleido_bert.eval.evaluate import evaluate_classifier
+    from kaleido_bert.patches.extraction import extract_features
 
-    config = _config(pipeline, f"data.catalogue={other}", "eval.split=" + row["split"])
+    shutil.copytree(pipeline / "store", tmp_path / "store")  # the store must match the edited catalogue
+    extract_features(other, tmp_path / "store", load_config("tiny").features, num_workers=0, progress=False)
+    config = _config(pipeline, f"data.catalogue={other}", f"data.features={tmp_path / 'store'}",
+                     "eval.split=" + row["split"])
     with pytest.raises(KaleidoError, match=f"item {row['id']}: category 'SPACESUITS' is not in the model's label"):
         evaluate_classifier(run / "finetune" / "category" / "step-000003", config, progress=False)
     capsys.readouterr()

@@ -234,17 +234,17 @@ def _no_space(*_args, **_kwargs):
 
 def test_a_full_disk_fails_when_the_store_is_opened_and_rows_stay_resumable(world, tmp_path, capsys, monkeypatch):
     import kaleido_bert.atomic as atomic
-    import kaleido_bert.patches.store as store_module
+    import kaleido_bert.patches.store_files as store_files
 
     store, args = tmp_path / "store", ["--workers", "0", *T]
-    monkeypatch.setattr(store_module.os, "posix_fallocate", _no_space)
+    monkeypatch.setattr(store_files.os, "posix_fallocate", _no_space)
     code, _, err = cli(capsys, "patches", world / "catalogue", "--out", store, *args)
     assert code == 2 and not store.exists()  # nothing half-made is left; a retry starts clean
     error_line(err, "features.npy", "ENOSPC")
     monkeypatch.undo()
     assert cli(capsys, "patches", world / "catalogue", "--out", store, *args, "--limit", "5")[0] == 0
     before = snapshot(store)
-    monkeypatch.setattr(store_module.os, "posix_fallocate", _no_space)  # fails at open: nothing touched
+    monkeypatch.setattr(store_files.os, "posix_fallocate", _no_space)  # fails at open: nothing touched
     code, _, err = cli(capsys, "patches", world / "catalogue", "--out", store, *args)
     assert code == 2 and snapshot(store) == before
     error_line(err, "ENOSPC", str(store))

@@ -118,5 +118,17 @@ def test_real_preset_is_the_recipe():
     config = load_config("real")
     assert config.model.init == "minilm" and config.model.num_layers == 6 and config.model.hidden_size == 384
     assert "itc" in config.model.tasks and config.masking.itm_negatives == "mined"
-    assert config.train.precision == "bf16" and config.train.epochs > 0 and config.finetune.epochs > 0
+    assert config.train.precision == "auto" and config.train.epochs > 0 and config.finetune.epochs > 0
     assert config.finetune.class_weights != "none"
+
+
+def test_demo_on_a_real_catalogue_defaults_to_the_recipe(monkeypatch, tmp_path):
+    import kaleido_bert.workflows.demo as demo
+    from kaleido_bert.cli import main
+
+    seen = []
+    monkeypatch.setattr(demo, "run_demo", lambda config, out, **kw: seen.append(config.name))
+    assert main(["demo", "--catalogue", str(tmp_path), "--out", str(tmp_path / "run")]) == 0
+    assert main(["demo", "--out", str(tmp_path / "synthetic")]) == 0
+    assert main(["demo", "--catalogue", str(tmp_path), "--config", "small", "--out", str(tmp_path / "s")]) == 0
+    assert seen == ["real", "demo", "small"]

@@ -512,7 +512,7 @@ def load_config(name_or_path: str | Path = "demo", overrides: list[str] | None =
     elif path.suffix in (".yaml", ".yml") or path.exists():
         label = str(path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+            raise ConfigError(f"config file {path} {'is a directory' if path.is_dir() else 'does not exist'}")
     else:
         raise ConfigError(f"unknown preset {text!r}: use one of {', '.join(PRESET_NAMES)} or a YAML file path")
     try:

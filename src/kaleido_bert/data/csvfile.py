@@ -49,6 +49,20 @@ class CsvTable:
     notes: list[str] = field(default_factory=list)
     """One line each for the import summary: the encoding read, rows left out before they became rows."""
 
+    def columns(self, names: list[str | None], source: str) -> dict[str, int]:
+        """The header index of each named column (None: not used).
+
+        Raises:
+            KaleidoError: a column that is missing or appears more than once (it would be ambiguous).
+        """
+        for name in (n for n in names if n is not None):
+            if self.header.count(name) != 1:
+                found = ", ".join(h for h in self.header if h)
+                raise KaleidoError(f"column {name!r} not found in CSV; columns: {found} ({source})" if name not in
+                                   self.header else f"column {name!r} appears {self.header.count(name)} times in "
+                                   f"the CSV header ({source})")
+        return {name: self.header.index(name) for name in names if name is not None}
+
 
 class _Feed:
     """Lines to a csv reader, counting how many it has taken."""
@@ -115,6 +129,14 @@ def _open_at_end(chunk: list[str]) -> bool:
     return False
 
 
+def _first_cells(line: str) -> list[str]:
+    """The cells of one line on its own (to name the row's id), or none when even that does not split."""
+    try:
+        return next(csv.reader([line]), [])
+    except csv.Error:
+        return []
+
+
 def _records(lines: list[str], path: Path) -> tuple[list[tuple[int, list[str], str | None]], int]:
     """``(first line index, cells, problem)`` per record and the number of records whose cells are all empty."""
     records: list[tuple[int, list[str], str | None]] = []
@@ -128,10 +150,11 @@ def _records(lines: list[str], path: Path) -> tuple[list[tuple[int, list[str], s
                 cells, problem = next(reader), None
             except StopIteration:
                 break
-            except csv.Error as err:  # e.g. a field over the size limit: lines swallowed by an open quote
+            except csv.Error as err:  # a field over the size limit: lines swallowed by an open quote, or a huge cell
                 if "NUL" in str(err):
                     raise KaleidoError(f"CSV {path} line {start + 1}: {err}") from None
-                cells, problem = [], str(err)
+                cells, problem = [], (f"a field is longer than {csv.field_size_limit():,} characters (an unterminated "
+                                      "quote, or a cell far too long for a product text)")
             end = feed.pos
             if not cells and problem is None:
                 continue  # an empty line
@@ -142,8 +165,9 @@ def _records(lines: list[str], path: Path) -> tuple[list[tuple[int, list[str], s
                 problem = "a quoted field is still open at the end of the file"
             if problem is not None:
                 spans, to = end - start, "the end of the file" if end >= len(lines) else f"line {end}"
-                records.append((start, next(csv.reader([lines[start]]), []),
-                                f"unterminated quote on line {start + 1}: {problem} (it runs over {spans} "
+                records.append((start, _first_cells(lines[start]),
+                                f"{'' if problem.startswith('a field is') else 'unterminated quote on '}line "
+                                f"{start + 1}: {problem} (it runs over {spans} "
                                 f"line{'s' if spans != 1 else ''}, to {to}); this line was left out and the "
                                 "lines after it read as rows"))
                 restart = start + 1 if spans > 1 else None

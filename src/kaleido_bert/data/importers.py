@@ -242,12 +242,8 @@ def import_csv(csv_path: str | Path, *, images: str | Path, out: str | Path, id_
     header = table.header
     if image_col == "" or (image_col == DEFAULT_IMAGE_COL and image_col not in header):
         image_col = None  # Kaggle's full styles.csv has no image column: its images are <id>.jpg
-    wanted = [id_col, text_col, category_col, subcategory_col, title_col, image_col, product_col, split_col]
-    for name in wanted:
-        if name is not None and name not in header:
-            columns = ", ".join(h for h in header if h)
-            raise KaleidoError(f"column {name!r} not found in CSV; columns: {columns} ({csv_path.name})")
-    col = {name: header.index(name) for name in wanted if name is not None}
+    col = table.columns([id_col, text_col, category_col, subcategory_col, title_col, image_col, product_col,
+                         split_col], csv_path.name)
     problems = _Problems(on_error, csv_path.name)
     seen_ids: dict[str, int] = {}
     product_split: dict[str, tuple[str, int]] = {}
@@ -340,7 +336,10 @@ def _column(chunk: dict[str, np.ndarray], key: str, i: int) -> Any:
 
 
 def _save_jpeg(job: tuple[np.ndarray, Path]) -> None:
-    Image.fromarray(job[0]).save(job[1], format="JPEG", quality=95)
+    try:
+        Image.fromarray(job[0]).save(job[1], format="JPEG", quality=95)
+    except OSError as err:  # a full disk: name the file
+        raise (with_path(err, job[1]) if err.filename is None else err) from None
 
 
 class _FashionGenRows:

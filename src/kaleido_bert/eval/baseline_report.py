@@ -44,7 +44,7 @@ def comparison_rows(metrics: dict[str, Any], baseline: dict[str, Any]) -> list[t
         model = next((metrics[k] for k in model_keys if k in metrics), None)
         if model is None and key not in baseline.get("mean", {}):
             continue
-        if model is None and "finetuned" in label:
+        if model is None and "finetuned" in model_keys[0]:
             continue
         chance = baseline.get("chance", {}).get(key)
         rows.append((label, None if chance is None else chance * scale,
@@ -64,7 +64,8 @@ def baseline_section(metrics: dict[str, Any], baseline: dict[str, Any]) -> list[
              f"checkpoint ({baseline.get('text_model_from')}) mean-pooled, two linear maps trained with InfoNCE; "
              "logistic regression for CR/SUB; captions = the nearest training description. Same test items and "
              f"candidate lists as the model; mean ± std over seeds {seeds}. All values in %. Chance: a random "
-             "ranking, the training majority class, a random training description.", "",
+             "ranking, the training majority class, a random training description. The model's full-gallery rows "
+             "are after ITM re-ranking when the run has it.", "",
              "| metric | chance | frozen baseline | kaleido-bert |", "|---|---|---|---|"]
     for label, chance, mean, std, model in comparison_rows(metrics, baseline):
         base = "–" if mean is None else f"{mean:.1f} ± {std:.1f}"

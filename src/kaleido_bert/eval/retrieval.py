@@ -135,9 +135,11 @@ def load_candidates(path: str | Path, catalogue: Catalogue, available: set[str])
     """
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
         itr, tir = data["itr"], data["tir"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        for q in (*itr, *tir):
+            q["query"], q["positive"], q["candidates"][0]  # noqa: B018 - the shape of every query, checked once
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, IndexError) as err:
         raise KaleidoError(f"candidate file {path} is unreadable or not a sample-100 file ({type(err).__name__})") \
             from None
     products = {it.product_id for it in catalogue.items}

@@ -224,6 +224,13 @@ def mask_tokens(text_ids: Tensor, chosen: Tensor, rolls: Tensor, picks: Tensor, 
     return ids, labels
 
 
+def patches_at(features: Tensor, index: Tensor) -> Tensor:
+    """``features[b, index[b, j]]`` for every b, j: ``(B, P, F)`` and ``(B, k)`` → ``(B, k, F)`` (a row gather)."""
+    b, p, f = features.shape
+    rows = (torch.arange(b)[:, None] * p + index).flatten()
+    return features.reshape(b * p, f).index_select(0, rows).view(b, index.shape[1], f)
+
+
 def _rotate_(out: Tensor, rotated: Tensor, turns: Tensor) -> None:
     rows = (turns > 0).nonzero().flatten()
     out[rows, 0] = rotated[rows, turns[rows] - 1].to(out.dtype)
@@ -231,8 +238,7 @@ def _rotate_(out: Tensor, rotated: Tensor, turns: Tensor) -> None:
 
 def _jigsaw_(out: Tensor, permutation_index: Tensor) -> None:
     s = level_slice(2)
-    source = s.start + _PERMUTATIONS[permutation_index]  # (B, 4): slot i receives patch perm[i]
-    out[:, s] = torch.gather(out, 1, source[:, :, None].expand(-1, -1, out.shape[2]))
+    out[:, s] = patches_at(out, s.start + _PERMUTATIONS[permutation_index])  # slot i receives patch perm[i]
 
 
 def _camouflage_(out: Tensor, donor_patch: Tensor, index: Tensor) -> None:

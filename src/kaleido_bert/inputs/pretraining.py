@@ -24,6 +24,7 @@ Batch shapes (B pairs, T text tokens ≤ max_text_len, F feature size):
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,6 +42,7 @@ from kaleido_bert.inputs.masking import (
     corrupt_patches_,
     item_draws,
     mask_tokens,
+    patches_at,
     plan_masks,
     priority_orders,
     random_fill,
@@ -97,6 +99,7 @@ class PretrainDataset(Dataset):
         self.features = RowReader(store.arrays["features"])
         self.positions = RowReader(store.arrays["positions"])
         self.feature_size = store.feature_size
+        self._prefetched: deque[tuple[int, ...]] = deque(maxlen=8)  # batches read_ahead hinted already
 
     def _tokenize(self, tokenizer, max_text_len: int) -> None:
         """Every product's description once: ``tokens`` (products, L) right-padded, ``lengths`` (products,)."""
@@ -121,6 +124,13 @@ class PretrainDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def prefetch(self, indices: Sequence[int]) -> None:
+        """Start reading these items' store rows in the background (see :func:`~kaleido_bert.inputs.rows.read_ahead`)."""
+        rows = self.item_row[np.asarray(indices, dtype=np.int64)]
+        self.features.prefetch(rows)
+        self.positions.prefetch(rows)
+        self._prefetched.append(tuple(indices))
+
     def __len__(self) -> int:
         return len(self.items)
 
@@ -143,8 +153,8 @@ class PretrainDataset(Dataset):
         text_ids = self.tokens[torch.from_numpy(text_product), :width]
         text_mask = (torch.arange(width)[None, :] < torch.from_numpy(lengths)[:, None]).long()
         rows = self.item_row[index]
-        self.features.prefetch(rows)
-        self.positions.prefetch(rows)
+        if tuple(indices) not in self._prefetched:  # not hinted by read_ahead already
+            self.prefetch(indices)
         batch: dict[str, Any] = {"ids": [self.items[i].id for i in index.tolist()], "text_mask": text_mask,
                                  "itm_label": torch.from_numpy((~negative).astype(np.int64))}
         if not self.corrupt:
@@ -242,9 +252,8 @@ class PretrainDataset(Dataset):
 def _targets(colour: Tensor, indices: Tensor, level: int) -> tuple[Tensor, Tensor]:
     """Level-relative indices (B, k) padded with -100, and the clean colour features (B, k, F) as targets."""
     valid = indices >= 0
-    safe = indices.clamp(min=0) + level_slice(level).start
-    target = torch.gather(colour, 1, safe[:, :, None].expand(-1, -1, colour.shape[2]))
-    return torch.where(valid, indices, IGNORE), target * valid[:, :, None]
+    target = patches_at(colour, indices.clamp(min=0) + level_slice(level).start)
+    return torch.where(valid, indices, IGNORE), target.mul_(valid[:, :, None])
 
 
 def collate(samples: list[dict[str, Any]] | dict[str, Any], pad_id: int = 0) -> dict[str, Any]:

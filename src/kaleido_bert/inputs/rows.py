@@ -7,6 +7,9 @@ straight into one preallocated array with ``preadv`` (no page is mapped into thi
 does not grow with the store). Where ``preadv``/``posix_fadvise`` are missing (macOS, Windows) or the array is
 not a plain file, the memory map is fancy-indexed instead.
 
+:func:`read_ahead` moves the hint one batch earlier: a batch sampler wrapped by it tells the dataset the next
+batch's indices before handing out the current one, so that batch's reads overlap this one's assembly.
+
 Shapes: an array ``(N, *row)``; :meth:`RowReader.read` of ``(B,)`` rows and an optional ``(B,)`` sub-row gives
 ``(B, *row)`` or ``(B, *row[1:])`` in the array's dtype.
 """
@@ -14,6 +17,8 @@ Shapes: an array ``(N, *row)``; :meth:`RowReader.read` of ``(B,)`` rows and an o
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -77,3 +82,18 @@ class RowReader:
             if os.preadv(fd, [view[k * size:(k + 1) * size]], start) != size:
                 raise StoreError(f"{self.path}: short read at byte {start} (the store changed while it was read)")
         return out
+
+
+def read_ahead(batches: Iterable[list[Any]], prefetch: Callable[[list[int]], None] | None) -> Iterator[list[Any]]:
+    """The batches of a batch sampler, unchanged; before each is handed out, ``prefetch`` gets the next one's indices.
+
+    Batches are lists of indices or of ``(epoch, index)`` keys (the training loop's). With ``prefetch`` None (a
+    dataset without one) the batches pass through untouched.
+    """
+    batches = iter(batches)
+    upcoming = next(batches, None)
+    while upcoming is not None:
+        current, upcoming = upcoming, next(batches, None)
+        if prefetch is not None and upcoming:
+            prefetch([key[1] if isinstance(key, tuple) else key for key in upcoming])
+        yield current

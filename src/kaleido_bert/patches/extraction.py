@@ -94,6 +94,8 @@ def extract_features(
     Returns:
         A summary: items, done, failed, processed this run, seconds, images/s, backbone GFLOPs per image.
     """
+    if num_workers < 0 or (limit is not None and limit < 0):
+        raise KaleidoError(f"--workers ({num_workers}) and --limit ({limit}) must not be negative")
     cat = load_catalogue(catalogue)
     if not cat.items:
         raise KaleidoError(f"catalogue {catalogue} has no items")

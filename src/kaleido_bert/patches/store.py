@@ -14,10 +14,9 @@ A store is a directory::
     status.npy       (N,) uint8: 0 to do, 1 done, 2 failed (see problems.jsonl); replaced atomically
     problems.jsonl   items that failed to decode, one JSON object each
 
-The ``.npy`` arrays are memory-mapped: rows are read on demand, never the whole file. Every ``.npy`` file is
-checked by :func:`check_npy` before it is opened, on the read and the write path alike: magic, header, shape,
-dtype and the file size the header promises (``numpy.load(mmap_mode="r+")`` would silently grow a short file
-with zeros). New arrays are preallocated (``os.posix_fallocate``), so a full disk fails when the store is
+The ``.npy`` arrays are memory-mapped: rows are read on demand, never the whole file. Every file is checked
+before it is used, on the read and the write path alike (:mod:`kaleido_bert.patches.store_files`: an ``.npy``
+file's header against its size, shape and dtype; JSON files and status values). New arrays are preallocated (``os.posix_fallocate``), so a full disk fails when the store is
 opened, not as SIGBUS in the middle of a run. Rows are flushed before ``status.npy`` marks them done, so a
 killed run resumes exactly where the last flush left it. ``manifest.json`` says ``complete: false`` until every
 row is done or failed; readers refuse an incomplete store, and a writer refuses to append to a store whose
@@ -29,11 +28,7 @@ a catalogue.
 
 from __future__ import annotations
 
-import errno
 import json
-import math
-import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,27 +36,39 @@ import numpy as np
 import torch
 
 from kaleido_bert.atomic import atomic_path, atomic_write_json, atomic_write_text, one_line_os_errors
-from kaleido_bert.errors import KaleidoError
 from kaleido_bert.patches.features import FEATURE_LAYOUT, FEATURES_PER_IMAGE, GREYED, NUM_COLOUR, ROTATED
+from kaleido_bert.patches.store_files import (
+    DONE,
+    FAILED,
+    IDS,
+    IMAGES,
+    MANIFEST,
+    PROBLEMS,
+    REBUILD,
+    STATUS,
+    TODO,
+    NpyHeader,
+    StoreError,
+    check_npy,
+    load_status,
+    preallocate,
+    read_problems,
+    read_store_json,
+)
 
 if TYPE_CHECKING:
     from kaleido_bert.data.catalogue import Catalogue
 
 STORE_VERSION = 2
 """2 added ``images.json`` (per-row image content hashes)."""
-MANIFEST, IDS, IMAGES, STATUS, PROBLEMS = "manifest.json", "ids.json", "images.json", "status.npy", "problems.jsonl"
 ARRAYS = ("features", "boxes", "positions", "saliency", "sizes")
-TODO, DONE, FAILED = 0, 1, 2
 MATCH_KEYS = ("backbone", "weights", "seed", "mode", "patch_size", "image_size", "saliency", "levels",
               "feature_size", "catalogue_hash")
 """Manifest fields that must agree before a store is resumed or used."""
 RESUME_KEYS = tuple(key for key in MATCH_KEYS if key != "catalogue_hash")
 """Fields a resumed store must share; a new catalogue hash instead redoes the rows whose image changed."""
-REBUILD = "delete it to rebuild it"
-
-
-class StoreError(KaleidoError):
-    """A feature store that is missing, incomplete, corrupt or does not match what was asked for."""
+__all__ = ["DONE", "FAILED", "TODO", "FeatureStore", "NpyHeader", "StoreError", "StoreWriter", "array_specs",
+           "check_npy", "describe_mismatch"]
 
 
 def describe_mismatch(found: dict[str, Any], wanted: dict[str, Any], where: str,
@@ -78,121 +85,6 @@ def array_specs(n: int, feature_size: int) -> dict[str, tuple[tuple[int, ...], n
     return {"features": ((n, FEATURES_PER_IMAGE, feature_size), np.dtype(np.float16)),
             "boxes": ((n, NUM_COLOUR, 4), np.dtype(np.float32)), "positions": ((n, NUM_COLOUR, 5), np.dtype(np.float32)),
             "saliency": ((n, 5), np.dtype(np.float32)), "sizes": ((n, 2), np.dtype(np.int32))}
-
-
-# ---------------------------------------------------------------------------------------------- file checks
-@dataclass(frozen=True)
-class NpyHeader:
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    offset: int
-    """Bytes before the data."""
-
-    @property
-    def file_size(self) -> int:
-        """The size the header promises: header plus shape × itemsize."""
-        return self.offset + math.prod(self.shape) * self.dtype.itemsize
-
-
-def check_npy(path: str | Path, shape: tuple[int, ...] | None = None, dtype: Any = None) -> NpyHeader:
-    """Read an ``.npy`` header and check it against the file's size (and the expected shape and dtype).
-
-    The one gate in front of every ``numpy.load`` of a store array, so that a truncated, grown or foreign file
-    is refused before it is memory-mapped (``mmap_mode="r+"`` would zero-fill a short file).
-
-    Raises:
-        StoreError: one line naming the file: missing, not an ``.npy`` array, an object (pickle) array, a size
-            that disagrees with its header, or another shape or dtype than expected.
-    """
-    path = Path(path)
-    fmt = np.lib.format
-    try:
-        with open(path, "rb") as fh:
-            version = fmt.read_magic(fh)
-            if version == (1, 0):
-                found_shape, fortran, found_dtype = fmt.read_array_header_1_0(fh)
-            elif version == (2, 0):
-                found_shape, fortran, found_dtype = fmt.read_array_header_2_0(fh)
-            else:
-                raise ValueError(f"unsupported .npy format version {version}")
-            header = NpyHeader(tuple(found_shape), np.dtype(found_dtype), fh.tell())
-    except FileNotFoundError:
-        raise StoreError(f"{path} is missing (corrupt store: {REBUILD})") from None
-    except (ValueError, SyntaxError, EOFError, TypeError) as err:
-        raise StoreError(f"{path} is not a valid .npy array ({(str(err).splitlines() or ['bad header'])[0][:80]}): "
-                         f"corrupt store, {REBUILD}") from None
-    if header.dtype.hasobject or fortran:
-        raise StoreError(f"{path} holds {'Python objects' if header.dtype.hasobject else 'a Fortran-order array'}, "
-                         f"not a store array (corrupt store: {REBUILD})")
-    size = path.stat().st_size
-    if size != header.file_size:
-        state = "truncated" if size < header.file_size else "longer than its header says"
-        raise StoreError(f"{path} is {size:,} bytes but its header ({header.shape} {header.dtype}) needs "
-                         f"{header.file_size:,}: {state} (corrupt store: {REBUILD})")
-    if (shape is not None and header.shape != tuple(shape)) or (dtype is not None and header.dtype != np.dtype(dtype)):
-        raise StoreError(f"{path} holds {header.shape} {header.dtype}, expected {tuple(shape or header.shape)} "
-                         f"{np.dtype(dtype or header.dtype)} (corrupt store: {REBUILD})")
-    return header
-
-
-def read_store_json(path: Path, kind: type, what: str) -> Any:
-    """A store's JSON file, refused in one line when missing, not JSON or not a ``kind``."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise StoreError(f"{path} is missing (corrupt store: {REBUILD})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise StoreError(f"{path} is not valid JSON ({str(err).splitlines()[0][:60]}): corrupt store, {REBUILD}") from None
-    if not isinstance(value, kind) or (kind is list and not all(isinstance(v, str) for v in value)):
-        raise StoreError(f"{path} does not hold {what} (corrupt store: {REBUILD})")
-    return value
-
-
-def load_status(root: Path, n: int) -> np.ndarray:
-    """``status.npy`` checked by :func:`check_npy` ((n,) uint8) and by value (0, 1 or 2)."""
-    path = root / STATUS
-    check_npy(path, (n,), np.uint8)
-    status = np.load(path, allow_pickle=False)
-    if status.size and status.max() > FAILED:
-        raise StoreError(f"{path} holds status {int(status.max())} (known: 0 to do, 1 done, 2 failed): "
-                         f"corrupt store, {REBUILD}")
-    return status
-
-
-def _read_problems(root: Path) -> list[dict[str, Any]]:
-    path = root / PROBLEMS
-    if not path.is_file():
-        return []
-    problems = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise StoreError(f"{path} line {lineno} is not valid JSON (corrupt store: {REBUILD})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("row"), int):
-            raise StoreError(f"{path} line {lineno} is not a problem record (corrupt store: {REBUILD})")
-        problems.append(record)
-    return problems
-
-
-def preallocate(path: Path) -> None:
-    """Reserve the disk blocks of ``path`` (``os.posix_fallocate``; a no-op where unsupported).
-
-    A memory-mapped array writes into a sparse file; on a full disk that write is a SIGBUS, with nothing on
-    stderr. Reserved blocks make the failure an ``OSError(ENOSPC)`` here, before any row is computed.
-    """
-    if not hasattr(os, "posix_fallocate"):
-        return
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
-    except OSError as err:
-        if err.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-            raise OSError(err.errno, os.strerror(err.errno), str(path)) from None
-    finally:
-        os.close(fd)
 
 
 def _open_arrays(root: Path, specs: dict[str, tuple[tuple[int, ...], np.dtype]], mode: str) -> dict[str, np.memmap]:
@@ -282,7 +174,7 @@ class StoreWriter:
         if read_store_json(self.root / IDS, list, "a list of item ids") != ids:
             raise StoreError(f"feature store {self.root} holds other item ids than the catalogue{rebuild}")
         self.status = load_status(self.root, len(ids))
-        self.problems = _read_problems(self.root)
+        self.problems = read_problems(self.root)
         self.arrays = _open_arrays(self.root, self.specs, "r+")
         self.manifest = found
         new_hash = manifest.get("catalogue_hash")
@@ -386,7 +278,7 @@ class FeatureStore:
                 raise StoreError(f"feature store {self.root} is incomplete ({int((self.status != TODO).sum())}/"
                                  f"{len(self.ids)} items): re-run `kaleido patches` to finish it")
             self.arrays = _open_arrays(self.root, array_specs(len(self.ids), feature_size), "r")
-            self.problems = _read_problems(self.root)
+            self.problems = read_problems(self.root)
         if expect:
             problem = describe_mismatch(self.manifest, expect, str(self.root))
             if problem:

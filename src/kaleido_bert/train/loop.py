@@ -42,6 +42,7 @@ from kaleido_bert import runs
 from kaleido_bert.atomic import atomic_path, atomic_write_json
 from kaleido_bert.config import RunConfig, TrainConfig
 from kaleido_bert.errors import KaleidoError
+from kaleido_bert.inputs.rows import read_ahead
 
 CountFn = Callable[[dict[str, Any]], dict[str, float]]
 DATA_BOUND = 0.5
@@ -335,6 +336,7 @@ def train(model: nn.Module, train_dataset: Dataset, val_dataset: Dataset | None,
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     plan = dist.shard_batches(len(train_dataset), seed=tc.seed, epoch=epoch, position=position,
                               batch_size=tc.batch_size, grad_accum=tc.grad_accum)
+    plan = read_ahead(plan, getattr(train_dataset, "prefetch", None))  # the next batch's store reads start early
     loader = DataLoader(_EpochItems(train_dataset), batch_sampler=plan, collate_fn=collate_fn,
                         num_workers=config.data.num_workers, pin_memory=device.type == "cuda",
                         generator=torch.Generator())  # not the global RNG: a resume must not shift it

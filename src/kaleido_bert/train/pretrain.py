@@ -90,6 +90,8 @@ def pretrain(config: RunConfig, out_dir: str | Path, *, resume: bool = False,
             differs from ``model.vocab_size``, and everything :func:`~kaleido_bert.train.loop.train` refuses.
     """
     out_dir = Path(out_dir)
+    if not config.model.tasks:
+        raise KaleidoError("model.tasks is empty: pre-training needs at least one task (e.g. ['mlm', 'itm'])")
     tokenizer = load_tokenizer(config.data.tokenizer)
     if len(tokenizer) != config.model.vocab_size:
         raise KaleidoError(f"the tokenizer has {len(tokenizer)} tokens but "
