@@ -1,10 +1,10 @@
-"""Typed run configuration: dataclasses per concern, YAML presets shipped in the package, dotted overrides.
+"""The run configuration's sections (paper §4.1 implementation details): one dataclass per concern.
 
-A run is described by one :class:`RunConfig` made of sections (``model``, ``data``, ``features``, ``masking``,
-``train``, ``eval``). Presets live in ``kaleido_bert/configs/*.yaml`` (``tiny``, ``demo``, ``small``, ``paper``)
-and are loaded with :func:`load_config`; ``--set a.b=value`` overrides are parsed with ``ast.literal_eval`` and
-type-checked against the field (:func:`apply_overrides`). Only :class:`ModelConfig` goes next to the weights
-(``config.json``); the full resolved run config is written as ``run.yaml`` next to every output.
+A run is described by one :class:`RunConfig` made of sections (``model``, ``data``, ``features``, ``align``,
+``masking``, ``train``, ``finetune``, ``eval``); each section checks its own values in ``__post_init__`` and
+raises a one-line :class:`ConfigError` naming the key. Only :class:`ModelConfig` goes next to the weights
+(``config.json``); the full resolved run config is written as ``run.yaml`` next to every output. Loading presets
+and ``--set`` overrides: :mod:`kaleido_bert.config.loading`.
 
 Paper values (§4.1, Implementation details): L=12, H=768, A=12, ResNet-50 2048-d patch features, 64 text tokens,
 1/2/3 masked patches at the 3×3/4×4/5×5 levels, at most 10 masked tokens.
@@ -12,13 +12,9 @@ Paper values (§4.1, Implementation details): L=12, H=768, A=12, ResNet-50 2048-
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import math
-import types
-import typing
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +22,6 @@ import yaml
 
 from kaleido_bert.atomic import atomic_write_text
 from kaleido_bert.errors import KaleidoError
-
-PRESET_NAMES = ("tiny", "demo", "small", "real", "paper")
 
 PRETRAINING_TASKS = ("mlm", "itm", "rotation", "jigsaw", "camouflage", "grey_to_color", "blank_to_color")
 """The paper's seven pre-training tasks (§3.5): AMLM, ITM and the five AKPM tasks (levels 1 to 5)."""
@@ -395,134 +389,10 @@ class RunConfig:
                     raise ConfigError(f"unknown config section {part!r} in {key!r}")
                 node = node[part]
             node[name] = list(value) if isinstance(value, tuple) else value
+        from kaleido_bert.config.loading import config_from_dict
+
         return config_from_dict(data)
 
     def save(self, path: str | Path) -> None:
         """Write the resolved config as YAML, atomically (``run.yaml`` next to an output)."""
         atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
-
-
-# ---------------------------------------------------------------------------------------------- typed building
-def _check_value(key: str, value: Any, annotation: Any) -> Any:
-    """Return ``value`` converted to ``annotation`` or raise a one-line ConfigError naming ``key``."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _check_value(key, value, option)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
-    if origin is list:
-        (item_type,) = typing.get_args(annotation)
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
-        return [_check_value(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if annotation is float and isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{key}: {value!r} is not a finite number")
-    if annotation in (int, float, str, bool):
-        if isinstance(value, bool) and annotation is not bool or not isinstance(value, annotation):
-            raise ConfigError(f"{key}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
-        return value
-    raise ConfigError(f"{key}: unsupported field type {annotation!r}")
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")
-    kwargs = {}
-    for name, value in data.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value or {}, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _check_value(f"{prefix}{name}", value, hint)
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {err}") from None
-
-
-def config_from_dict(data: dict[str, Any]) -> RunConfig:
-    """Build a validated RunConfig from a (possibly partial) nested dict."""
-    return _build(RunConfig, data)
-
-
-def _parse_override(text: str) -> tuple[list[str], Any]:
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} is not of the form key.path=value")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise ConfigError(f"override {text!r} has an empty key")
-    try:
-        value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        value = raw  # a bare word is a string: --set features.mode=roi
-    if raw.strip().lower() in ("none", "null"):
-        value = None
-    if raw.strip().lower() in ("true", "false"):
-        value = raw.strip().lower() == "true"
-    return key.split("."), value
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b=value`` overrides to a nested dict; unknown keys and wrong types fail in :func:`_build`."""
-    for text in overrides:
-        path, value = _parse_override(text)
-        node = data
-        for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: {part} is not a section")
-            node = child
-        node[path[-1]] = value
-    return data
-
-
-def preset_path(name: str) -> Path:
-    return Path(str(resources.files("kaleido_bert") / "configs" / f"{name}.yaml"))
-
-
-def load_config(name_or_path: str | Path = "demo", overrides: list[str] | None = None) -> RunConfig:
-    """Load a shipped preset by name or a YAML file by path, then apply ``--set`` overrides.
-
-    Raises:
-        ConfigError: unknown preset or file, unknown key, wrong type, or an invalid value (one line, names the key).
-    """
-    text = str(name_or_path)
-    path = Path(text)
-    if text in PRESET_NAMES:
-        path, label = preset_path(text), text
-    elif path.suffix in (".yaml", ".yml") or path.exists():
-        label = str(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} {'is a directory' if path.is_dir() else 'does not exist'}")
-    else:
-        raise ConfigError(f"unknown preset {text!r}: use one of {', '.join(PRESET_NAMES)} or a YAML file path")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"config file {path} cannot be read ({type(err).__name__}): not a YAML text file") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections")
-    data.setdefault("name", label)
-    apply_overrides(data, list(overrides or []))
-    return config_from_dict(data)
