@@ -16,7 +16,7 @@ Old and new alternate, and each cell is the best of ``--repeats`` processes (the
 Pairs/s is wall-clock; CPU pairs/s (per CPU-second of the process) is shown next to it. The old path is the implementation of commit ``ec31ac3``,
 read with ``git show`` into a temporary module, so no dead code stays in the package.
 
-    python benchmarks/bench_data.py                       # F = 320 and 1280 (the demo preset's EfficientNet-Lite0)
+    python benchmarks/bench_data.py                       # F = 320 and 1280 (the demo preset), about 4 min
     python benchmarks/bench_data.py --feature-sizes 320 --repeats 1
 """
 
@@ -44,6 +44,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, write_result  # noqa: E402
 
 OLD_COMMIT = "ec31ac3"
+WHERE_THE_TIME_GOES = """\
+Where the time goes (cProfile during development, one thread). Old path, per pair: two full store reads
+converted to float32 (the item and its camouflage donor, 74 × F each, through `FeatureStore.__getitem__` and its
+five small arrays), about 30 torch RNG calls on a fresh generator, six copies of the (55, F) features in the
+corruption functions and a per-position loop for the 80/10/10 rule: about 1 ms per pair in many small calls. New
+path, per batch: one `preadv` per row plus one page per camouflage donor, one float16 → float32 conversion of the
+(B, 55, F) colour block, masks planned with array operations (only items with aligned pairs go through the
+per-item planner, about 35 µs each) and the corruptions applied in place. What is left at F = 1280 is memory
+traffic: copying the rows out of the page cache and the conversion, about 2 and 1.7 ms of the 6 ms a batch of 32
+takes. Cold, the next batch's byte ranges are handed to the kernel (`posix_fadvise(WILLNEED)`, through
+`inputs.rows.read_ahead`) before the current batch is assembled, so its reads run in parallel and overlap that
+work, where the old path waited for each row's page faults in turn.
+"""
 REPO = Path(__file__).resolve().parents[1]
 BATCH = 32
 
@@ -243,7 +256,7 @@ def main() -> None:
         "",
         f"`PretrainDataset` + `collate` on one thread (`torch.set_num_threads(1)`, `num_workers=0`), batches of "
         f"{BATCH} in the training loop's order, {rows[0]['pairs']} pairs per pass, on a store of {items} items "
-        f"(74 float16 features each) with masking, ITM negatives (ratio 0.5, half of them easy) and alignments "
+        f"(74 float16 features each; F = 1280 is the demo preset's EfficientNet-Lite0) with masking, ITM negatives (ratio 0.5, half of them easy) and alignments "
         f"(5 words × levels 3-5 per item). Old = commit `{OLD_COMMIT}`. Warm: best of {args.passes} passes after a "
         f"first one; cold: the store dropped from the page cache first (`posix_fadvise(DONTNEED)`; resident share "
         f"of `features.npy` before the pass in the last column). Best of {args.repeats} processes per cell; "
@@ -257,6 +270,7 @@ def main() -> None:
         resident = "" if r["resident_before"] is None else f"{r['resident_before']:.1%}"
         lines.append(f"| {r['feature_size']} | {r['path']} | {r['cache']} | {r['pairs_per_s']:.0f} | "
                      f"{r['speedup']:.2f}× | {r['cpu_pairs_per_s']:.0f} | {r['cpu_speedup']:.2f}× | {resident} |")
+    lines += ["", WHERE_THE_TIME_GOES.rstrip()]
     write_result("data", {"machine": machine(), "load_before": load_before, "load_after": load_after,
                           "rows": rows}, "\n".join(lines) + "\n")
 
