@@ -104,13 +104,20 @@ PATCH_COMMANDS = ("extract", "show", "train-saliency")
 def cmd_patches_extract(args: argparse.Namespace) -> None:
     import json
 
-    from kaleido_bert.patches.extraction import extract_features
+    from kaleido_bert import distributed as dist
+    from kaleido_bert.patches.extraction import RankZeroRefused, extract_features
 
     config = _config(args)
-    summary = extract_features(args.catalogue, args.out, config.features, seed=config.train.seed, device=args.device,
-                               num_workers=args.workers, limit=args.limit)
-    config.save(Path(args.out) / "run.yaml")
-    print(json.dumps(summary, indent=2))
+    try:  # under torchrun each rank extracts its share; rank 0 merges, saves and reports
+        summary = extract_features(args.catalogue, args.out, config.features, seed=config.train.seed,
+                                   device=args.device, num_workers=args.workers, limit=args.limit)
+    except RankZeroRefused:
+        raise SystemExit(2) from None  # rank 0 prints the one line
+    finally:
+        dist.cleanup()
+    if dist.is_main():
+        config.save(Path(args.out) / "run.yaml")
+        print(json.dumps(summary, indent=2))
 
 
 def cmd_patches_show(args: argparse.Namespace) -> None:

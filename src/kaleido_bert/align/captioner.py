@@ -74,9 +74,11 @@ def grid_features(store: FeatureStore, item_id: str) -> Tensor:
 
 
 def open_inputs(catalogue: str | Path | Catalogue, features: str | Path | FeatureStore) -> tuple[Catalogue, FeatureStore]:
-    """Accept paths or loaded objects for the catalogue and the feature store."""
+    """Accept paths or loaded objects for the catalogue and the feature store; refuse a store whose features
+    were not extracted from this catalogue's images (items the store lacks are allowed: they are skipped)."""
     cat = catalogue if isinstance(catalogue, Catalogue) else load_catalogue(catalogue)
     store = features if isinstance(features, FeatureStore) else FeatureStore(features)
+    store.require_catalogue(cat, subset=True)
     return cat, store
 
 

@@ -14,21 +14,24 @@ A store is a directory::
     status.npy       (N,) uint8: 0 to do, 1 done, 2 failed (see problems.jsonl); replaced atomically
     problems.jsonl   items that failed to decode, one JSON object each
 
-The ``.npy`` arrays are memory-mapped: rows are read on demand, never the whole file. Every file is checked
-before it is used, on the read and the write path alike (:mod:`kaleido_bert.patches.store_files`: an ``.npy``
-file's header against its size, shape and dtype; JSON files and status values). New arrays are preallocated (``os.posix_fallocate``), so a full disk fails when the store is
-opened, not as SIGBUS in the middle of a run. Rows are flushed before ``status.npy`` marks them done, so a
-killed run resumes exactly where the last flush left it. ``manifest.json`` says ``complete: false`` until every
-row is done or failed; readers refuse an incomplete store, and a writer refuses to append to a store whose
-manifest does not match. A store built for an earlier version of the same catalogue (same ids, another
-catalogue hash) is brought up to date: rows whose image content changed are extracted again
+The ``.npy`` arrays are memory-mapped for reading: rows are read on demand, never the whole file. Every file is
+checked before it is used, on the read and the write path alike (:mod:`kaleido_bert.patches.store_files`: an
+``.npy`` file's header against its size, shape and dtype; JSON files and status values). Before a store is
+created or resumed its size is projected (rows × bytes per row) and refused in one line when the disk cannot hold
+it; new arrays are preallocated (``os.posix_fallocate``), so a full disk fails when the store is opened, not in
+the middle of a run. Rows are written in place (``os.pwrite``) and made durable before ``status.npy`` marks them
+done, so a killed run resumes exactly where the last flush left it. A sharded run (``torchrun``) leaves per-rank
+``status.rank-R-of-W.npy`` / ``problems.rank-R-of-W.jsonl`` files (:mod:`kaleido_bert.patches.shards`) that
+the next :class:`StoreWriter` merges, whatever number of processes opens it. ``manifest.json`` says
+``complete: false`` until every row is done or failed; readers refuse an incomplete store, and a writer refuses
+to append to a store whose manifest does not match. A store built for an earlier version of the same catalogue
+(same ids, another catalogue hash) is brought up to date: rows whose image content changed are extracted again
 (:meth:`StoreWriter.pending`). :meth:`FeatureStore.require_catalogue` is the one check that a store belongs to
 a catalogue.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,17 +46,22 @@ from kaleido_bert.patches.store_files import (
     IDS,
     IMAGES,
     MANIFEST,
+    NOT_OWNED,
     PROBLEMS,
     REBUILD,
     STATUS,
     TODO,
     NpyHeader,
+    RowFiles,
     StoreError,
     check_npy,
     load_status,
     preallocate,
+    problem_lines,
     read_problems,
+    read_shards,
     read_store_json,
+    require_disk_space,
 )
 
 if TYPE_CHECKING:
@@ -67,8 +75,8 @@ MATCH_KEYS = ("backbone", "weights", "seed", "mode", "patch_size", "image_size",
 """Manifest fields that must agree before a store is resumed or used."""
 RESUME_KEYS = tuple(key for key in MATCH_KEYS if key != "catalogue_hash")
 """Fields a resumed store must share; a new catalogue hash instead redoes the rows whose image changed."""
-__all__ = ["DONE", "FAILED", "TODO", "FeatureStore", "NpyHeader", "StoreError", "StoreWriter", "array_specs",
-           "check_npy", "describe_mismatch"]
+__all__ = ["DONE", "FAILED", "TODO", "FeatureStore", "NpyHeader", "RowWriter", "StoreError", "StoreWriter",
+           "array_specs", "check_npy", "describe_mismatch"]
 
 
 def describe_mismatch(found: dict[str, Any], wanted: dict[str, Any], where: str,
@@ -87,15 +95,16 @@ def array_specs(n: int, feature_size: int) -> dict[str, tuple[tuple[int, ...], n
             "saliency": ((n, 5), np.dtype(np.float32)), "sizes": ((n, 2), np.dtype(np.int32))}
 
 
-def _open_arrays(root: Path, specs: dict[str, tuple[tuple[int, ...], np.dtype]], mode: str) -> dict[str, np.memmap]:
-    """Memory-map the arrays after :func:`check_npy`; ``r+`` also reserves their blocks."""
+def _open_arrays(root: Path, specs: dict[str, tuple[tuple[int, ...], np.dtype]], *,
+                 reserve: bool = False) -> dict[str, np.memmap]:
+    """Memory-map the arrays read-only after :func:`check_npy`; ``reserve`` first reserves their blocks."""
     arrays = {}
     for name, (shape, dtype) in specs.items():
         path = root / f"{name}.npy"
         check_npy(path, shape, dtype)
-        if mode == "r+":
+        if reserve:
             preallocate(path)
-        arrays[name] = np.load(path, mmap_mode=mode, allow_pickle=False)
+        arrays[name] = np.load(path, mmap_mode="r", allow_pickle=False)
     return arrays
 
 
@@ -107,8 +116,72 @@ def _is_interrupted_creation(root: Path) -> bool:
     return bool(entries) and all(p.is_file() and (p.name in known or p.name.endswith(".tmp")) for p in entries)
 
 
-class StoreWriter:
+class RowWriter:
+    """Rows written by index into a store's arrays (:class:`~kaleido_bert.patches.store_files.RowFiles`), then
+    committed by ``flush``: the part :class:`StoreWriter` (one process) and :class:`ShardWriter` (one rank) share."""
+
+    def __init__(self, root: str | Path, feature_size: int, n: int) -> None:
+        self.root = Path(root)
+        self.specs = array_specs(n, feature_size)
+        self.rows: RowFiles | None = None
+        self.status = np.zeros(n, np.uint8)
+        self.problems: list[dict[str, Any]] = []
+        self._staged: list[int] = []
+        self._failed_since_flush = False
+
+    def pending(self) -> list[int]:
+        """Row indices still to do."""
+        return np.flatnonzero(self.status == TODO).tolist()
+
+    def write(self, index: int, *, features: torch.Tensor, boxes: torch.Tensor, positions: torch.Tensor,
+              saliency: tuple[float, float, float, float], fallback: bool, size: tuple[int, int]) -> None:
+        """Write one item's row (not yet committed: call ``flush``)."""
+        if not torch.isfinite(features).all():
+            raise StoreError(f"item {index}: non-finite patch features (backbone overflow?)")
+        with one_line_os_errors(f"feature store {self.root}: rows flushed earlier are kept, re-run to resume",
+                                StoreError):
+            self.rows.write("features", index, features.numpy().astype(np.float16))
+            self.rows.write("boxes", index, boxes.numpy())
+            self.rows.write("positions", index, positions.numpy())
+            self.rows.write("saliency", index, [*saliency, float(fallback)])
+            self.rows.write("sizes", index, size)
+        self._staged.append(index)
+
+    def fail(self, index: int, item_id: str, problem: str) -> None:
+        """Record an item that could not be processed; the run goes on."""
+        self.problems.append({"row": index, "id": item_id, "problem": problem})
+        self.status[index] = FAILED
+        self._failed_since_flush = True
+
+    def _commit_rows(self) -> None:
+        """Make the staged rows durable, then mark them done (in memory; the subclass writes the status)."""
+        self.rows.sync()
+        for index in self._staged:
+            self.status[index] = DONE
+        self._staged = []
+        self._failed_since_flush = False
+
+    def _reset_orphans(self) -> bool:
+        """Failed rows without a problem record (a kill between the status and the problems write) go back to
+        do; True when there were any."""
+        recorded = {p["row"] for p in self.problems}
+        orphans = [i for i in np.flatnonzero(self.status == FAILED).tolist() if i not in recorded]
+        self.status[orphans] = TODO
+        return bool(orphans)
+
+    def close(self) -> None:
+        """Close the array files (rows not flushed are lost, as after a kill)."""
+        if self.rows is not None:
+            self.rows.close()
+            self.rows = None
+
+
+class StoreWriter(RowWriter):
     """Create or resume a store; rows are written by index and committed with :meth:`flush`.
+
+    Opening a store first merges the per-rank shards a sharded run left (:class:`ShardWriter`; rows each rank
+    committed are kept, whatever number of processes resumes it) and projects the store's size against the free
+    disk space (``projection``, one line).
 
     Args:
         root: the store directory.
@@ -118,22 +191,28 @@ class StoreWriter:
             version of the catalogue with the same ids is updated: rows whose hash changed are done again.
 
     Raises:
-        StoreError: a store that does not match, is corrupt (any file whose size or header is wrong), or a
-            directory that is not a store; an ``OSError`` (a full disk) as one line naming the path.
+        StoreError: a store that does not match, is corrupt (any file whose size or header is wrong), a
+            directory that is not a store, or a disk that cannot hold it; an ``OSError`` (a full disk) as one
+            line naming the path.
     """
 
     def __init__(self, root: str | Path, manifest: dict[str, Any], ids: list[str], *,
                  image_hashes: list[str] | None = None) -> None:
-        self.root = Path(root)
-        self._staged: list[int] = []
+        super().__init__(root, int(manifest["feature_size"]), len(ids))
         self.changed: list[int] = []
         """Rows reset to do because their image changed since the store was built."""
+        self.merged: list[str] = []
+        """The shard files of a sharded run merged into ``status.npy`` when the store was opened."""
         if image_hashes is not None and len(image_hashes) != len(ids):
             raise StoreError(f"{len(image_hashes)} image hashes for {len(ids)} ids")
-        self.specs = array_specs(len(ids), int(manifest["feature_size"]))
         with one_line_os_errors(f"feature store {self.root}", StoreError):
+            self.projection = require_disk_space(self.root, self.specs)
             if (self.root / MANIFEST).is_file():
-                self._resume(manifest, ids, image_hashes)
+                try:
+                    self._resume(manifest, ids, image_hashes)
+                except BaseException:
+                    self.close()
+                    raise
             else:
                 self._create(manifest, ids, image_hashes)
 
@@ -153,11 +232,11 @@ class StoreWriter:
                 atomic_write_json(self.root / IMAGES, image_hashes)
             for name, (shape, dtype) in self.specs.items():  # sparse files; _open_arrays reserves their blocks
                 np.lib.format.open_memmap(self.root / f"{name}.npy", mode="w+", dtype=dtype, shape=shape).flush()
-            self.arrays = _open_arrays(self.root, self.specs, "r+")
-            self.status = np.zeros(len(ids), np.uint8)
-            self.problems: list[dict[str, Any]] = []
+            self.arrays = _open_arrays(self.root, self.specs, reserve=True)
+            self.rows = RowFiles(self.root, self.specs)
             self.flush()  # the manifest comes last: until it exists, the directory is an interrupted creation
         except BaseException:
+            self.close()
             self.arrays = {}
             for name in (IDS, IMAGES, STATUS, PROBLEMS, *(f"{a}.npy" for a in ARRAYS)):
                 (self.root / name).unlink(missing_ok=True)
@@ -173,15 +252,27 @@ class StoreWriter:
             raise StoreError(problem + rebuild)
         if read_store_json(self.root / IDS, list, "a list of item ids") != ids:
             raise StoreError(f"feature store {self.root} holds other item ids than the catalogue{rebuild}")
-        self.status = load_status(self.root, len(ids))
-        self.problems = read_problems(self.root)
-        self.arrays = _open_arrays(self.root, self.specs, "r+")
+        n = len(ids)
+        self.status = load_status(self.root, n)
+        self.problems = read_problems(self.root, n=n)
+        shard_status, shard_problems, shard_files = read_shards(self.root, n)
+        covered = shard_status != NOT_OWNED  # each shard is authoritative for its rows
+        self.status[covered] = shard_status[covered]
+        self.problems = [p for p in self.problems if not covered[p["row"]]] + shard_problems
+        orphans = self._reset_orphans()
+        self.arrays = _open_arrays(self.root, self.specs, reserve=True)
+        self.rows = RowFiles(self.root, self.specs)
         self.manifest = found
         new_hash = manifest.get("catalogue_hash")
         if new_hash is not None and found.get("catalogue_hash") != new_hash:
             if image_hashes is None:
                 raise StoreError(describe_mismatch(found, manifest, str(self.root), ("catalogue_hash",)) + rebuild)
             self._update_catalogue(manifest, image_hashes)
+        if shard_files or orphans:
+            self.flush()  # the merged status is committed before the shard files go (a re-merge gives the same)
+            for path in shard_files:
+                path.unlink(missing_ok=True)
+            self.merged = [path.name for path in shard_files]
 
     def _update_catalogue(self, manifest: dict[str, Any], image_hashes: list[str]) -> None:
         """Same ids, another catalogue version: redo the rows whose image changed, then adopt the new hash.
@@ -203,47 +294,22 @@ class StoreWriter:
                              **{k: manifest[k] for k in ("catalogue",) if k in manifest})
         self.flush()
 
-    def pending(self) -> list[int]:
-        """Row indices still to do."""
-        return np.flatnonzero(self.status == TODO).tolist()
-
-    def write(self, index: int, *, features: torch.Tensor, boxes: torch.Tensor, positions: torch.Tensor,
-              saliency: tuple[float, float, float, float], fallback: bool, size: tuple[int, int]) -> None:
-        """Write one item's row (not yet committed: call :meth:`flush`)."""
-        if not torch.isfinite(features).all():
-            raise StoreError(f"item {index}: non-finite patch features (backbone overflow?)")
-        self.arrays["features"][index] = features.numpy().astype(np.float16)
-        self.arrays["boxes"][index] = boxes.numpy()
-        self.arrays["positions"][index] = positions.numpy()
-        self.arrays["saliency"][index] = [*saliency, float(fallback)]
-        self.arrays["sizes"][index] = size
-        self._staged.append(index)
-
-    def fail(self, index: int, item_id: str, problem: str) -> None:
-        """Record an item that could not be processed; the run goes on."""
-        self.problems.append({"row": index, "id": item_id, "problem": problem})
-        self.status[index] = FAILED
-
     def _write_status(self) -> None:
         with atomic_path(self.root / STATUS) as tmp:
             with open(tmp, "wb") as fh:
                 np.save(fh, self.status)
 
     def flush(self) -> None:
-        """Commit: flush the arrays to disk, then mark the staged rows done (atomically).
+        """Commit: make the written rows durable, then mark them done (atomically).
 
         Raises:
             StoreError: a write failed (a full disk): one line naming the file; rows committed before stay done.
         """
         with one_line_os_errors(f"feature store {self.root}: rows flushed earlier are kept, re-run to resume",
                                 StoreError):
-            for array in self.arrays.values():
-                array.flush()
-            for index in self._staged:
-                self.status[index] = DONE
-            self._staged = []
+            self._commit_rows()
             self._write_status()
-            atomic_write_text(self.root / PROBLEMS, "".join(json.dumps(p) + "\n" for p in self.problems))
+            atomic_write_text(self.root / PROBLEMS, problem_lines(self.problems, self.status))
             self.manifest["complete"] = bool((self.status != TODO).all())
             self.manifest["done"] = int((self.status == DONE).sum())
             self.manifest["failed"] = int((self.status == FAILED).sum())
@@ -277,23 +343,41 @@ class FeatureStore:
             if not complete:
                 raise StoreError(f"feature store {self.root} is incomplete ({int((self.status != TODO).sum())}/"
                                  f"{len(self.ids)} items): re-run `kaleido patches` to finish it")
-            self.arrays = _open_arrays(self.root, array_specs(len(self.ids), feature_size), "r")
-            self.problems = read_problems(self.root)
+            self.arrays = _open_arrays(self.root, array_specs(len(self.ids), feature_size))
+            self.problems = read_problems(self.root, n=len(self.ids))
         if expect:
             problem = describe_mismatch(self.manifest, expect, str(self.root))
             if problem:
                 raise StoreError(problem)
         self.index = {item_id: i for i, item_id in enumerate(self.ids)}
 
-    def require_catalogue(self, catalogue: Catalogue) -> None:
+    def require_catalogue(self, catalogue: Catalogue, *, subset: bool = False) -> None:
         """Refuse a store that was not built from ``catalogue`` as it is now (its texts and image contents).
 
         The one identity check between a catalogue and a store; every command that opens both calls it.
+
+        Args:
+            subset: also accept a catalogue that shares only some items with the store (the captioner trains
+                on whichever items the store holds), provided each shared item's image has the content its row
+                was extracted from (``images.json``).
 
         Raises:
             StoreError: one line naming both directories and how to rebuild the store.
         """
         found, wanted = self.manifest.get("catalogue_hash"), catalogue.hash()
+        if found != wanted and subset and (self.root / IMAGES).is_file():
+            with one_line_os_errors(f"feature store {self.root}", StoreError):
+                rows = read_store_json(self.root / IMAGES, list, "a list of image hashes")
+            if len(rows) != len(self.ids):
+                raise StoreError(f"{self.root / IMAGES} holds {len(rows)} hashes for {len(self.ids)} items "
+                                 f"(corrupt store: {REBUILD})")
+            stale = [it.id for it, content in zip(catalogue.items, catalogue.image_hashes(), strict=True)
+                     if it.id in self.index and rows[self.index[it.id]] != content]
+            if not stale:
+                return
+            raise StoreError(f"feature store {self.root} holds features of another image than {catalogue.root} has "
+                             f"for item {stale[0]}{f' (and {len(stale) - 1} more)' if len(stale) > 1 else ''}: "
+                             f"re-run `kaleido patches` on the store's catalogue to update it")
         if found != wanted:
             raise StoreError(f"feature store {self.root} was built from another catalogue than {catalogue.root} "
                              f"(or from an earlier version of it: catalogue hash {str(found)[:12]} in the store, "

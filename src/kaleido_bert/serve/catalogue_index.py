@@ -100,9 +100,7 @@ def open_run(run: str | Path, *, catalogue: str | Path | None = None,
     cat = load_catalogue(catalogue_dir)
     feature_size = int(json.loads((checkpoint / "config.json").read_text())["patch_feature_size"])
     store = FeatureStore(features_dir, expect={"feature_size": feature_size})
-    if store.manifest.get("catalogue_hash") != cat.hash():
-        raise KaleidoError(f"feature store {features_dir} was built from another catalogue than {catalogue_dir}: "
-                           "pass the store of this catalogue with --features (kaleido patches builds it)")
+    store.require_catalogue(cat)
     return RunData(run=run, parts=parts, checkpoint=checkpoint, config=config, catalogue=cat, store=store)
 
 
