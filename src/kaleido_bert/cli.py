@@ -14,8 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-from kaleido_bert import __version__
-from kaleido_bert.config import PRESET_NAMES, RunConfig, load_config
+from kaleido_bert import __version__, commands
+from kaleido_bert.config import PRESET_NAMES
 from kaleido_bert.errors import KaleidoError
 from kaleido_bert.runs import FINETUNE_TASKS
 
@@ -48,248 +48,7 @@ def _add_config_args(parser: argparse.ArgumentParser, default: str | None = "dem
     )
 
 
-def _config(args: argparse.Namespace, run: str | Path | None = None) -> RunConfig:
-    """The run config: ``--config`` when given, else the run.yaml describing ``run``, else the demo preset; then
-    the ``--set`` overrides."""
-    from kaleido_bert.runs import run_config_file
-
-    name = args.config or (run_config_file(run) if run is not None else None) or "demo"
-    return load_config(name, args.overrides)
-
-
-# ---------------------------------------------------------------------------------------------- data
-def cmd_data_synth(args: argparse.Namespace) -> None:
-    from kaleido_bert.data.synth import synthesize
-
-    synthesize(args.out, products=args.products, seed=args.seed, overwrite=args.overwrite, workers=args.workers)
-    _print_check(args.out, images=False)
-
-
-def cmd_data_import_csv(args: argparse.Namespace) -> None:
-    from kaleido_bert.data.importers import import_csv
-
-    report = import_csv(
-        args.csv, images=args.images, out=args.out, id_col=args.id_col, text_col=args.text_col,
-        title_col=args.title_col, category_col=args.category_col, subcategory_col=args.subcategory_col,
-        image_col=args.image_col, product_col=args.product_col, split_col=args.split_col,
-        on_error=args.on_error, overwrite=args.overwrite, seed=args.seed,
-    )
-    print(report.summary())
-
-
-def cmd_data_import_fashiongen(args: argparse.Namespace) -> None:
-    from kaleido_bert.data.importers import import_fashiongen
-
-    report = import_fashiongen(args.files, out=args.out, on_error=args.on_error, overwrite=args.overwrite, seed=args.seed)
-    print(report.summary())
-
-
-def _print_check(root: str | Path, images: bool = True) -> bool:
-    from kaleido_bert.data.check import check_catalogue
-
-    report = check_catalogue(root, images=images)
-    print(report.format())
-    return report.ok
-
-
-def cmd_data_check(args: argparse.Namespace) -> None:
-    if not _print_check(args.catalogue, images=not args.no_images):
-        raise SystemExit(1)
-
-
-# ---------------------------------------------------------------------------------------------- patches
 PATCH_COMMANDS = ("extract", "show", "train-saliency")
-
-
-def cmd_patches_extract(args: argparse.Namespace) -> None:
-    import json
-
-    from kaleido_bert import distributed as dist
-    from kaleido_bert.patches.extraction import RankZeroRefused, extract_features
-
-    config = _config(args)
-    try:  # under torchrun each rank extracts its share; rank 0 merges, saves and reports
-        summary = extract_features(args.catalogue, args.out, config.features, seed=config.train.seed,
-                                   device=args.device, num_workers=args.workers, limit=args.limit)
-    except RankZeroRefused:
-        raise SystemExit(2) from None  # rank 0 prints the one line
-    finally:
-        dist.cleanup()
-    if dist.is_main():
-        config.save(Path(args.out) / "run.yaml")
-        print(json.dumps(summary, indent=2))
-
-
-def cmd_patches_show(args: argparse.Namespace) -> None:
-    from kaleido_bert.data.catalogue import load_catalogue
-    from kaleido_bert.patches.figure import draw_store_grids
-    from kaleido_bert.patches.store import FeatureStore
-
-    store = FeatureStore(args.store)
-    cat = load_catalogue(args.catalogue or store.manifest["catalogue"])
-    print(draw_store_grids(cat, store, args.ids or store.available_ids()[:3], args.out))
-
-
-def cmd_patches_train_saliency(args: argparse.Namespace) -> None:
-    import json
-
-    from kaleido_bert.patches.saliency import train_saliency
-
-    metrics = train_saliency(args.catalogue, out=args.out, pseudo=args.pseudo, image_size=args.image_size,
-                             epochs=args.epochs, limit=args.limit, seed=args.seed)
-    print(json.dumps(metrics, indent=2))
-
-
-# ---------------------------------------------------------------------------------------------- align
-def cmd_tokenizer_train(args: argparse.Namespace) -> None:
-    from kaleido_bert.data.catalogue import load_catalogue
-    from kaleido_bert.data.tokenizer import train_tokenizer
-
-    cat = load_catalogue(args.catalogue)
-    texts = [it.description for it in cat.split("train")] or [it.description for it in cat.items]
-    print(train_tokenizer(texts, args.out, vocab_size=args.vocab_size, min_frequency=args.min_frequency))
-
-
-def _align_config(args: argparse.Namespace) -> RunConfig:
-    """The run config with the align commands' flags mapped onto it (a flag wins over ``--set``)."""
-    flags = {"align.epochs": getattr(args, "epochs", None), "train.seed": getattr(args, "seed", None),
-             "data.tokenizer": getattr(args, "tokenizer", None), "model.max_text_len": getattr(args, "max_text_len", None)}
-    return _config(args).with_overrides({k: v for k, v in flags.items() if v is not None})
-
-
-def cmd_align_train(args: argparse.Namespace) -> None:
-    import json
-
-    from kaleido_bert.align.captioner import train_captioner
-
-    config = _align_config(args)
-    history = train_captioner(args.catalogue, args.features, args.out, config.align, seed=config.train.seed,
-                              device=args.device)
-    print(json.dumps(history, indent=2))
-
-
-def cmd_align_extract(args: argparse.Namespace) -> None:
-    import json
-
-    from kaleido_bert.align.alignment import extract_alignments
-
-    config = _align_config(args)
-    report = extract_alignments(args.catalogue, args.features, args.captioner, args.out,
-                                tokenizer=config.data.tokenizer, max_text_len=config.model.max_text_len,
-                                max_len=config.align.max_len, batch_size=config.align.decode_batch_size)
-    print(json.dumps(report, indent=2))
-
-
-def cmd_align_show(args: argparse.Namespace) -> None:
-    from kaleido_bert.align.alignment import draw_attention
-
-    config = _align_config(args)
-    print(draw_attention(args.catalogue, args.features, args.captioner, args.ids, args.out,
-                         tokenizer=config.data.tokenizer, max_text_len=config.model.max_text_len,
-                         max_len=config.align.max_len))
-
-
-# ---------------------------------------------------------------------------------------------- pretrain
-def cmd_pretrain(args: argparse.Namespace) -> None:
-    from kaleido_bert.train.pretrain import pretrain
-
-    pretrain(_config(args), args.out, resume=args.resume)
-
-
-# ---------------------------------------------------------------------------------------------- finetune / evaluate
-def cmd_finetune(args: argparse.Namespace) -> None:
-    import json
-
-    from kaleido_bert.train.finetune import finetune
-
-    summary = finetune(args.task, _config(args, args.init), args.init, args.out, image_only=args.image_only, resume=args.resume)
-    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict | list)}, indent=2))
-
-
-def cmd_evaluate(args: argparse.Namespace) -> None:
-    from kaleido_bert import distributed as dist
-    from kaleido_bert.eval.evaluate import evaluate_run
-    from kaleido_bert.eval.report import print_tables
-
-    out = Path(args.out) if args.out else Path(args.run) / "report"
-    try:
-        metrics = evaluate_run(args.run, _config(args, args.run), out, candidates=args.candidates,
-                               dataset_label=args.dataset, gallery=not args.no_gallery)
-    finally:
-        dist.cleanup()
-    if dist.is_main():
-        print(print_tables(metrics))
-        print(f"\nreport: {out / 'report.md'}")
-
-
-def cmd_baseline(args: argparse.Namespace) -> None:
-    import json
-
-    from kaleido_bert.eval.baseline import run_baseline
-    from kaleido_bert.eval.baseline_report import baseline_section, update_report
-
-    out = Path(args.out) if args.out else Path(args.run) / "report"
-    result = run_baseline(_config(args, args.run), out, seeds=tuple(args.seeds), candidates=args.candidates)
-    metrics_path = out / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    print("\n".join(baseline_section(metrics, result)[1:-3]))
-    report = update_report(out)
-    print(f"\nbaseline: {out / 'baseline.json'}" + (f"; report: {report}" if report else ""))
-
-
-def cmd_ablate(args: argparse.Namespace) -> None:
-    from kaleido_bert.workflows.ablation import ablate
-
-    ablate(_config(args), args.out, protocols=tuple(args.protocols.split(",")), only=args.only)
-
-
-# ---------------------------------------------------------------------------------------------- index / serve
-def cmd_index(args: argparse.Namespace) -> None:
-    import json
-
-    from kaleido_bert.serve.catalogue_index import index_catalogue
-
-    summary = index_catalogue(args.run, args.out, catalogue=args.catalogue, features=args.features, kind=args.kind,
-                              add=args.add, overwrite=args.overwrite, device=args.device)
-    print(json.dumps(summary, indent=2))
-
-
-def cmd_serve(args: argparse.Namespace) -> None:
-    import time
-
-    try:
-        from kaleido_bert.serve.app import create_app, serve
-    except ImportError as err:
-        raise KaleidoError(f"kaleido serve needs the serve extra ({err.name} is missing): "
-                           "pip install 'kaleido-bert[serve]'") from None
-    from kaleido_bert.serve.pipeline import KaleidoBertPipeline
-
-    start = time.perf_counter()
-    pipeline = KaleidoBertPipeline.from_pretrained(args.run, index=args.index, catalogue=args.catalogue,
-                                                   features=args.features, device=args.device)
-    info = pipeline.info()
-    print(f"loaded {info['items']} items ({info['products']} products, {info['index']} index) and "
-          f"{len(info['models'])} models in {time.perf_counter() - start:.1f} s; serving "
-          f"http://{args.host}:{args.port}/", flush=True)
-    app = create_app(pipeline, catalogue_root=pipeline.data.catalogue.root, max_upload_bytes=args.max_upload_mb * 2**20)
-    serve(app, host=args.host, port=args.port)
-
-
-# ---------------------------------------------------------------------------------------------- config / demo
-def cmd_config_show(args: argparse.Namespace) -> None:
-    import yaml
-
-    print(yaml.safe_dump(_config(args).to_dict(), sort_keys=False), end="")
-
-
-def cmd_demo(args: argparse.Namespace) -> None:
-    """The whole pipeline on the built-in synthetic catalogue; grows stage by stage (README, "Demo")."""
-    from kaleido_bert.workflows.demo import run_demo
-
-    if args.config is None:  # a real catalogue gets the recipe for real catalogues; the synthetic one the demo's
-        args.config = "real" if args.catalogue else "demo"
-    label = args.dataset or (Path(args.catalogue).name if args.catalogue else "synthetic demo catalogue")
-    run_demo(_config(args), args.out, catalogue=args.catalogue, dataset_label=label)
 
 
 # ---------------------------------------------------------------------------------------------- parser
@@ -303,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--catalogue", help="run the same pipeline on this catalogue instead of the synthetic one")
     demo.add_argument("--dataset", default="", help="the dataset's name in the report (default: the catalogue's)")
     _add_config_args(demo, default=None)  # None: `real` with --catalogue, else `demo`
-    demo.set_defaults(func=cmd_demo)
+    demo.set_defaults(func=commands.cmd_demo)
 
     data = sub.add_parser("data", help="build and check catalogues").add_subparsers(dest="data_command", required=True)
     synth = data.add_parser("synth", help="write the built-in synthetic fashion catalogue")
@@ -312,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--workers", type=int, default=0, help="worker processes (0 = in process)")
     synth.add_argument("--overwrite", action="store_true")
-    synth.set_defaults(func=cmd_data_synth)
+    synth.set_defaults(func=commands.cmd_data_synth)
 
     csv_ = data.add_parser("import-csv", help="import a CSV of products and an image folder")
     csv_.add_argument("csv")
@@ -329,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     csv_.add_argument("--on-error", choices=("skip", "fail"), default="fail")
     csv_.add_argument("--seed", type=int, default=0, help="seed of the product split")
     csv_.add_argument("--overwrite", action="store_true")
-    csv_.set_defaults(func=cmd_data_import_csv)
+    csv_.set_defaults(func=commands.cmd_data_import_csv)
 
     fg = data.add_parser("import-fashiongen", help="import the official Fashion-Gen h5 files")
     fg.add_argument("files", nargs="+")
@@ -337,12 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     fg.add_argument("--on-error", choices=("skip", "fail"), default="fail")
     fg.add_argument("--seed", type=int, default=0)
     fg.add_argument("--overwrite", action="store_true")
-    fg.set_defaults(func=cmd_data_import_fashiongen)
+    fg.set_defaults(func=commands.cmd_data_import_fashiongen)
 
     check = data.add_parser("check", help="validate a catalogue and print its statistics")
     check.add_argument("catalogue")
     check.add_argument("--no-images", action="store_true", help="skip opening the image files")
-    check.set_defaults(func=cmd_data_check)
+    check.set_defaults(func=commands.cmd_data_check)
 
     patches = sub.add_parser("patches", help="Kaleido Patch Generator: saliency boxes, 55 patches, feature store")
     psub = patches.add_subparsers(dest="patches_command", required=True)
@@ -353,13 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--workers", type=int, default=2, help="image-decoding worker processes")
     extract.add_argument("--limit", type=int, default=None, help="stop after this many images (resume later)")
     _add_config_args(extract)
-    extract.set_defaults(func=cmd_patches_extract)
+    extract.set_defaults(func=commands.cmd_patches_extract)
     show = psub.add_parser("show", help="draw the saliency box and the five grids (paper Fig. 3) into a PNG")
     show.add_argument("store")
     show.add_argument("--ids", nargs="*", default=None, help="item ids (default: the first three)")
     show.add_argument("--catalogue", default=None, help="catalogue directory (default: the one in the manifest)")
     show.add_argument("--out", default="kaleido-patches.png", type=_out_file)
-    show.set_defaults(func=cmd_patches_show)
+    show.set_defaults(func=commands.cmd_patches_show)
     tsal = psub.add_parser("train-saliency", help="train the small saliency U-Net on pseudo-masks")
     tsal.add_argument("catalogue")
     tsal.add_argument("--out", type=_out_dir, required=True, help="checkpoint directory")
@@ -368,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     tsal.add_argument("--epochs", type=int, default=5)
     tsal.add_argument("--limit", type=int, default=None, help="use at most this many training images")
     tsal.add_argument("--seed", type=int, default=0)
-    tsal.set_defaults(func=cmd_patches_train_saliency)
+    tsal.set_defaults(func=commands.cmd_patches_train_saliency)
 
     tok = sub.add_parser("tokenizer", help="WordPiece vocabularies").add_subparsers(dest="tok_command", required=True)
     ttrain = tok.add_parser("train", help="train a WordPiece vocab on a catalogue's descriptions (bert layout)")
@@ -376,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     ttrain.add_argument("--out", type=_out_dir, required=True)
     ttrain.add_argument("--vocab-size", type=int, default=8000)
     ttrain.add_argument("--min-frequency", type=int, default=2)
-    ttrain.set_defaults(func=cmd_tokenizer_train)
+    ttrain.set_defaults(func=commands.cmd_tokenizer_train)
 
     align = sub.add_parser("align", help="Attention-based Alignment Generator: captioner, word↔patch alignments")
     asub = align.add_subparsers(dest="align_command", required=True)
@@ -388,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     atrain.add_argument("--seed", type=int, default=None, help="= --set train.seed=N")
     atrain.add_argument("--device", default="cpu")
     _add_config_args(atrain)
-    atrain.set_defaults(func=cmd_align_train)
+    atrain.set_defaults(func=commands.cmd_align_train)
     aext = asub.add_parser("extract", help="decode captions and write token↔patch alignments (alignments.jsonl)")
     aext.add_argument("catalogue")
     aext.add_argument("--features", required=True)
@@ -397,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     aext.add_argument("--tokenizer", default=None, help="WordPiece vocab dir (= --set data.tokenizer=DIR)")
     aext.add_argument("--max-text-len", type=int, default=None, help="= --set model.max_text_len=N")
     _add_config_args(aext)
-    aext.set_defaults(func=cmd_align_extract)
+    aext.set_defaults(func=commands.cmd_align_extract)
     ashow = asub.add_parser("show", help="generated words with their attention heat maps (paper Fig. 4)")
     ashow.add_argument("catalogue")
     ashow.add_argument("--features", required=True)
@@ -405,13 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     ashow.add_argument("--ids", nargs="+", required=True)
     ashow.add_argument("--out", default="alignment-attention.png", type=_out_file)
     _add_config_args(ashow)
-    ashow.set_defaults(func=cmd_align_show)
+    ashow.set_defaults(func=commands.cmd_align_show)
 
     pre = sub.add_parser("pretrain", help="pre-train on a catalogue's feature store (single process or torchrun)")
     pre.add_argument("--out", type=_out_dir, required=True, help="output directory: checkpoints, metrics.csv, loss curves")
     pre.add_argument("--resume", action="store_true", help="continue exactly from the latest checkpoint in --out")
     _add_config_args(pre)
-    pre.set_defaults(func=cmd_pretrain)
+    pre.set_defaults(func=commands.cmd_pretrain)
 
     fine = sub.add_parser("finetune", help="fine-tune a pre-trained model: category, subcategory, caption, retrieval")
     fine.add_argument("task", choices=FINETUNE_TASKS)
@@ -420,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     fine.add_argument("--image-only", action="store_true", help="classify from the image alone (no description)")
     fine.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     _add_config_args(fine, default=None)
-    fine.set_defaults(func=cmd_finetune)
+    fine.set_defaults(func=commands.cmd_finetune)
 
     ev = sub.add_parser("evaluate", help="the paper's protocols over a run: report.md, metrics.json, plots")
     ev.add_argument("run", help="run directory (RUN/pretrain, RUN/finetune/...) or a pre-training checkpoint")
@@ -429,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dataset", default="", help="dataset name printed in the report's column headers")
     ev.add_argument("--no-gallery", action="store_true", help="skip full-gallery retrieval of the pre-trained model")
     _add_config_args(ev, default=None)
-    ev.set_defaults(func=cmd_evaluate)
+    ev.set_defaults(func=commands.cmd_evaluate)
 
     bl = sub.add_parser("baseline", help="the frozen dual-encoder baseline on the run's test items and candidates")
     bl.add_argument("run", help="run directory (its report/candidates.json is used when present)")
@@ -437,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="projection training seeds")
     bl.add_argument("--candidates", help="a sample-100 candidate file when the report directory has none")
     _add_config_args(bl, default=None)
-    bl.set_defaults(func=cmd_baseline)
+    bl.set_defaults(func=commands.cmd_baseline)
 
     abl = sub.add_parser("ablate", help="the paper's Table 4: pre-train + evaluate each ablation column")
     abl.add_argument("--out", type=_out_dir, required=True, help="output root (one run per column, ablation.md)")
@@ -445,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="comma-separated subset of retrieval,classification,caption")
     abl.add_argument("--only", nargs="+", help="column names or run slugs to run (default all 12 columns)")
     _add_config_args(abl)
-    abl.set_defaults(func=cmd_ablate)
+    abl.set_defaults(func=commands.cmd_ablate)
 
     idx = sub.add_parser("index", help="embed a catalogue with a run's retrieval model into a search index")
     idx.add_argument("run", help="run directory (RUN/finetune/retrieval, else RUN/pretrain) or a checkpoint")
@@ -456,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     idx.add_argument("--add", action="store_true", help="add the items an existing index lacks (same model only)")
     idx.add_argument("--overwrite", action="store_true", help="rebuild an existing index from scratch")
     idx.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    idx.set_defaults(func=cmd_index)
+    idx.set_defaults(func=commands.cmd_index)
 
     srv = sub.add_parser("serve", help="product search API and web page over a run (search, caption, classify)")
     srv.add_argument("run", help="run directory (RUN/pretrain, RUN/finetune/...) or a checkpoint")
@@ -467,12 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--max-upload-mb", type=int, default=8, help="largest accepted image upload in MiB")
     srv.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    srv.set_defaults(func=cmd_serve)
+    srv.set_defaults(func=commands.cmd_serve)
 
     config = sub.add_parser("config", help="inspect configs").add_subparsers(dest="config_command", required=True)
     show = config.add_parser("show", help="print the resolved config as YAML")
     _add_config_args(show)
-    show.set_defaults(func=cmd_config_show)
+    show.set_defaults(func=commands.cmd_config_show)
     return parser
 
 
