@@ -106,6 +106,21 @@ def test_negatives_prefer_the_same_subcategory(tmp_path):
     assert checked >= 10, f"only {checked} of {len(cands['itr'])} queries had a same-sub-category negative to draw"
 
 
+# ---------------------------------------------------------------------------------------------- scoring
+def _scorer(pipeline):
+    from kaleido_bert.data.catalogue import load_catalogue
+    from kaleido_bert.eval.retrieval import PairScorer
+    from kaleido_bert.model.dual_encoder import DualEncoder, product_descriptions
+    from kaleido_bert.patches.store import FeatureStore
+    from kaleido_bert.runs import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(pipeline / "run" / "pretrain")
+    catalogue, store = load_catalogue(pipeline / "catalogue"), FeatureStore(pipeline / "store")
+    encoder = DualEncoder.from_checkpoint(ckpt, batch_size=5)
+    descriptions = product_descriptions(catalogue.items)
+    return PairScorer(encoder, store, descriptions), catalogue, store, descriptions
+
+
 def test_batched_itm_scores_equal_one_pair_at_a_time(pipeline):
     scorer, catalogue, store, texts = _scorer(pipeline)
     pairs = [(it.id, p) for it in catalogue.items[:4] for p in list(texts)[:3]]

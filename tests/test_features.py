@@ -113,9 +113,10 @@ def test_resume_finishes_only_the_rest_and_matches(catalogue, tmp_path):
     second = extract_features(catalogue, tmp_path / "s", config, num_workers=0, progress=False)
     assert second["processed"] == 4 and second["complete"]
     extract_features(catalogue, tmp_path / "whole", config, num_workers=0, progress=False)
-    resumed = np.load(tmp_path / "s" / "features.npy")
-    whole = np.load(tmp_path / "whole" / "features.npy")
-    np.testing.assert_allclose(resumed.astype(np.float32), whole.astype(np.float32), rtol=1e-2, atol=1e-3)
+    # the cut batch (rows 0-6, limit 3) is encoded whole again, so the resumed store is the uninterrupted one
+    for name in ("features", "boxes", "positions", "saliency", "sizes", "status"):
+        assert np.array_equal(np.load(tmp_path / "s" / f"{name}.npy"), np.load(tmp_path / "whole" / f"{name}.npy"))
+    assert second["ranks"] == [{"rank": 0, "rows": 7, "skipped": 3, "processed": 4}]
 
 
 def test_mismatched_store_is_refused(catalogue, tmp_path):
@@ -179,3 +180,23 @@ def test_kill_9_then_rerun_completes_only_the_rest(tmp_path):
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout[result.stdout.index("{"):])
     assert summary["processed"] == 30 - done and summary["complete"] and summary["done"] == 30
+
+
+def test_a_subset_catalogue_passes_the_identity_check_and_a_changed_image_does_not(catalogue, tmp_path):
+    from kaleido_bert.align.captioner import open_inputs
+
+    extract_features(catalogue, tmp_path / "s", features_config(), num_workers=0, progress=False)
+    store = FeatureStore(tmp_path / "s")
+    cat = load_catalogue(catalogue)
+    few = tmp_path / "few"
+    (few / "images").mkdir(parents=True)
+    for it in cat.items[:4]:
+        (few / it.image).write_bytes((catalogue / it.image).read_bytes())
+    write_catalogue(few, cat.items[:4])
+    with pytest.raises(StoreError, match="another catalogue"):
+        store.require_catalogue(load_catalogue(few))  # the whole-catalogue check refuses a subset
+    open_inputs(few, store)  # the captioner's check (subset=True) accepts one whose images are the store's
+    Image.new("RGB", (71, 53), (10, 200, 10)).save(few / cat.items[2].image)
+    write_catalogue(few, cat.items[:4])
+    with pytest.raises(StoreError, match="another image than .* for item item2"):
+        open_inputs(few, store)

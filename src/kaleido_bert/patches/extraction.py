@@ -12,10 +12,10 @@ re-run after the catalogue changed extracts the images whose content changed aga
 Under ``torchrun`` (``RANK``/``WORLD_SIZE``, :mod:`kaleido_bert.distributed`) batch b goes to rank b mod W.
 Rank 0 projects the store's size, creates or resumes the store and merges what an earlier run's shards committed;
 then every rank writes its rows into the shared arrays and its own status/problems shard
-(:class:`~kaleido_bert.patches.shards.ShardWriter`). Rank 0 waits for the other ranks' shards on disk (no
-collective, so ranks that finish hours apart cannot time out), merges them and marks the store complete. A re-run,
-with the same or another number of processes, merges first and then shares out what is left: each rank does only
-the remainder of its own batches.
+(:class:`~kaleido_bert.patches.shards.ShardWriter`). Rank 0 waits for the other ranks' shards on disk (the one
+collective is the start barrier, so ranks that finish hours apart cannot time out), merges them and marks the
+store complete. A re-run, with the same or another number of processes, merges first and then shares out what
+is left: each rank does only the remainder of its own batches.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ MAX_SIDE = 1024
 IMAGES_PER_BATCH = 8
 """Images per encoder call; batch b of a store is always rows 8b … 8b+7."""
 FLUSH_SECONDS = 1.0
+"""Rows are committed after the first batch, then after the batch that ends this long after the last commit."""
 WAIT_SECONDS = 0.5
 """How often rank 0 looks at the other ranks' shards once its own batches are done."""
 
@@ -143,6 +144,9 @@ def _open_store(out: Path, manifest: dict[str, Any], ids: list[str], hashes: lis
     if world == 1:
         return writer, writer.changed
     reasons = dist.all_gather_object(str(refusal) if refusal else None)  # also the barrier: the store exists
+    # The only collective of the run: the ranks leave the group together now, so ranks that finish hours apart
+    # never wait in a collective (its timeout) nor in NCCL's collective teardown; rank 0 then waits on disk.
+    dist.cleanup()
     if refusal is not None:
         raise refusal
     if reasons[0]:
@@ -187,7 +191,8 @@ def extract_features(
     Returns:
         A summary: items, done, failed, processed this run, seconds, images/s, backbone GFLOPs per image, and per
         rank its rows, the rows it skipped (done or failed before) and the rows it processed. Under ``torchrun``
-        only rank 0's summary covers the merged store.
+        only rank 0 returns once the store is merged (and its summary covers it); the other ranks return as soon
+        as their own rows are committed, having left the process group (``distributed.init`` joins it again).
     """
     if num_workers < 0 or (limit is not None and limit < 0):
         raise KaleidoError(f"--workers ({num_workers}) and --limit ({limit}) must not be negative")
@@ -239,7 +244,8 @@ def extract_features(
 
 def _encode_batches(cat, writer: RowWriter, encoder: PatchEncoder, config: FeaturesConfig, batches: list[list[int]],
                     writes: set[int], hashes: list[str], *, num_workers: int, desc: str, progress: bool) -> None:
-    """Decode and encode ``batches`` whole, write (and commit, about every second) the rows of ``writes``."""
+    """Decode and encode ``batches`` whole; write the rows of ``writes`` and commit them (after the first batch,
+    then about every second, and at the end)."""
     if not batches:
         return
     order = [i for batch in batches for i in batch]
@@ -249,7 +255,7 @@ def _encode_batches(cat, writer: RowWriter, encoder: PatchEncoder, config: Featu
                             config.saliency_checkpoint, hashes)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=list,
                         worker_init_fn=_worker_init if num_workers else None)
-    last_flush = time.perf_counter()
+    last_flush = float("-inf")  # the first batch is committed at once, then about every FLUSH_SECONDS
     bar = tqdm(total=len(writes), unit="img", desc=desc, disable=not progress)
     with bar:  # closed before an error propagates, so the error prints on a line of its own
         for batch in loader:

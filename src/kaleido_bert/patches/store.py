@@ -359,7 +359,8 @@ class FeatureStore:
         Args:
             subset: also accept a catalogue that shares only some items with the store (the captioner trains
                 on whichever items the store holds), provided each shared item's image has the content its row
-                was extracted from (``images.json``).
+                was extracted from (``images.json``; an item with no image file and no recorded hash is not
+                checked).
 
         Raises:
             StoreError: one line naming both directories and how to rebuild the store.
@@ -372,7 +373,7 @@ class FeatureStore:
                 raise StoreError(f"{self.root / IMAGES} holds {len(rows)} hashes for {len(self.ids)} items "
                                  f"(corrupt store: {REBUILD})")
             stale = [it.id for it, content in zip(catalogue.items, catalogue.image_hashes(), strict=True)
-                     if it.id in self.index and rows[self.index[it.id]] != content]
+                     if content and it.id in self.index and rows[self.index[it.id]] != content]
             if not stale:
                 return
             raise StoreError(f"feature store {self.root} holds features of another image than {catalogue.root} has "

@@ -264,7 +264,7 @@ def _human(nbytes: float) -> str:
 def require_disk_space(root: Path, specs: dict[str, tuple[tuple[int, ...], np.dtype]]) -> str:
     """The projected store size as one line; refuse when the target's file system cannot hold it.
 
-    The size is rows × bytes per row over the arrays of ``specs`` plus ``status.npy``; the blocks the arrays
+    The size is rows × bytes per row over the arrays of ``specs`` plus ``status.npy``; the blocks these files
     already hold (a resumed store) are not asked for again.
 
     Raises:
@@ -274,8 +274,7 @@ def require_disk_space(root: Path, specs: dict[str, tuple[tuple[int, ...], np.dt
     per_row = 1 + sum(math.prod(shape[1:]) * dtype.itemsize for shape, dtype in specs.values())
     sizes = {name: math.prod(shape) * dtype.itemsize for name, (shape, dtype) in specs.items()}
     held = 0
-    for name in specs:
-        path = root / f"{name}.npy"
+    for path in (root / STATUS, *(root / f"{name}.npy" for name in specs)):
         if path.is_file():
             st = path.stat()
             held += min(st.st_size, getattr(st, "st_blocks", 0) * 512)
