@@ -170,7 +170,7 @@ def data_child(catalogue: str, store: str, batches: int) -> dict:
                               masking=MaskingConfig(itm_negative_ratio=0.5, itm_hard_ratio=0.5), seed=0)
     built = time.perf_counter() - start
     order = np.random.default_rng(0).permutation(len(dataset)).tolist()
-    chosen = [order[i * 32:(i + 1) * 32] for i in range(batches)]
+    chosen = [order[i * 32:(i + 1) * 32] for i in range(min(batches, len(order) // 32))]
     loader = DataLoader(dataset, batch_sampler=read_ahead(chosen, getattr(dataset, "prefetch", None)),
                         num_workers=0, collate_fn=lambda s: collate(s, pad_id=tokenizer.pad_token_id))
     start = time.perf_counter()

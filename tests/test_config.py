@@ -81,3 +81,16 @@ def test_unknown_key_in_file_is_rejected(tmp_path):
     path.write_text("model:\n  hiden_size: 64\n")
     with pytest.raises(ConfigError, match="model.hiden_size"):
         load_config(path)
+
+
+def test_auto_precision_uses_bf16_only_where_the_hardware_computes_it(monkeypatch):
+    import torch
+
+    from kaleido_bert import distributed as dist
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(dist, "cpu_has_native_bf16", lambda: False)
+    assert dist.autocast_dtype("auto", cpu) is None and dist.autocast_dtype("bf16", cpu) is torch.bfloat16
+    monkeypatch.setattr(dist, "cpu_has_native_bf16", lambda: True)
+    assert dist.autocast_dtype("auto", cpu) is torch.bfloat16 and dist.autocast_dtype("fp32", cpu) is None
+    assert load_config("demo").train.precision == "auto"

@@ -49,11 +49,23 @@ def device() -> torch.device:
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of ``train.precision`` on ``device`` (None = fp32, no autocast).
 
-    ``auto``: bf16 on a CUDA device that supports it, else fp32.
+    ``auto``: bf16 where the hardware computes it natively (a CUDA device that supports it, a CPU with
+    AVX512-BF16 or AMX), else fp32. On a CPU without them bf16 matmuls are emulated and far slower than fp32
+    (measured: 33 s instead of ~0.7 s per demo step on an AVX2-only EPYC).
     """
     if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls natively (oneDNN's own check: AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN
+        return False
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
