@@ -335,7 +335,7 @@ def markdown(results: dict) -> str:
     if results.get("train"):
         r = results["train"]
         lines += ["## Pre-training throughput and data wait", "",
-                  f"`demo` model (4 layers, H = 256, bf16 autocast), batch 32, {r['steps']} steps on the "
+                  f"`demo` model (4 layers, H = 256, `precision: auto`: fp32 on a CPU without native bf16), batch 32, {r['steps']} steps on the "
                   f"{r['n']:,}-image store, `data.num_workers=0`: **{r['pairs_per_s']} pairs/s**, data-wait share "
                   f"{r['data_wait_share']:.3f} of each step.", ""]
     for key, title, unit in (("extract", "Feature extraction, 1 vs 2 processes (torchrun, gloo)", "images_per_s"),
