@@ -282,7 +282,8 @@ def _caption_items(catalogue: Catalogue, store: FeatureStore, split: str, limit:
 
 
 def run_baseline(config, out: str | Path, *, seeds: tuple[int, ...] = (0, 1, 2),
-                 candidates: str | Path | None = None) -> dict[str, Any]:
+                 candidates: str | Path | None = None,
+                 data: tuple[Catalogue, FeatureStore] | None = None) -> dict[str, Any]:
     """Fit and score the frozen baseline on ``config``'s catalogue; write ``out/baseline.json``.
 
     Args:
@@ -291,6 +292,7 @@ def run_baseline(config, out: str | Path, *, seeds: tuple[int, ...] = (0, 1, 2),
         out: the report directory; its ``candidates.json`` is used when present (else ``candidates``, else the
             draw :func:`~kaleido_bert.eval.retrieval.build_candidates` makes from ``eval``, saved there).
         seeds: one projection training per seed; classifiers are deterministic and fitted once.
+        data: the catalogue and store already opened for ``config`` (by the evaluation); opened here when None.
 
     Returns:
         The ``baseline.json`` content: per-seed metrics, their mean / std / min / max, chance levels, the image
@@ -319,7 +321,7 @@ def run_baseline(config, out: str | Path, *, seeds: tuple[int, ...] = (0, 1, 2),
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ev = config.eval
-    catalogue, store = open_data(config)
+    catalogue, store = data or open_data(config)  # the evaluation's own, when it passes them
     available = set(store.available_ids())
     path = out / "candidates.json" if (out / "candidates.json").is_file() else candidates
     if path:

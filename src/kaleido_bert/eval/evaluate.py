@@ -23,15 +23,20 @@ from typing import Any
 from kaleido_bert import distributed as dist
 from kaleido_bert.atomic import atomic_write_json
 from kaleido_bert.config import RunConfig
+from kaleido_bert.data.catalogue import Catalogue
 from kaleido_bert.data.tokenizer import load_tokenizer
 from kaleido_bert.inputs.pretraining import collate
 from kaleido_bert.inputs.sources import open_data
 from kaleido_bert.model.loading import load_pretrained, require_head
+from kaleido_bert.patches.store import FeatureStore
 from kaleido_bert.runs import CLASSIFIERS, run_parts
+
+Data = tuple[Catalogue, FeatureStore]
+"""An open catalogue and its feature store (:func:`~kaleido_bert.inputs.sources.open_data`)."""
 
 
 def evaluate_retrieval(checkpoint: Path, config: RunConfig, *, candidates_in: str | Path | dict | None, out: Path,
-                       gallery: bool, progress: bool) -> dict[str, Any]:
+                       gallery: bool, progress: bool, data: Data | None = None) -> dict[str, Any]:
     """Sample-100 (and full-gallery) retrieval of one checkpoint; ``candidates_in``: a candidate file, an already
     loaded draw, or None (drawn from ``config.eval`` and saved to ``out/candidates.json``)."""
     from kaleido_bert.eval.retrieval import (
@@ -45,7 +50,7 @@ def evaluate_retrieval(checkpoint: Path, config: RunConfig, *, candidates_in: st
     from kaleido_bert.model.dual_encoder import DualEncoder, product_descriptions
 
     require_head(checkpoint, "heads.itm.", "ITM ranking (sample-100 retrieval)")
-    catalogue, store = open_data(config)
+    catalogue, store = data or open_data(config)
     available = set(store.available_ids())
     if isinstance(candidates_in, dict):
         candidates = candidates_in
@@ -68,7 +73,8 @@ def evaluate_retrieval(checkpoint: Path, config: RunConfig, *, candidates_in: st
     return result
 
 
-def evaluate_classifier(checkpoint: Path, config: RunConfig, *, progress: bool) -> dict[str, Any]:
+def evaluate_classifier(checkpoint: Path, config: RunConfig, *, progress: bool, data: Data | None = None
+                        ) -> dict[str, Any]:
     from kaleido_bert.eval.metrics import classification_metrics
     from kaleido_bert.eval.predict import predict
     from kaleido_bert.inputs.downstream import ClassificationDataset
@@ -77,7 +83,7 @@ def evaluate_classifier(checkpoint: Path, config: RunConfig, *, progress: bool) 
     require_head(checkpoint, "classifier.", "classification")
     model = load_pretrained(KaleidoBertForClassification, checkpoint)
     tokenizer = load_tokenizer(checkpoint)
-    catalogue, store = open_data(config)
+    catalogue, store = data or open_data(config)
     field, source = model.config.label_field, model.config.classifier_input
     dataset = ClassificationDataset(catalogue, store, tokenizer, split=config.eval.split, field=field,
                                     label2id=dict(model.config.label2id), image_only=source == "image",
@@ -88,7 +94,8 @@ def evaluate_classifier(checkpoint: Path, config: RunConfig, *, progress: bool) 
     return {"field": field, "input": source, "items": len(ids), **scores}
 
 
-def evaluate_captions(checkpoint: Path, config: RunConfig, *, progress: bool) -> dict[str, Any]:
+def evaluate_captions(checkpoint: Path, config: RunConfig, *, progress: bool, data: Data | None = None
+                      ) -> dict[str, Any]:
     from kaleido_bert.eval.caption_metrics import CaptionScorer, caption_metrics
     from kaleido_bert.eval.predict import caption_split
     from kaleido_bert.inputs.downstream import CaptionDataset
@@ -97,7 +104,7 @@ def evaluate_captions(checkpoint: Path, config: RunConfig, *, progress: bool) ->
     require_head(checkpoint, "lm.", "captioning")
     model = load_pretrained(KaleidoBertForCaptioning, checkpoint).to(dist.device())
     tokenizer = load_tokenizer(checkpoint)
-    catalogue, store = open_data(config)
+    catalogue, store = data or open_data(config)
     dataset = CaptionDataset(catalogue, store, tokenizer, split=config.eval.split,
                              max_text_len=config.model.max_text_len)
     limit = config.eval.caption_items or None
@@ -137,14 +144,15 @@ def evaluate_run(run: str | Path, config: RunConfig, out: str | Path, *, candida
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     parts = run_parts(run)
+    data = open_data(config)  # once: every protocol (and the baseline) reads the same catalogue and store
     with dist.autocast(dist.device(), dist.autocast_dtype(config.train.precision, dist.device())):  # the run's precision
         metrics, extras = _evaluate_parts(parts, config, out, candidates=candidates, progress=progress,
-                                          dataset_label=dataset_label, gallery=gallery, run=run)
+                                          dataset_label=dataset_label, gallery=gallery, run=run, data=data)
     if baseline_seeds and dist.is_main():  # outside autocast: the baseline's frozen text encoder and projections run in fp32
         from kaleido_bert.eval.baseline import run_baseline
 
         start = time.perf_counter()
-        run_baseline(config, out, seeds=tuple(baseline_seeds))
+        run_baseline(config, out, seeds=tuple(baseline_seeds), data=data)
         metrics["timings"]["frozen_baseline"] = round(time.perf_counter() - start, 1)
     if dist.is_main():
         atomic_write_json(out / "metrics.json", metrics)
@@ -154,7 +162,7 @@ def evaluate_run(run: str | Path, config: RunConfig, out: str | Path, *, candida
 
 
 def _evaluate_parts(parts: dict[str, Path], config: RunConfig, out: Path, *, candidates, progress: bool,
-                    dataset_label: str, gallery: bool, run) -> tuple[dict[str, Any], dict[str, Any]]:
+                    dataset_label: str, gallery: bool, run, data: Data) -> tuple[dict[str, Any], dict[str, Any]]:
     from kaleido_bert.eval.metrics import sum_cls
 
     metrics: dict[str, Any] = {"run": str(run), "dataset": dataset_label or str(config.data.catalogue),
@@ -169,19 +177,19 @@ def _evaluate_parts(parts: dict[str, Path], config: RunConfig, out: Path, *, can
 
     retrieval = timed("sample100", lambda: evaluate_retrieval(
         parts["pretrain"], config, candidates_in=candidates, out=out, gallery=gallery and "retrieval" not in parts,
-        progress=progress))
+        progress=progress, data=data))
     metrics.update(retrieval["metrics"])
     extras["ranked"] = retrieval["ranked"]
     if "retrieval" in parts:
         tuned = timed("retrieval_finetuned", lambda: evaluate_retrieval(
             parts["retrieval"], config, candidates_in=retrieval["candidates"], out=out, gallery=True,
-            progress=progress))
+            progress=progress, data=data))
         metrics.update({k.replace("sample100", "sample100_finetuned", 1) if "sample100" in k else k: v
                         for k, v in tuned["metrics"].items() if not k.startswith("sample100/sources")})
     classes: dict[tuple[str, str], dict[str, Any]] = {}
     for (field, source), name in CLASSIFIERS.items():
         if name in parts:
-            result = timed(name, lambda p=parts[name]: evaluate_classifier(p, config, progress=progress))
+            result = timed(name, lambda p=parts[name]: evaluate_classifier(p, config, progress=progress, data=data))
             classes[(field, source)] = result
             short = "cr" if field == "category" else "sub"
             metrics[f"{short}/{source}/accuracy"] = 100 * result["accuracy"]
@@ -190,7 +198,8 @@ def _evaluate_parts(parts: dict[str, Path], config: RunConfig, out: Path, *, can
         if ("category", source) in classes and ("subcategory", source) in classes:
             metrics[f"cls/{source}/SumCLS"] = sum_cls(classes[("category", source)], classes[("subcategory", source)])
     if "caption" in parts:
-        captions = timed("caption", lambda: evaluate_captions(parts["caption"], config, progress=progress))
+        captions = timed("caption", lambda: evaluate_captions(parts["caption"], config, progress=progress,
+                                                                      data=data))
         extras["captions"] = captions.pop("examples")
         for name, values in captions.items():
             if isinstance(values, dict):
