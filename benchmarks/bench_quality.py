@@ -163,17 +163,20 @@ def stage_report(work: Path, config) -> dict:
              f"{stats['splits']}: test = half of the 1,109 full-size photos, train/val = the 5,598 thumbnails and the "
              "other photos. No test product has an image in train or val. Test metrics are read once, after "
              "training; no setting was chosen on them.", "",
-             f"Recipe budget used (**reduced**, to fit this session; the issue's budget is ≤ 45 min on 2 cores): "
-             f"pre-training {run.train.max_steps} steps × {run.train.batch_size} pairs "
-             f"(train.epochs={run.train.epochs}), each fine-tuning task {run.finetune.max_steps} steps × "
-             f"{run.finetune.batch_size} (finetune.epochs={run.finetune.epochs}), config `{config.name}` with "
-             f"`{' '.join(CLI_OVERRIDES) or 'no overrides'}`; masking random (no alignment stage), "
+             f"Recipe: config `{config.name}` with `{' '.join(CLI_OVERRIDES) or 'no overrides'}`: the ITC head "
+             f"started from the linear probe (train.probe_init={run.train.probe_init}, model.itc_pool="
+             f"{run.model.itc_pool}), pre-training {run.train.max_steps} steps × {run.train.batch_size} pairs "
+             f"(train.epochs={run.train.epochs}, lr {run.train.lr:g}), classifiers {run.finetune.head} head with "
+             f"probe={run.finetune.probe} then {run.finetune.max_steps} steps × {run.finetune.batch_size} "
+             f"(finetune.epochs={run.finetune.epochs}, lr {run.finetune.lr:g}); fine-tuned parts "
+             f"{run.finetune.tasks}; pair score `{run.eval.pair_score}`; captions by retrieval "
+             f"(k={run.eval.caption_retrieval_k}); masking random (no alignment stage); "
              f"eval.num_queries={run.eval.num_queries}, caption items={run.eval.caption_items}.", "",
              f"Baseline: image pool `{baseline['image_pool']}` (chosen on validation: "
              f"{ {k: round(v, 1) for k, v in baseline['pool_selection']['mean_recall'].items()} }), text "
              f"{baseline['text_model_from']}; mean ± std over seeds {baseline['seeds']} (classifiers are "
              "deterministic, so their spread is 0).", "",
-             "| held-out real products (%) | chance | frozen baseline | kaleido-bert (`real`, reduced budget) | "
+             "| held-out real products (%) | chance | frozen baseline | kaleido-bert (`real`) | "
              "recipe above baseline? |", "|---|---|---|---|---|"]
     wins = []
     for label, chance, mean, std, model in rows:

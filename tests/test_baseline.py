@@ -61,7 +61,7 @@ def frozen(pipeline):
 
 
 def test_frozen_features_have_the_documented_shapes_and_pools(pipeline, frozen):
-    from kaleido_bert.eval.baseline import image_features
+    from kaleido_bert.model.linear_probe import image_features
 
     store = frozen.store
     ids = [it.id for it in frozen.items[:3]]
@@ -77,7 +77,7 @@ def test_frozen_features_have_the_documented_shapes_and_pools(pipeline, frozen):
 
 
 def test_infonce_training_lowers_the_loss_and_is_seeded():
-    from kaleido_bert.eval.baseline import BaselineSettings, train_projection
+    from kaleido_bert.model.linear_probe import BaselineSettings, train_projection
 
     rng = np.random.default_rng(0)
     latent = rng.normal(size=(300, 8))

@@ -217,8 +217,9 @@ def check_model_config(checkpoint: str | Path, model_config: ModelConfig) -> Non
     """
     found = read_model_config(checkpoint)
     wanted = KaleidoBertConfig.from_model_config(model_config).to_dict()
+    defaults = KaleidoBertConfig().to_dict()  # a field newer than the checkpoint reads as its default
     for field, key in MODEL_CONFIG_FIELDS.items():
-        if found.get(key) != wanted[key]:
+        if found.get(key, defaults.get(key)) != wanted[key]:
             raise KaleidoError(f"checkpoint {Path(checkpoint)} was trained with "
                                f"model.{field}={found.get(key)!r} but the run config has "
                                f"model.{field}={wanted[key]!r}")

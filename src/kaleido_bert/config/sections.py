@@ -31,6 +31,10 @@ KNOWN_TASKS = (*PRETRAINING_TASKS, "itc")
 """Every task ``model.tasks`` may name: the seven plus the optional image-text contrastive loss."""
 
 
+PAIR_SCORES = ("itm", "itm+itc")
+"""What can rank an (image, text) pair: the ITM logit alone, or ITM log-odds + ITC logit (``eval.pair_score``)."""
+
+
 class ConfigError(KaleidoError):
     """A config file, preset name or override is invalid."""
 
@@ -73,6 +77,10 @@ class ModelConfig:
     """A BERT checkpoint directory that initialises text embeddings and encoder (None = random)."""
     tasks: list[str] = field(default_factory=lambda: list(PRETRAINING_TASKS))
     """Pre-training tasks switched on (paper §3.5 plus the optional ``itc``)."""
+    itc_pool: str = "cls"
+    """ITC embeddings: ``cls`` (the pooled ``[CLS]`` of the text-only and patch-only passes) or ``mean`` (the mean
+    of the text token states, as sentence encoders such as MiniLM are trained, and the mean of the patch states
+    plus a linear skip of the mean clean colour feature)."""
 
     def __post_init__(self) -> None:
         _check_ranges("model", self, at_least_one=("hidden_size", "num_layers", "num_heads", "intermediate_size",
@@ -88,6 +96,8 @@ class ModelConfig:
         unknown = sorted(set(self.tasks) - known)
         if unknown:
             raise ConfigError(f"model.tasks has unknown task(s) {unknown}; known: {sorted(known)}")
+        if self.itc_pool not in ("cls", "mean"):
+            raise ConfigError(f"model.itc_pool={self.itc_pool!r} must be cls or mean")
 
     @property
     def num_patches(self) -> int:
@@ -213,6 +223,9 @@ class TrainConfig:
     """Checkpoint every N steps."""
     keep_last: int = 3
     """Checkpoints kept."""
+    probe_init: bool = False
+    """Start the ITC projections (``model.itc_pool = mean``) from the frozen linear probe fitted on the training
+    split (LP-FT, Kumar et al. 2022): the dual encoder starts where the frozen baseline ends."""
 
     def __post_init__(self) -> None:
         _check_ranges("train", self, positive=("lr",), at_least_one=("batch_size", "grad_accum", "eval_every",
@@ -250,6 +263,15 @@ class FinetuneConfig:
     """Caption training: ``seq2seq`` (generation, SPEC §3.5) and/or ``one_shot`` (the authors' mask-all baseline)."""
     inputs: list[str] = field(default_factory=lambda: ["image+text", "image"])
     """Classifier inputs fine-tuned by ``kaleido demo``/``ablate``: ``image+text`` (paper) and ``image``."""
+    tasks: list[str] = field(default_factory=lambda: ["retrieval", "caption", "category", "subcategory"])
+    """The fine-tuned parts ``kaleido demo`` trains (the ``real`` recipe drops ``retrieval``, whose ITC is trained
+    during pre-training, and ``caption``, captioning by retrieval in the model's space instead)."""
+    head: str = "pooled"
+    """Classifier head input: ``pooled`` (the pooled ``[CLS]``, as the released code) or ``wide`` (the pooled
+    ``[CLS]``, the mean text and patch states and the mean clean colour feature, concatenated)."""
+    probe: bool = False
+    """Initialise the classifier head by a linear probe (logistic regression on the frozen encoder's features of
+    the training split) before fine-tuning (LP-FT)."""
 
     def __post_init__(self) -> None:
         _check_ranges("finetune", self, positive=("lr",), at_least_one=("max_steps", "batch_size", "eval_every"),
@@ -266,6 +288,12 @@ class FinetuneConfig:
             raise ConfigError(f"finetune.class_weights={self.class_weights!r} must be none, balanced or sqrt")
         if self.epochs < 0:
             raise ConfigError(f"finetune.epochs={self.epochs} must be ≥ 0")
+        bad = sorted(set(self.tasks) - {"retrieval", "caption", "category", "subcategory"})
+        if bad:
+            raise ConfigError(f"finetune.tasks has unknown task(s) {bad}; known: retrieval, caption, category, "
+                              "subcategory")
+        if self.head not in ("pooled", "wide"):
+            raise ConfigError(f"finetune.head={self.head!r} must be pooled or wide")
 
 
 @dataclass
@@ -290,12 +318,21 @@ class EvalConfig:
     """The split evaluated."""
     baseline_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     """Seeds of the frozen dual-encoder baseline ``kaleido demo`` scores beside the model (empty = none)."""
+    pair_score: str = "itm"
+    """What ranks an (image, text) pair in sample-100 and re-ranking: ``itm`` (the ITM logit, the paper) or
+    ``itm+itc`` (the ITM log-odds plus the ITC logit of the pair, as BLIP scores its re-ranked candidates)."""
+    caption_retrieval_k: int = 0
+    """When > 0, also caption by retrieval in the model's dual-encoder space: the nearest training description
+    (``fc/nearest``) and the consensus of the k nearest (``fc/consensus``, Devlin et al. 2015)."""
 
     def __post_init__(self) -> None:
         _check_ranges("eval", self, at_least_one=("num_queries", "num_negatives", "beam_size", "max_caption_len",
-                                                  "batch_size"), non_negative=("seed", "rerank_k", "caption_items"))
+                                                  "batch_size"), non_negative=("seed", "rerank_k", "caption_items",
+                                                                              "caption_retrieval_k"))
         if self.split not in ("train", "val", "test"):
             raise ConfigError(f"eval.split={self.split!r} must be train, val or test")
+        if self.pair_score not in PAIR_SCORES:
+            raise ConfigError(f"eval.pair_score={self.pair_score!r} must be one of {', '.join(PAIR_SCORES)}")
 
 
 @dataclass

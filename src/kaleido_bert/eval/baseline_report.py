@@ -33,7 +33,13 @@ ROWS = (  # label, model key(s) in order of preference, baseline key (macro-F1 f
     ("SUB macro-F1, image only", ("sub/image/macro_f1",), "sub/image/macro_f1"),
     ("captions SumCAP (model: beam; baseline: nearest training description)", ("fc/seq2seq/sum_cap",),
      "fc/nearest/sum_cap"),
+    ("captions SumCAP, nearest training description (model: in its ITC space)", ("fc/nearest/sum_cap",),
+     "fc/nearest/sum_cap"),
+    ("captions SumCAP (model: consensus of the k nearest in its ITC space; baseline: nearest)",
+     ("fc/consensus/sum_cap",), "fc/nearest/sum_cap"),
 )
+OPTIONAL = ("sample100_finetuned/", "fc/nearest/", "fc/consensus/")
+"""Model keys of rows shown only when the model has them (a fine-tuned retrieval part, retrieval captions)."""
 
 
 def comparison_rows(metrics: dict[str, Any], baseline: dict[str, Any]) -> list[tuple[str, Any, Any, Any, Any]]:
@@ -44,7 +50,7 @@ def comparison_rows(metrics: dict[str, Any], baseline: dict[str, Any]) -> list[t
         model = next((metrics[k] for k in model_keys if k in metrics), None)
         if model is None and key not in baseline.get("mean", {}):
             continue
-        if model is None and "finetuned" in model_keys[0]:
+        if model is None and model_keys[0].startswith(OPTIONAL):
             continue
         chance = baseline.get("chance", {}).get(key)
         rows.append((label, None if chance is None else chance * scale,

@@ -7,14 +7,18 @@ A run directory has the layout ``kaleido demo`` writes (each part optional excep
     RUN/finetune/{category,subcategory}[-image]/   kaleido finetune category …     → CR / SUB (Table 3)
     RUN/finetune/caption/              kaleido finetune caption                     → FC (Table 3)
 
-A bare checkpoint directory is evaluated as a pre-trained model (retrieval only). Every metric key names its
-protocol (``itr_sample100/R@1``, ``cr/image+text/accuracy``, ``fc/seq2seq/bleu4`` …). Output: ``metrics.json``,
+With ``eval.caption_retrieval_k`` > 0, FC also captions by retrieval in the retrieval model's dual-encoder space
+(``fc/nearest``, ``fc/consensus``: :mod:`kaleido_bert.eval.caption_retrieval`; no caption fine-tune needed;
+skipped without Java). A bare checkpoint directory is evaluated as a pre-trained model (retrieval only). Every
+metric key names its protocol (``itr_sample100/R@1``, ``cr/image+text/accuracy``, ``fc/seq2seq/bleu4`` …). Output: ``metrics.json``,
 ``report.md``, ``candidates.json`` (the sample-100 draw, re-usable with ``--candidates``) and the plots of
 :mod:`kaleido_bert.eval.report`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import time
 from functools import partial
 from pathlib import Path
@@ -63,13 +67,16 @@ def evaluate_retrieval(checkpoint: Path, config: RunConfig, *, candidates_in: st
     if dist.is_main():  # the draw is seeded: every rank holds the same candidates, one writes them
         save_candidates(candidates, out / "candidates.json")
     encoder = DualEncoder.from_checkpoint(checkpoint, batch_size=config.eval.batch_size, device=dist.device())
-    scorer = PairScorer(encoder, store, product_descriptions(catalogue.items))
+    scorer = PairScorer(encoder, store, product_descriptions(catalogue.items), pair_score=config.eval.pair_score)
     result = evaluate_sample100(scorer, candidates, progress=progress)
     result["metrics"]["sample100/sources"] = candidates["sources"]
     result["candidates"] = candidates
+    result["outcomes"] = {"sample100": result["outcomes"]}
     if gallery:
-        result["metrics"].update(evaluate_gallery(scorer, catalogue, available, split=config.eval.split,
-                                                  rerank_k=config.eval.rerank_k, progress=progress)["metrics"])
+        found = evaluate_gallery(scorer, catalogue, available, split=config.eval.split,
+                                 rerank_k=config.eval.rerank_k, progress=progress)
+        result["metrics"].update(found["metrics"])
+        result["outcomes"]["gallery"] = found["outcomes"]
     return result
 
 
@@ -90,12 +97,16 @@ def evaluate_classifier(checkpoint: Path, config: RunConfig, *, progress: bool, 
                                     max_text_len=config.model.max_text_len)
     ids, probs, labels = predict(model, dataset, partial(collate, pad_id=tokenizer.pad_token_id),
                                  batch_size=config.eval.batch_size, device=dist.device(), progress=progress)
-    scores = classification_metrics(labels.numpy(), probs.argmax(-1).numpy(), len(model.config.label2id))
-    return {"field": field, "input": source, "items": len(ids), **scores}
+    gold, pred = labels.numpy(), probs.argmax(-1).numpy()
+    scores = classification_metrics(gold, pred, len(model.config.label2id))
+    return {"field": field, "input": source, "items": len(ids), **scores,
+            "outcomes": {"ids": list(ids), "gold": gold.tolist(), "pred": pred.tolist()}}
 
 
-def evaluate_captions(checkpoint: Path, config: RunConfig, *, progress: bool, data: Data | None = None
-                      ) -> dict[str, Any]:
+def evaluate_captions(checkpoint: Path, config: RunConfig, *, progress: bool, data: Data | None = None,
+                      scorer=None) -> dict[str, Any]:
+    """FC of the caption fine-tuned model (``seq2seq`` beam search and/or ``one_shot``); ``scorer``: an open
+    :class:`~kaleido_bert.eval.caption_metrics.CaptionScorer` to reuse (one is opened and closed when None)."""
     from kaleido_bert.eval.caption_metrics import CaptionScorer, caption_metrics
     from kaleido_bert.eval.predict import caption_split
     from kaleido_bert.inputs.downstream import CaptionDataset
@@ -111,7 +122,8 @@ def evaluate_captions(checkpoint: Path, config: RunConfig, *, progress: bool, da
     references = {it.id: [it.description] for it in dataset.items[:limit]}
     out: dict[str, Any] = {"items": len(references), "examples": {}}
     objectives = getattr(model.config, "caption_objectives", ["seq2seq"])
-    with CaptionScorer() as scorer:  # METEOR's Java start-up (~8 s) is paid once
+    own = CaptionScorer() if scorer is None else contextlib.nullcontext(scorer)
+    with own as scorer:  # METEOR's Java start-up (~8 s) is paid once
         for method, name in (("beam", "seq2seq"), ("one_shot", "one_shot")):
             if name not in objectives:
                 continue
@@ -155,6 +167,9 @@ def evaluate_run(run: str | Path, config: RunConfig, out: str | Path, *, candida
         run_baseline(config, out, seeds=tuple(baseline_seeds), data=data)
         metrics["timings"]["frozen_baseline"] = round(time.perf_counter() - start, 1)
     if dist.is_main():
+        from kaleido_bert.eval.bootstrap import OUTCOMES_FILE
+
+        atomic_write_json(out / OUTCOMES_FILE, extras.pop("outcomes"))  # per query and item: paired bootstraps
         atomic_write_json(out / "metrics.json", metrics)
         write_report(metrics, extras, config, out)
     dist.barrier()
@@ -163,6 +178,7 @@ def evaluate_run(run: str | Path, config: RunConfig, out: str | Path, *, candida
 
 def _evaluate_parts(parts: dict[str, Path], config: RunConfig, out: Path, *, candidates, progress: bool,
                     dataset_label: str, gallery: bool, run, data: Data) -> tuple[dict[str, Any], dict[str, Any]]:
+    from kaleido_bert.eval.caption_metrics import JAVA_HINT, CaptionScorer
     from kaleido_bert.eval.metrics import sum_cls
 
     metrics: dict[str, Any] = {"run": str(run), "dataset": dataset_label or str(config.data.catalogue),
@@ -180,30 +196,48 @@ def _evaluate_parts(parts: dict[str, Path], config: RunConfig, out: Path, *, can
         progress=progress, data=data))
     metrics.update(retrieval["metrics"])
     extras["ranked"] = retrieval["ranked"]
+    extras["outcomes"] = dict(retrieval["outcomes"])
     if "retrieval" in parts:
         tuned = timed("retrieval_finetuned", lambda: evaluate_retrieval(
             parts["retrieval"], config, candidates_in=retrieval["candidates"], out=out, gallery=True,
             progress=progress, data=data))
         metrics.update({k.replace("sample100", "sample100_finetuned", 1) if "sample100" in k else k: v
                         for k, v in tuned["metrics"].items() if not k.startswith("sample100/sources")})
+        if "gallery" in tuned["outcomes"]:  # the fine-tuned model's full gallery replaces the pre-trained one's
+            extras["outcomes"]["gallery"] = tuned["outcomes"]["gallery"]
     classes: dict[tuple[str, str], dict[str, Any]] = {}
     for (field, source), name in CLASSIFIERS.items():
         if name in parts:
             result = timed(name, lambda p=parts[name]: evaluate_classifier(p, config, progress=progress, data=data))
-            classes[(field, source)] = result
             short = "cr" if field == "category" else "sub"
+            extras["outcomes"].setdefault("classifiers", {})[f"{short}/{source}"] = result.pop("outcomes")
+            classes[(field, source)] = result
             metrics[f"{short}/{source}/accuracy"] = 100 * result["accuracy"]
             metrics[f"{short}/{source}/macro_f1"] = result["macro_f1"]
     for source in ("image+text", "image"):
         if ("category", source) in classes and ("subcategory", source) in classes:
             metrics[f"cls/{source}/SumCLS"] = sum_cls(classes[("category", source)], classes[("subcategory", source)])
-    if "caption" in parts:
-        captions = timed("caption", lambda: evaluate_captions(parts["caption"], config, progress=progress,
-                                                                      data=data))
-        extras["captions"] = captions.pop("examples")
-        for name, values in captions.items():
-            if isinstance(values, dict):
-                for key, value in values.items():
-                    metrics[f"fc/{name}/{key}"] = value
-        metrics["fc/items"] = captions["items"]
+    k = config.eval.caption_retrieval_k
+    retrieve = k > 0 and shutil.which("java") is not None  # without Java skipped, as the frozen baseline's captions
+    if k > 0 and not retrieve:
+        metrics["fc/retrieval_skipped"] = JAVA_HINT
+    if "caption" in parts or retrieve:
+        from kaleido_bert.eval.caption_retrieval import evaluate_caption_retrieval
+
+        def add(captions: dict[str, Any]) -> None:
+            extras.setdefault("captions", {}).update(captions.pop("examples"))
+            for name, values in captions.items():
+                if isinstance(values, dict):
+                    for key, value in values.items():
+                        metrics[f"fc/{name}/{key}"] = value
+            metrics["fc/items"] = captions["items"]
+
+        with CaptionScorer() as scorer:  # one METEOR JVM for every FC method
+            if "caption" in parts:
+                add(timed("caption", lambda: evaluate_captions(parts["caption"], config, progress=progress,
+                                                               data=data, scorer=scorer)))
+            if retrieve:  # the retrieval model's dual-encoder space: no caption fine-tune needed
+                add(timed("caption_retrieval", lambda: evaluate_caption_retrieval(
+                    parts.get("retrieval", parts["pretrain"]), config, k=k, scorer=scorer, progress=progress,
+                    data=data)))
     return metrics, extras

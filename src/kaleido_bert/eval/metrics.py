@@ -56,13 +56,16 @@ def _as_bool_matrix(positive: Any, name: str) -> np.ndarray:
     return arr
 
 
-def rank_hits(scores: Any, positive: Any, ks: Sequence[int] = DEFAULT_KS) -> dict[int, float]:
+def rank_hits(scores: Any, positive: Any, ks: Sequence[int] = DEFAULT_KS, *,
+              per_query_out: list | None = None) -> dict[int, float]:
     """Rank@K of the best-scored positive of each query, ties at their expected rank.
 
     Args:
         scores: ``(Q, C)`` float array of candidate scores, higher is better (``±inf`` allowed, NaN not).
         positive: ``(Q, C)`` bool array marking the correct candidates; every row needs at least one True.
         ks: the cut-offs K.
+        per_query_out: when given, the ``(Q, len(ks))`` per-query ``P(rank ≤ K)`` is appended to it (the
+            outcomes a paired bootstrap resamples).
 
     Returns:
         ``{K: mean over queries of P(rank ≤ K)}``, fractions in [0, 1]. With ``g`` candidates strictly above the
@@ -98,11 +101,10 @@ def rank_hits(scores: Any, positive: Any, ks: Sequence[int] = DEFAULT_KS) -> dic
         best = np.where(pblk, blk, -np.inf).max(axis=1, keepdims=True)
         higher[lo : lo + step] = (blk > best).sum(axis=1)
         ties[lo : lo + step] = (blk == best).sum(axis=1) - 1
-    out: dict[int, float] = {}
-    for k in ks:
-        p = np.clip((k - higher) / (ties + 1), 0.0, 1.0)
-        out[k] = float(p.mean())
-    return out
+    per_query = np.clip((np.asarray(ks)[None, :] - higher[:, None]) / (ties[:, None] + 1), 0.0, 1.0)
+    if per_query_out is not None:
+        per_query_out.append(per_query)
+    return {k: float(per_query[:, j].mean()) for j, k in enumerate(ks)}
 
 
 def gallery_recall(
@@ -145,9 +147,9 @@ def gallery_recall(
 
 
 def ranked_recall(ranked: Sequence[Sequence[int]], positives: Sequence[Iterable[int]],
-                  ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+                  ks: Sequence[int] = DEFAULT_KS, *, per_query_out: list | None = None) -> dict[str, float]:
     """Recall@K from ranked gallery indices (a search's top-k, best first): a query is a hit when one of its
-    positives is among its first K.
+    positives is among its first K. ``per_query_out`` (optional) receives the ``(Q, len(ks))`` 0/1 hits.
 
     Returns:
         ``{"R@K": fraction of queries hit, ..., "mean_recall": mean of the R@K}``, as :func:`gallery_recall`
@@ -160,8 +162,11 @@ def ranked_recall(ranked: Sequence[Sequence[int]], positives: Sequence[Iterable[
     if len(ranked) != len(positives):
         raise KaleidoError(f"positives has {len(positives)} entries but there are {len(ranked)} ranked queries")
     sets = [set(p) for p in positives]
-    out = {f"R@{k}": float(np.mean([bool(set(r[:k]) & p) for r, p in zip(ranked, sets, strict=True)]))
-           for k in ks}
+    hits = np.array([[bool(set(r[:k]) & p) for k in ks] for r, p in zip(ranked, sets, strict=True)],
+                    dtype=np.float64).reshape(len(ranked), len(ks))
+    if per_query_out is not None:
+        per_query_out.append(hits)
+    out = {f"R@{k}": float(hits[:, j].mean()) for j, k in enumerate(ks)}
     out["mean_recall"] = float(np.mean([out[f"R@{k}"] for k in ks]))
     return out
 

@@ -28,6 +28,9 @@ PAPER_TABLE3 = {
 }
 CAPTION_KEYS = ("bleu4", "meteor", "rouge_l", "cider")
 CAPTION_NAMES = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+EXAMPLE_COLUMNS = (("seq2seq", "generated (beam)"), ("one_shot", "one-shot baseline"),
+                   ("nearest", "nearest training description"), ("consensus", "consensus of the k nearest"))
+"""Caption methods of the examples (table and picture), as ``(examples key, label)``."""
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
@@ -70,17 +73,29 @@ def table3(metrics: dict[str, Any], dataset: str) -> list[str]:
     row = ["**SumCLS**", ""] + [f"**{_fmt(PAPER_TABLE3[m]['SumCLS'])}**" for m in PAPER_TABLE3]
     row += [f"**{_fmt(metrics.get(f'cls/{source}/SumCLS'))}**" for source in ("image+text", "image")]
     lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "| Task | Metric | Kaleido-BERT (paper, Fashion-Gen) | FashionBERT (paper, Fashion-Gen) | "
-              f"ours, seq2seq + beam search ({dataset}) | ours, one-shot mask-all baseline ({dataset}) |",
-              "|---|---|---|---|---|---|"]
+    modes = caption_modes(metrics)
+    head = ["Task", "Metric", "Kaleido-BERT (paper, Fashion-Gen)", "FashionBERT (paper, Fashion-Gen)",
+            *[f"ours, {label} ({dataset})" for _, label in modes]]
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, (key, name) in enumerate(zip(CAPTION_KEYS, CAPTION_NAMES, strict=True)):
         row = ["4. FC" if i == 0 else "", name] + [_fmt(PAPER_TABLE3[m]["fc"][i]) for m in PAPER_TABLE3]
-        row += [_fmt(metrics.get(f"fc/{mode}/{key}")) for mode in ("seq2seq", "one_shot")]
+        row += [_fmt(metrics.get(f"fc/{mode}/{key}")) for mode, _ in modes]
         lines.append("| " + " | ".join(row) + " |")
     row = ["**SumCAP**", ""] + [f"**{_fmt(PAPER_TABLE3[m]['SumCAP'])}**" for m in PAPER_TABLE3]
-    row += [f"**{_fmt(metrics.get(f'fc/{mode}/sum_cap'))}**" for mode in ("seq2seq", "one_shot")]
+    row += [f"**{_fmt(metrics.get(f'fc/{mode}/sum_cap'))}**" for mode, _ in modes]
     lines.append("| " + " | ".join(row) + " |")
     return lines
+
+
+def caption_modes(metrics: dict[str, Any]) -> list[tuple[str, str]]:
+    """The FC methods of Table 3 as ``(metric prefix, column label)``: the caption model's two always, the
+    dual-encoder retrieval captions (:mod:`kaleido_bert.eval.caption_retrieval`) when they were run."""
+    modes = [("seq2seq", "seq2seq + beam search"), ("one_shot", "one-shot mask-all baseline")]
+    if "fc/nearest/sum_cap" in metrics:
+        modes.append(("nearest", "nearest training description, ITC space"))
+    if "fc/consensus/sum_cap" in metrics:
+        modes.append(("consensus", f"consensus of the {metrics.get('fc/consensus/k', 'k')} nearest, ITC space"))
+    return modes
 
 
 def gallery_table(metrics: dict[str, Any]) -> list[str]:
@@ -147,7 +162,7 @@ def draw_caption_examples(captions: dict[str, dict[str, str]], catalogue, out: P
     for r, item_id in enumerate(ids):
         axes[r, 0].imshow(load_rgb(catalogue.image_path(by_id[item_id])))
         lines = [f"reference: {captions['reference'][item_id]}"]
-        for mode, label in (("seq2seq", "generated (beam)"), ("one_shot", "one-shot baseline")):
+        for mode, label in EXAMPLE_COLUMNS:
             if item_id in captions.get(mode, {}):
                 lines.append(f"{label}: {captions[mode][item_id]}")
         axes[r, 1].text(0, 0.5, "\n\n".join(textwrap.fill(t, 110) for t in lines), fontsize=7, va="center")
@@ -187,6 +202,13 @@ def write_report(metrics: dict[str, Any], extras: dict[str, Any], config, out: s
                   f"{config.eval.rerank_k} of the dual encoder re-ranked by ITM.", "", *gallery, ""]
     lines += ["## Table 3: category / sub-category prediction and fashion captioning", "",
               *table3(metrics, dataset), ""]
+    if "fc/nearest/sum_cap" in metrics:
+        lines += [f"Captions by retrieval (Devlin et al. 2015) in the retrieval model's ITC space: the description of "
+                  f"the nearest of {metrics.get('fc/nearest/gallery')} training products to the image, and the one "
+                  f"of its {metrics.get('fc/consensus/k')} nearest with the highest mean CIDEr-like n-gram "
+                  "similarity to the others (consensus).", ""]
+    if metrics.get("fc/retrieval_skipped"):
+        lines += [f"Captions by retrieval (`eval.caption_retrieval_k`) skipped: {metrics['fc/retrieval_skipped']}.", ""]
     pictures = []
     if extras.get("ranked"):
         path = draw_retrieval_examples(extras["ranked"]["tir"], catalogue, out / "retrieval-examples.png")
@@ -196,12 +218,13 @@ def write_report(metrics: dict[str, Any], extras: dict[str, Any], config, out: s
         path = draw_caption_examples(extras["captions"], catalogue, out / "caption-examples.png")
         if path:
             pictures.append(("Example captions", path.name))
-        lines += ["### Example captions", "", "| item | reference | generated (beam) | one-shot baseline |",
-                  "|---|---|---|---|"]
         caps = extras["captions"]
+        columns = [(mode, label) for mode, label in EXAMPLE_COLUMNS if mode in caps]
+        lines += ["### Example captions", "", "| item | reference | " + " | ".join(label for _, label in columns) + " |",
+                  "|" + "---|" * (2 + len(columns))]
         for item_id, reference in list(caps.get("reference", {}).items())[:6]:
-            lines.append(f"| {item_id} | {reference} | {caps.get('seq2seq', {}).get(item_id, '–')} | "
-                         f"{caps.get('one_shot', {}).get(item_id, '–')} |")
+            lines.append(f"| {item_id} | {reference} | "
+                         + " | ".join(caps.get(mode, {}).get(item_id, "–") for mode, _ in columns) + " |")
         lines.append("")
     for title, name in pictures:
         lines += [f"## {title}", "", f"![{title}]({name})", ""]

@@ -169,8 +169,10 @@ class PairScorer:
         descriptions: product id → description (:func:`product_descriptions`).
     """
 
-    def __init__(self, encoder: DualEncoder, store: FeatureStore, descriptions: dict[str, str]) -> None:
+    def __init__(self, encoder: DualEncoder, store: FeatureStore, descriptions: dict[str, str], *,
+                 pair_score: str = "itm") -> None:
         self.encoder, self.store, self.descriptions = encoder, store, descriptions
+        self.pair_score = pair_score  # eval.pair_score: "itm" or "itm+itc"
 
     def _map(self, n: int, fn, desc: str, progress: bool, empty: np.ndarray) -> np.ndarray:
         """``fn(start, stop)`` over batches of ``encoder.batch_size``, shared out over the ranks under torchrun."""
@@ -178,13 +180,24 @@ class PairScorer:
         return np.concatenate([empty, *parts])
 
     def itm_logits(self, pairs: list[tuple[str, str]], *, desc: str = "ITM", progress: bool = True) -> np.ndarray:
-        """Raw class-1 ITM logits of ``(image id, product id)`` pairs, in order: ``(N,)`` float64."""
+        """The pair scores of ``(image id, product id)`` pairs, in order: ``(N,)`` float64. ``pair_score = "itm"``:
+        the raw class-1 ITM logit; ``"itm+itc"`` (with an ITC head): the ITM log-odds plus the ITC logit
+        (scale · cosine of the pair's embeddings, each image and text embedded once)."""
+        combined = self.pair_score == "itm+itc" and self.encoder.has_itc
+
         def score(start: int, stop: int) -> np.ndarray:
             chunk = pairs[start:stop]
             feats, pos = store_patches(self.store, [i for i, _ in chunk])
-            return self.encoder.itm_logits([self.descriptions[p] for _, p in chunk], feats, pos)
+            return self.encoder.itm_logits([self.descriptions[p] for _, p in chunk], feats, pos, log_odds=combined)
 
-        return self._map(len(pairs), score, desc, progress, np.empty(0))
+        scores = self._map(len(pairs), score, desc, progress, np.empty(0))
+        if not combined or not pairs:
+            return scores
+        images, pids = sorted({i for i, _ in pairs}), sorted({p for _, p in pairs})
+        image_emb = dict(zip(images, self.embed_images(images, progress=False), strict=True))
+        text_emb = dict(zip(pids, self.embed_texts(pids, progress=False), strict=True))
+        cosine = np.array([float(image_emb[i] @ text_emb[p]) for i, p in pairs])
+        return scores + self.encoder.itc_scale * cosine
 
     def embed_texts(self, pids: list[str], *, progress: bool = True) -> np.ndarray:
         """Text-only embeddings of the products' descriptions: ``(N, D)``."""
@@ -205,6 +218,7 @@ def evaluate_sample100(scorer: PairScorer, candidates: dict[str, Any], *, progre
     """Rank@K of both directions and SumR, keys named by protocol (``itr_sample100/R@1`` …), in %."""
     metrics: dict[str, Any] = {}
     ranked: dict[str, Any] = {}
+    outcomes: dict[str, list] = {}  # per query: P(rank ≤ K) for each K, what a paired bootstrap resamples
     hits_by_direction: dict[str, dict[int, float]] = {}
     for direction in ("itr", "tir"):
         queries = candidates[direction]
@@ -221,8 +235,10 @@ def evaluate_sample100(scorer: PairScorer, candidates: dict[str, Any], *, progre
             n = len(q["candidates"])
             scores[row, :n], positive[row, 0] = flat[start:start + n], True
             start += n
-        hits = rank_hits(scores, positive, ks)
+        per_query: list = []
+        hits = rank_hits(scores, positive, ks, per_query_out=per_query)
         hits_by_direction[direction] = hits
+        outcomes[direction] = per_query[0].tolist()
         for k in ks:
             metrics[f"{direction}_sample100/R@{k}"] = 100 * hits[k]
         order = np.argsort(-scores, axis=1, kind="stable")[:, :5]
@@ -235,7 +251,7 @@ def evaluate_sample100(scorer: PairScorer, candidates: dict[str, Any], *, progre
     metrics["sample100/candidates_per_query"] = width
     chance = {k: expected_rank_chance(width, k) for k in ks}
     metrics["sample100/chance_SumR"] = sum_r(chance, chance)
-    return {"metrics": metrics, "ranked": ranked}
+    return {"metrics": metrics, "ranked": ranked, "outcomes": outcomes}
 
 
 def _search(queries: np.ndarray, gallery: np.ndarray, k: int) -> np.ndarray:
@@ -275,6 +291,7 @@ def evaluate_gallery(scorer: PairScorer, catalogue: Catalogue, available: set[st
     image_emb = scorer.embed_images(image_ids, progress=progress)
     depth = max(10, rerank_k)
     metrics: dict[str, Any] = {"gallery/images": len(image_ids), "gallery/products": len(pids)}
+    outcomes: dict[str, list] = {}  # per query: hit at each K (0/1)
 
     images_with_text: dict[str, set[int]] = {}
     for i, it in enumerate(items):
@@ -286,8 +303,10 @@ def evaluate_gallery(scorer: PairScorer, catalogue: Catalogue, available: set[st
         ("tir", text_emb, image_emb, tir_pos, lambda q, g: (image_ids[g], pids[q])),
     ):
         top = _search(queries, gallery, depth)
-        for name, value in ranked_recall(top.tolist(), positives).items():
+        per_query: list = []
+        for name, value in ranked_recall(top.tolist(), positives, per_query_out=per_query).items():
             metrics[f"{direction}_gallery/{name}"] = 100 * value
+        outcomes[f"{direction}_gallery"] = per_query[0].tolist()
         if rerank_k > 0:
             head = top[:, :rerank_k]
             reranked = [r + [int(g) for g in top[q, rerank_k:]]
@@ -295,4 +314,4 @@ def evaluate_gallery(scorer: PairScorer, catalogue: Catalogue, available: set[st
                                                       progress=progress))]
             for name, value in ranked_recall(reranked, positives).items():
                 metrics[f"{direction}_gallery_rerank/{name}"] = 100 * value
-    return {"metrics": metrics}
+    return {"metrics": metrics, "outcomes": outcomes}

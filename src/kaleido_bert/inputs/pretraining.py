@@ -17,6 +17,8 @@ computed on every pair, negatives included, as the original did.
 Batch shapes (B pairs, T text tokens ≤ max_text_len, F feature size):
     text_ids, text_mask, mlm_labels       (B, T)  long
     patch_features                        (B, 55, F) after corruption
+    clean_text_ids (B, T), clean_patch_features (B, 55, F)   before masking and corruption (ITC's views)
+    product                               (B,) long, the item's product rank (mined ITM negatives skip the same product)
     patch_positions                       (B, 55, 5)
     itm_label, rotation_label, jigsaw_label, camouflage_label    (B,)
     grey_index (B, 2), grey_target (B, 2, F); blank_index (B, 3), blank_target (B, 3, F)  (-100 / 0 padding)
@@ -156,7 +158,8 @@ class PretrainDataset(Dataset):
         if tuple(indices) not in self._prefetched:  # not hinted by read_ahead already
             self.prefetch(indices)
         batch: dict[str, Any] = {"ids": [self.items[i].id for i in index.tolist()], "text_mask": text_mask,
-                                 "itm_label": torch.from_numpy((~negative).astype(np.int64))}
+                                 "itm_label": torch.from_numpy((~negative).astype(np.int64)),
+                                 "product": torch.from_numpy(product.copy())}
         if not self.corrupt:
             colour = torch.from_numpy(self.features.read(rows)[:, :NUM_COLOUR]).float()
             return {**batch, **self._clean(text_ids, colour, rows)}
@@ -166,6 +169,7 @@ class PretrainDataset(Dataset):
                                span=9)
         text_draws = uniforms(keys, _TEXT, 3 * width).reshape(b, width, 3)  # per position: order, roll, token
         text, patches = self._plan(keys, index, lengths, negative, text_draws[:, :, 0])
+        text_ids_before = text_ids
         text_ids, mlm_labels = mask_tokens(
             text_ids, torch.from_numpy(text), torch.from_numpy(text_draws[:, :, 1]),
             torch.from_numpy(text_draws[:, :, 2]), mask_token_id=self.mask_token_id, replacements=self.replacements)
@@ -183,11 +187,13 @@ class PretrainDataset(Dataset):
         greyed, blanked = torch.from_numpy(patches[4]), torch.from_numpy(patches[5])
         grey_index, grey_target = _targets(colour, greyed, 4)  # the clean features, before corruption
         blank_index, blank_target = _targets(colour, blanked, 5)
+        clean_text_ids, clean = text_ids_before, colour.clone()  # ITC's views (ALBEF: contrast clean inputs)
         features = corrupt_patches_(colour, raw[:, ROTATED], raw[:, GREYED], donor_patch, turns=turns,
                                     permutation=permutation, camouflaged=torch.from_numpy(camouflaged),
                                     greyed=greyed, blanked=blanked)
         return {
             **batch, "text_ids": text_ids, "mlm_labels": mlm_labels, "patch_features": features,
+            "clean_text_ids": clean_text_ids, "clean_patch_features": clean,
             "patch_positions": torch.from_numpy(self.positions.read(rows)),
             "rotation_label": turns, "jigsaw_label": permutation,
             "camouflage_label": torch.from_numpy(np.where(used, camouflaged, IGNORE)),

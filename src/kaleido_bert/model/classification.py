@@ -5,7 +5,16 @@ std 0.01, softmax cross-entropy; no pre-training losses and no blanking while fi
 ``image+text`` (``[CLS] description [SEP]`` + 55 patches, the paper's setting, where the description often names the
 category) and ``image`` (a lone ``[CLS]`` + 55 patches: what a shop needs for a new photo).
 
-Shapes: text ``(B, T)`` (T = 1 image-only), patches ``(B, 55, F)``, logits ``(B, C)``, labels ``(B,)``.
+Two heads (``config.classifier_head``, saved in ``config.json``): ``pooled`` (the released code) and ``wide``, our
+addition: the head input is the concatenation of the pooled ``[CLS]`` (D), the mean text state over real tokens
+(D; the lone ``[CLS]`` of an image-only input), the mean patch state over the patches the encoder attends to (D)
+and the mean raw colour feature of the attended patches (F), standardised by the persistent buffers ``feature_mean`` /
+``feature_std`` (shape ``(3D+F,)``, default 0/1; set by the linear probe of :mod:`kaleido_bert.train.probe`), then
+dropout 0.1 and ``Linear(3D+F→C)``. :meth:`KaleidoBertForClassification.load_linear` installs a linear classifier
+fitted on standardised head inputs (LP-FT, Kumar et al. 2022) into either head.
+
+Shapes: text ``(B, T)`` (T = 1 image-only), patches ``(B, 55, F)``, head input ``(B, H)`` (H = D pooled,
+3D+F wide), logits ``(B, C)``, labels ``(B,)``.
 The label map is the training catalogue's ``labels.json`` (``config.label2id``); an item whose label is missing from
 it is refused in one line.
 """
@@ -18,10 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kaleido_bert.errors import KaleidoError
 from kaleido_bert.model.encoder import KaleidoBertModel, KaleidoBertPreTrainedModel
 
 INPUTS = ("image+text", "image")
 """The two classifier inputs: the description with the image (the paper) or the image alone."""
+HEADS = ("pooled", "wide")
+"""The two classifier heads: the pooled ``[CLS]`` (the released code) or the wide concatenation."""
 
 
 @dataclass
@@ -32,17 +44,29 @@ class ClassificationOutput:
 
 
 class KaleidoBertForClassification(KaleidoBertPreTrainedModel):
-    """Encoder + dropout + ``Linear(D→num_labels)``; ``config.label_field`` and ``config.classifier_input`` say
-    what it predicts and from what."""
+    """Encoder + dropout + ``Linear(H→num_labels)``; ``config.label_field`` and ``config.classifier_input`` say
+    what it predicts and from what, ``config.classifier_head`` (``pooled`` when absent) from which states."""
 
     def __init__(self, config) -> None:
         super().__init__(config)
+        self.head_type = getattr(config, "classifier_head", "pooled")
+        if self.head_type not in HEADS:
+            raise KaleidoError(f"classifier_head={self.head_type!r} must be one of {', '.join(HEADS)}")
         self.bert = KaleidoBertModel(config)
         self.dropout = nn.Dropout(0.1)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.classifier = nn.Linear(self.head_size, config.num_labels)
+        if self.head_type == "wide":  # standardisation of the head input, saved with the weights
+            self.register_buffer("feature_mean", torch.zeros(self.head_size))
+            self.register_buffer("feature_std", torch.ones(self.head_size))
         # per-class loss weights (C,) set by fine-tuning (finetune.class_weights); not saved with the weights
         self.register_buffer("class_weight", None, persistent=False)
         self.post_init()
+
+    @property
+    def head_size(self) -> int:
+        """H: D (pooled) or 3D + F (wide)."""
+        d = self.config.hidden_size
+        return d if self.head_type == "pooled" else 3 * d + self.config.patch_feature_size
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -50,11 +74,51 @@ class KaleidoBertForClassification(KaleidoBertPreTrainedModel):
             with torch.no_grad():
                 module.weight.normal_(0.0, 0.01)
                 module.bias.zero_()
+        if module is self and self.head_type == "wide":
+            with torch.no_grad():
+                self.feature_mean.zero_()
+                self.feature_std.fill_(1.0)
 
-    def forward(self, batch: dict[str, Tensor]) -> ClassificationOutput:
+    def head_input(self, batch: dict[str, Tensor]) -> Tensor:
+        """The encoder's features the head reads, ``(B, H)``, before standardisation."""
         out = self.bert(text_ids=batch["text_ids"], text_mask=batch["text_mask"],
                         patch_features=batch["patch_features"], patch_positions=batch["patch_positions"])
-        logits = self.classifier(self.dropout(out.pooled))
+        if self.head_type == "pooled":
+            return out.pooled
+        text, patches = out.hidden[:, :out.num_text], out.hidden[:, out.num_text:]  # (B, T, D), (B, P, D)
+        text_mask = batch["text_mask"][..., None].to(text.dtype)  # (B, T, 1): real tokens
+        keep = self.bert.patch_embeddings.keep[None, :, None].to(patches.dtype)  # (1, P, 1): attended patches
+        colour = masked_mean(batch["patch_features"].float(), keep.float())  # (B, F): the attended patches' mean
+        return torch.cat([out.pooled.float(), masked_mean(text, text_mask).float(),
+                          masked_mean(patches, keep).float(), colour], dim=-1)
+
+    def head_logits(self, features: Tensor) -> Tensor:
+        """Logits ``(B, C)`` of head inputs ``(B, H)`` (standardised first by the wide head)."""
+        if self.head_type == "wide":
+            features = (features - self.feature_mean) / self.feature_std
+        return self.classifier(self.dropout(features))
+
+    @torch.no_grad()
+    def load_linear(self, weight: Tensor, bias: Tensor, mean: Tensor, std: Tensor) -> None:
+        """Install the classifier ``weight (C, H) · (x − mean) / std + bias (C,)``, fitted on standardised head
+        inputs: the wide head keeps ``mean`` / ``std`` ``(H,)`` as its buffers, the pooled head folds them into
+        its ``Linear``. Either way the logits of a head input ``x`` are the fitted classifier's."""
+        if self.head_type == "wide":
+            self.feature_mean.copy_(mean)
+            self.feature_std.copy_(std)
+        else:
+            weight = weight / std
+            bias = bias - weight @ mean
+        self.classifier.weight.copy_(weight)
+        self.classifier.bias.copy_(bias)
+
+    def forward(self, batch: dict[str, Tensor]) -> ClassificationOutput:
+        logits = self.head_logits(self.head_input(batch))
         weight = None if self.class_weight is None else self.class_weight.to(logits.device)
         loss = F.cross_entropy(logits.float(), batch["label"], weight=weight) if "label" in batch else logits.sum() * 0.0
         return ClassificationOutput(loss=loss, losses={"cls": loss}, logits=logits)
+
+
+def masked_mean(states: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``states (B, N, D)`` over the positions where ``mask (B, N, 1)`` is 1 → ``(B, D)``."""
+    return (states * mask).sum(1) / mask.sum(1).clamp_min(1.0)

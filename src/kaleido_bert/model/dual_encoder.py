@@ -66,36 +66,39 @@ class DualEncoder:
                              return_tensors="pt")
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
-    def _project(self, pooled: Tensor, side: str) -> Tensor:
-        itc = getattr(self.model.heads, "itc", None)
-        return itc.embed(pooled, side) if itc is not None else F.normalize(pooled, dim=-1)
-
     @torch.inference_mode()
     def embed_texts(self, texts: list[str], *, progress: bool = False) -> np.ndarray:
-        """Text-only ``[CLS]`` embeddings: ``(N, D)``."""
+        """Text-only embeddings (the ITC head's pooling and projection, else the normalised ``[CLS]``): ``(N, d)``."""
         parts = [np.empty((0, self.dim), np.float32)]
+        itc = getattr(self.model.heads, "itc", None)
         for start in tqdm(range(0, len(texts), self.batch_size), desc="embed texts", unit="batch",
                           disable=not progress, leave=False):
             ids, mask = self.tokenize(texts[start:start + self.batch_size])
-            pooled = self.model.bert(text_ids=ids, text_mask=mask).pooled
-            parts.append(self._project(pooled, "text").float().cpu().numpy())
+            out = self.model.bert(text_ids=ids, text_mask=mask)
+            emb = itc.text_embedding(out, mask) if itc is not None else F.normalize(out.pooled, dim=-1)
+            parts.append(emb.float().cpu().numpy())
         return np.concatenate(parts)
 
     @torch.inference_mode()
     def embed_patches(self, patch_features: Tensor, patch_positions: Tensor) -> np.ndarray:
-        """Patch-only embeddings (a lone ``[CLS]`` pools the patches): ``(N, P, F)``, ``(N, P, 5)`` → ``(N, D)``."""
+        """Patch-only embeddings (a lone ``[CLS]`` pools the patches): ``(N, P, F)``, ``(N, P, 5)`` → ``(N, d)``."""
         parts = [np.empty((0, self.dim), np.float32)]
+        itc = getattr(self.model.heads, "itc", None)
         for start in range(0, len(patch_features), self.batch_size):
             feats = patch_features[start:start + self.batch_size].to(self.device, torch.float32)
             pos = patch_positions[start:start + self.batch_size].to(self.device, torch.float32)
             cls = torch.full((len(feats), 1), self.tokenizer.cls_token_id, dtype=torch.long, device=self.device)
-            pooled = self.model.bert(text_ids=cls, patch_features=feats, patch_positions=pos).pooled
-            parts.append(self._project(pooled, "image").float().cpu().numpy())
+            out = self.model.bert(text_ids=cls, patch_features=feats, patch_positions=pos)
+            emb = (itc.image_embedding(out, feats, self.model.bert.patch_embeddings.keep) if itc is not None
+                   else F.normalize(out.pooled, dim=-1))
+            parts.append(emb.float().cpu().numpy())
         return np.concatenate(parts)
 
     @torch.inference_mode()
-    def itm_logits(self, texts: list[str], patch_features: Tensor, patch_positions: Tensor) -> np.ndarray:
-        """Raw class-1 ITM logits of pairs ``(texts[i], patches[i])``; one text is paired with every image.
+    def itm_logits(self, texts: list[str], patch_features: Tensor, patch_positions: Tensor, *,
+                   log_odds: bool = False) -> np.ndarray:
+        """Raw class-1 ITM logits of pairs ``(texts[i], patches[i])`` (``log_odds``: class 1 minus class 0, the
+        log-odds of a match); one text is paired with every image.
 
         Args:
             texts: N texts, or one text for all N images.
@@ -121,8 +124,14 @@ class DualEncoder:
                                      patch_features=patch_features[start:stop].to(self.device, torch.float32),
                                      patch_positions=patch_positions[start:stop].to(self.device, torch.float32)
                                      ).pooled
-            out[start:stop] = self.model.heads.itm(pooled)[:, 1].double().cpu().numpy()
+            logits = self.model.heads.itm(pooled).double()
+            out[start:stop] = (logits[:, 1] - logits[:, 0] if log_odds else logits[:, 1]).cpu().numpy()
         return out
+
+    @property
+    def itc_scale(self) -> float:
+        """The ITC logit scale (inverse temperature) that turns a cosine into a contrastive logit."""
+        return float(self.model.heads.itc.logit_scale.exp().clamp(max=100))
 
     @property
     def dim(self) -> int:

@@ -33,7 +33,7 @@ MODEL_CONFIG_FIELDS = {
     "hidden_size": "hidden_size", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
     "intermediate_size": "intermediate_size", "vocab_size": "vocab_size", "max_text_len": "max_text_len",
     "patch_feature_size": "patch_feature_size", "num_levels": "num_levels", "dropout": "hidden_dropout_prob",
-    "tasks": "tasks", "patch_levels": "patch_levels",
+    "tasks": "tasks", "patch_levels": "patch_levels", "itc_pool": "itc_pool",
 }
 """The one map from the run config's ``model.*`` fields to ``config.json`` keys: building a model config and
 refusing a checkpoint of another config (a resumed run must agree on every field) both read it."""
@@ -45,8 +45,10 @@ class KaleidoBertConfig(BertConfig):
     model_type = "kaleido_bert"
 
     def __init__(self, patch_feature_size: int = 2048, num_levels: int = 5, tasks: list[str] | None = None,
-                 max_text_len: int = 64, patch_levels: list[int] | None = None, **kwargs) -> None:
+                 max_text_len: int = 64, patch_levels: list[int] | None = None, itc_pool: str = "cls",
+                 **kwargs) -> None:
         super().__init__(**kwargs)
+        self.itc_pool = itc_pool
         self.patch_levels = list(range(1, num_levels + 1) if patch_levels is None else patch_levels)
         self.patch_feature_size = patch_feature_size
         self.num_levels = num_levels

@@ -10,7 +10,7 @@ jigsaw             the four 2×2 tokens, concatenated           ``LevelClassifie
 camouflage         the nine 3×3 tokens, concatenated           ``LevelClassifier(3, 9)``  CE
 grey_to_color      hidden states of the greyed 4×4 tokens      ``PatchReconstructor(4)``  KL
 blank_to_color     hidden states of the blanked 5×5 tokens     ``PatchReconstructor(5)``  KL
-itc (optional)     pooled text-only and patch-only passes      two projections            InfoNCE
+itc (optional)     clean text-only and patch-only passes       two projections (+ skip)   InfoNCE
 =================  ==========================================  =========================  ================
 
 ITM negatives: the dataset's sampled ones (the paper), plus, with ``itm_negatives = "mined"`` and ITC on, one hard
@@ -36,7 +36,12 @@ from torch import Tensor, nn
 from transformers.models.bert.modeling_bert import BertLMPredictionHead
 
 from kaleido_bert.inputs.masking import IGNORE
-from kaleido_bert.model.encoder import KaleidoBertConfig, KaleidoBertModel, KaleidoBertPreTrainedModel
+from kaleido_bert.model.encoder import (
+    KaleidoBertConfig,
+    KaleidoBertModel,
+    KaleidoBertOutput,
+    KaleidoBertPreTrainedModel,
+)
 from kaleido_bert.patches.grid import level_slice
 
 LEVEL_TASKS = {"rotation": (1, 4), "jigsaw": (2, 24), "camouflage": (3, 9)}
@@ -90,23 +95,54 @@ def masked_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 class ContrastiveHead(nn.Module):
-    """ITC: project pooled text-only and patch-only states, symmetric InfoNCE with a learned temperature."""
+    """ITC: embed text-only and patch-only passes into a shared space; symmetric InfoNCE, learned temperature.
 
-    def __init__(self, hidden_size: int, dim: int = 256) -> None:
+    ``pool = "cls"``: each side's pooled ``[CLS]`` through its own ``Linear(D→d)``. ``pool = "mean"``: the text side
+    is the mean of the text token states over real tokens (how sentence encoders such as MiniLM are trained, so a
+    MiniLM-initialised encoder starts with its own sentence embedding); the image side is the mean of the patch
+    states over the attended patches plus a linear skip ``Linear(F→d)`` of the mean clean colour feature (so the
+    frozen features stay one linear map away, the frozen baseline's map when ``train.probe_init`` starts from it).
+    """
+
+    def __init__(self, hidden_size: int, dim: int = 256, *, pool: str = "cls", feature_size: int | None = None) -> None:
         super().__init__()
+        self.pool = pool
         self.text = nn.Linear(hidden_size, dim)
         self.image = nn.Linear(hidden_size, dim)
+        if pool == "mean":
+            if feature_size is None:
+                raise ValueError("ITC mean pooling needs the patch feature size for its skip map")
+            self.skip = nn.Linear(feature_size, dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def embed(self, pooled: Tensor, side: str) -> Tensor:
+        """``cls`` pooling: normalised ``Linear(pooled)`` of one side, ``(B, D)`` → ``(B, d)``."""
         return F.normalize((self.text if side == "text" else self.image)(pooled), dim=-1)
 
-    def forward(self, text_pooled: Tensor, image_pooled: Tensor, positive: Tensor) -> Tensor:
-        """InfoNCE over the matching pairs of the batch (``positive`` marks them), ``(B, D)`` → scalar."""
+    def text_embedding(self, out: KaleidoBertOutput, text_mask: Tensor) -> Tensor:
+        """A text-only pass ``(B, T, D)`` → ``(B, d)``, L2-normalised."""
+        if self.pool == "cls":
+            return self.embed(out.pooled, "text")
+        mask = text_mask[..., None].to(out.hidden.dtype)  # (B, T, 1)
+        mean = (out.hidden[:, :out.num_text] * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return F.normalize(self.text(mean), dim=-1)
+
+    def image_embedding(self, out: KaleidoBertOutput, patch_features: Tensor, keep: Tensor) -> Tensor:
+        """A patch-only pass (a lone ``[CLS]`` + P patches) and its clean colour features ``(B, P, F)`` → ``(B, d)``;
+        ``keep (P,)`` marks the patches the encoder attends to."""
+        if self.pool == "cls":
+            return self.embed(out.pooled, "image")
+        w = keep.to(out.hidden.dtype)[None, :, None] / keep.sum().clamp(min=1)  # (1, P, 1)
+        states = (out.hidden[:, out.num_text:] * w).sum(1)  # (B, D)
+        raw = (patch_features.to(out.hidden.dtype) * w).sum(1)  # (B, F)
+        return F.normalize(self.image(states) + self.skip(raw), dim=-1)
+
+    def forward(self, text_emb: Tensor, image_emb: Tensor, positive: Tensor) -> Tensor:
+        """InfoNCE over the matching pairs of the batch (``positive`` marks them), ``(B, d)`` embeddings → scalar."""
         keep = positive.bool()
         if keep.sum() < 2:
-            return (text_pooled.sum() + image_pooled.sum()) * 0.0
-        t, i = self.embed(text_pooled[keep], "text"), self.embed(image_pooled[keep], "image")
+            return (text_emb.sum() + image_emb.sum()) * 0.0
+        t, i = text_emb[keep].float(), image_emb[keep].float()
         logits = self.logit_scale.exp().clamp(max=100) * t @ i.T  # (N, N)
         target = torch.arange(len(t), device=t.device)
         return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
@@ -160,7 +196,7 @@ class PretrainingHeads(nn.Module):
         self.reconstruct = nn.ModuleDict({name: PatchReconstructor(level, d, f)
                                           for name, level in RECONSTRUCTION_TASKS.items() if name in tasks})
         if "itc" in tasks:
-            self.itc = ContrastiveHead(d)
+            self.itc = ContrastiveHead(d, pool=getattr(config, "itc_pool", "cls"), feature_size=f)
 
     def losses(self, hidden: Tensor, pooled: Tensor, num_text: int, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         text_hidden, patch_hidden = hidden[:, :num_text], hidden[:, num_text:]  # (B, T, D), (B, P, D)
@@ -206,22 +242,33 @@ class KaleidoBertForPreTraining(KaleidoBertPreTrainedModel):
         out = self.bert(text_ids=batch["text_ids"], text_mask=batch["text_mask"],
                         patch_features=batch["patch_features"], patch_positions=batch["patch_positions"])
         losses = self.heads.losses(out.hidden, out.pooled, out.num_text, batch)
-        if hasattr(self.heads, "itc"):
-            text_only = self.bert(text_ids=batch["text_ids"], text_mask=batch["text_mask"]).pooled
-            cls = batch["text_ids"][:, :1]  # a lone [CLS] in front of the patches pools the image
-            image_only = self.bert(text_ids=cls, patch_features=batch["patch_features"],
-                                   patch_positions=batch["patch_positions"]).pooled
-            losses["itc"] = self.heads.itc(text_only, image_only, batch["itm_label"])
+        if hasattr(self.heads, "itc"):  # on the clean text and patches (ALBEF), when the batch carries them
+            text_emb, image_emb = self.itc_embeddings(batch)
+            losses["itc"] = self.heads.itc(text_emb, image_emb, batch["itm_label"])
             if self.heads.itm_negatives == "mined" and "itm" in losses:
-                mined = self._mined_itm_logits(batch, text_only, image_only)
+                mined = self._mined_itm_logits(batch, text_emb, image_emb)
                 if mined is not None:
                     logits = torch.cat([self.heads.itm(out.pooled), mined]).float()
                     labels = torch.cat([batch["itm_label"], batch["itm_label"].new_zeros(len(mined))])
                     losses["itm"] = F.cross_entropy(logits, labels)
         return PretrainingOutput(loss=sum(losses.values()), losses=losses)
 
-    def _mined_itm_logits(self, batch: dict[str, Tensor], text_only: Tensor, image_only: Tensor) -> Tensor | None:
-        """ITM logits ``(M, 2)`` of one mined hard negative per positive pair (None with fewer than 2 positives)."""
+    def itc_embeddings(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """ITC text and image embeddings ``(B, d)`` of a batch: a text-only and a patch-only pass over the clean
+        views (``clean_text_ids``, ``clean_patch_features``; the corrupted ones when the batch has none)."""
+        text_ids = batch.get("clean_text_ids", batch["text_ids"])
+        features = batch.get("clean_patch_features", batch["patch_features"])
+        itc = self.heads.itc
+        text = itc.text_embedding(self.bert(text_ids=text_ids, text_mask=batch["text_mask"]), batch["text_mask"])
+        cls = text_ids[:, :1]  # a lone [CLS] in front of the patches pools the image
+        image = self.bert(text_ids=cls, patch_features=features, patch_positions=batch["patch_positions"])
+        return text, itc.image_embedding(image, features, self.bert.patch_embeddings.keep)
+
+    def _mined_itm_logits(self, batch: dict[str, Tensor], text_emb: Tensor, image_emb: Tensor) -> Tensor | None:
+        """ITM logits ``(M, 2)`` of one mined hard negative per positive pair (None with fewer than 2 positives).
+
+        Mined from the clean views' ITC embeddings; the mined pairs are scored on the same (masked) views as the
+        joint pass, so that no ITM label can be read off whether an input was corrupted."""
         rows = batch["itm_label"].bool().nonzero().squeeze(1)
         if len(rows) < 2:
             return None
@@ -230,8 +277,7 @@ class KaleidoBertForPreTraining(KaleidoBertPreTrainedModel):
         if "product" in batch:
             product = batch["product"][rows]
             same = product[:, None] == product[None, :]
-        neg_text, neg_image, valid = mine_negatives(itc.embed(image_only[rows], "image"),
-                                                    itc.embed(text_only[rows], "text"),
+        neg_text, neg_image, valid = mine_negatives(image_emb[rows], text_emb[rows],
                                                     itc.logit_scale.exp().clamp(max=100), same)
         half = len(rows) // 2
         keep = valid.clone()

@@ -14,17 +14,26 @@ retrieval heads from ITM/ITC when present), trains with the one loop of :mod:`ka
 ``finetune`` section (lr 2e-5 by default, as the released scripts), and writes the same checkpoint layout as
 pre-training, so every run resumes. The paper evaluates retrieval without fine-tuning; ``retrieval`` is our
 addition for full-gallery search (SPEC §3.5).
+
+Classifiers read ``finetune.head`` (``pooled``, the released code, or ``wide``: see
+:mod:`kaleido_bert.model.classification`) and, with ``finetune.probe``, start from a linear probe of the frozen
+encoder (LP-FT, Kumar et al. 2022; :mod:`kaleido_bert.train.probe`), fitted once per run and recorded in
+``probe.json`` and the summary's ``probe``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
+from kaleido_bert import distributed as dist
+from kaleido_bert.atomic import atomic_write_json
 from kaleido_bert.checkpoint import check_model_config, read_model_config
 from kaleido_bert.config import RunConfig
 from kaleido_bert.data.catalogue import LABEL_FIELDS
@@ -33,11 +42,13 @@ from kaleido_bert.errors import KaleidoError
 from kaleido_bert.inputs.pretraining import PretrainDataset, collate
 from kaleido_bert.inputs.sources import open_data
 from kaleido_bert.model.loading import load_pretrained
-from kaleido_bert.runs import FINETUNE_TASKS, resolve_checkpoint
+from kaleido_bert.runs import FINETUNE_TASKS, latest_checkpoint, list_checkpoints, resolve_checkpoint
 from kaleido_bert.train.loop import train
 
 TASKS = FINETUNE_TASKS
 RETRIEVAL_TASKS = ["itm", "itc"]
+PROBE_RECORD = "probe.json"
+"""The linear probe's record in a classifier's run directory (``finetune.probe``): accuracies and seconds."""
 
 
 def finetune_config(config: RunConfig, task: str) -> RunConfig:
@@ -78,9 +89,10 @@ def build_task(task: str, config: RunConfig, checkpoint: Path, tokenizer, *, ima
         from kaleido_bert.model.classification import KaleidoBertForClassification
 
         label2id = label_map(catalogue.labels, task)
+        head = {"classifier_head": "wide"} if config.finetune.head == "wide" else {}  # pooled: config.json as ever
         model = load_pretrained(KaleidoBertForClassification, checkpoint, num_labels=len(label2id),
                                 label2id=label2id, id2label={i: n for n, i in label2id.items()}, label_field=task,
-                                classifier_input="image" if image_only else "image+text")
+                                classifier_input="image" if image_only else "image+text", **head)
         make = partial(ClassificationDataset, catalogue, store, tokenizer, field=task, label2id=label2id,
                        image_only=image_only, max_text_len=max_len)
         train_set = make(split="train")
@@ -137,10 +149,53 @@ def finetune(task: str, config: RunConfig, checkpoint: str | Path, out_dir: str 
     run = finetune_config(config.with_train_items(len(train_set)), task)  # finetune.epochs → steps
     if task != "retrieval":  # the resume check compares the model section with config.json
         run = dataclasses.replace(run, model=dataclasses.replace(run.model, tasks=pretrained_tasks))
+    probe = None
+    if task in LABEL_FIELDS and resume:
+        _check_head(Path(out_dir), config.finetune.head)
+    if task in LABEL_FIELDS and config.finetune.probe:
+        probe = probe_head(model, train_set, val_set, collate_fn, config, Path(out_dir), resume=resume,
+                           progress=progress)
     summary = train(model, train_set, val_set, collate_fn, run, out_dir, resume=resume, tokenizer=tokenizer,
                     progress=progress, loss_counts=counts)
     summary.update(task=task, input="image" if image_only else "image+text", init=str(checkpoint))
+    if probe is not None:
+        summary["probe"] = probe
     return summary
+
+
+def probe_head(model, train_set, val_set, collate_fn, config: RunConfig, out_dir: Path, *, resume: bool,
+               progress: bool = True) -> dict[str, Any] | None:
+    """LP-FT's linear probe of a classifier's head (``finetune.probe``), fitted once per run into ``out_dir``.
+
+    A fresh run fits it (:func:`kaleido_bert.train.probe.fit_probe`, batches of ``eval.batch_size``, the
+    fine-tuning class weights) and records it in ``out_dir/probe.json``; a run that resumes, or one that the loop
+    will refuse because ``out_dir`` already holds checkpoints, fits nothing (the checkpoint holds the head) and
+    returns the record, if any. Under ``torchrun`` every rank fits the same probe on the same data.
+    """
+    from kaleido_bert.train.probe import fit_probe
+
+    record = out_dir / PROBE_RECORD
+    if resume or list_checkpoints(out_dir):
+        return json.loads(record.read_text()) if record.is_file() else None
+    probe = fit_probe(model, train_set, val_set, collate_fn, batch_size=config.eval.batch_size,
+                      device=dist.device(), class_weight=model.class_weight,
+                      progress=progress and dist.is_main(), num_workers=config.data.num_workers)
+    if progress and dist.is_main():
+        tqdm.write(f"[probe] {probe['items']} items, train accuracy {probe['train_accuracy']}, "
+                   f"val accuracy {probe['val_accuracy']}, {probe['seconds']} s")
+    if dist.is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(record, probe)
+    return probe
+
+
+def _check_head(out_dir: Path, head: str) -> None:
+    """Refuse, in one line, to resume a classifier run with another ``finetune.head`` than it was trained with."""
+    latest = latest_checkpoint(out_dir)
+    found = read_model_config(latest).get("classifier_head", "pooled") if latest else head
+    if found != head:
+        raise KaleidoError(f"checkpoint {latest} has the {found} classifier head but the run config has "
+                           f"finetune.head={head}: resume with the same head, or use another --out")
 
 
 def _checkpoint_tasks(checkpoint: Path) -> list[str]:

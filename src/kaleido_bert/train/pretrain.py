@@ -10,6 +10,7 @@ global-batch means under gradient accumulation and DDP.
 
 from __future__ import annotations
 
+import time
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,9 @@ def pretrain(config: RunConfig, out_dir: str | Path, *, resume: bool = False,
     config = config.with_train_items(len(train_set))  # train.epochs → train.max_steps
     counts = {"train": train_set.counts(), "val": val_set.counts()}
     model, init_report = build_model(config)
+    probe = None
+    if config.train.probe_init and not resume:  # a resumed run loads its own weights
+        probe = probe_init(model, train_set, config, progress=progress)
     # Every process of a DDP run writes the same bytes atomically, so no rank has to be singled out here.
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "data_counts.json", counts)
@@ -110,4 +114,49 @@ def pretrain(config: RunConfig, out_dir: str | Path, *, resume: bool = False,
     summary["data_counts"] = counts
     if init_report is not None:
         summary["init"] = {k: len(v) for k, v in init_report.items()}
+    if probe is not None:
+        summary["probe_init"] = probe
     return summary
+
+
+def probe_init(model: KaleidoBertForPreTraining, train_set: PretrainDataset, config: RunConfig, *,
+               progress: bool = True) -> dict[str, Any]:
+    """Fit the linear probe on the training pairs and start the ITC head from it (``train.probe_init``).
+
+    Text side: the model's own text-only pass (its initialisation, e.g. MiniLM), mean-pooled over real tokens,
+    once per product; image side: the mean clean colour feature over the attended patches, per image.
+
+    Raises:
+        KaleidoError: ITC is off, or its pooling is not ``mean``.
+    """
+    import numpy as np
+    from tqdm import tqdm
+
+    from kaleido_bert.model.linear_probe import image_features, init_itc_from_probe
+
+    if not hasattr(model.heads, "itc") or model.config.itc_pool != "mean":
+        raise KaleidoError("train.probe_init starts the ITC head from a linear probe: it needs itc in model.tasks "
+                           "and model.itc_pool=mean")
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    tokens, lengths = train_set.tokens, torch.from_numpy(train_set.lengths)
+    parts = []
+    for lo in tqdm(range(0, len(tokens), config.eval.batch_size), desc="probe: text states", unit="batch",
+                   disable=not progress, leave=False):
+        width = int(lengths[lo:lo + config.eval.batch_size].max())
+        ids = tokens[lo:lo + config.eval.batch_size, :width]
+        mask = (torch.arange(width)[None] < lengths[lo:lo + config.eval.batch_size, None]).long()
+        with torch.no_grad():
+            hidden = model.bert(text_ids=ids, text_mask=mask).hidden  # (B, T, D)
+        m = mask[..., None].to(hidden.dtype)
+        parts.append(((hidden * m).sum(1) / m.sum(1).clamp(min=1)).float().numpy())
+    text = np.concatenate(parts)[train_set.item_product]  # (N, D): each image's product text
+    keep = model.bert.patch_embeddings.keep.numpy().astype(bool)
+    images = image_features(train_set.store, [it.id for it in train_set.items], "mean", keep=keep)
+    model.train(was_training)
+    report = init_itc_from_probe(model.heads.itc, text, images, seed=config.train.seed)
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    print(f"[pretrain] ITC started from the linear probe: InfoNCE {report['loss_before']:.3f} → "
+          f"{report['loss_after']:.3f} on {report['pairs']} training pairs ({report['seconds']} s)", flush=True)
+    return report

@@ -74,12 +74,14 @@ def pretrain_stage(run: RunConfig, root: str | Path, *, progress: bool = True) -
 
 def finetune_jobs(run: RunConfig, *, retrieval: bool = True, caption: bool = True,
                   classifiers: bool = True) -> list[tuple[str, bool]]:
-    """(task, image_only) of the fine-tuned parts a run needs: retrieval, caption, and per label field the
-    classifier inputs of ``finetune.inputs``."""
-    jobs = [("retrieval", False)] if retrieval else []
-    jobs += [("caption", False)] if caption else []
+    """(task, image_only) of the fine-tuned parts a run needs among ``finetune.tasks``: retrieval, caption, and
+    per label field the classifier inputs of ``finetune.inputs``."""
+    wanted = set(run.finetune.tasks)
+    jobs = [("retrieval", False)] if retrieval and "retrieval" in wanted else []
+    jobs += [("caption", False)] if caption and "caption" in wanted else []
     if classifiers:
-        jobs += [(task, source == "image") for task in LABEL_FIELDS for source in run.finetune.inputs]
+        jobs += [(task, source == "image") for task in LABEL_FIELDS if task in wanted
+                 for source in run.finetune.inputs]
     return jobs
 
 

@@ -1,0 +1,121 @@
+"""Paired bootstrap intervals for the difference between two models on the same test units (paper §4.4, Table 4).
+
+Two evaluations of the same candidates and items (``outcomes.json`` beside each ``metrics.json``) are compared
+unit by unit: the sample-100 and full-gallery queries (per query, ``P(rank ≤ K)`` for K = 1, 5, 10) and the
+classified items (gold and predicted labels). Each of ``resamples`` bootstrap draws picks the units with
+replacement, the same units for both models, and recomputes the metric of both; the interval is the 2.5–97.5
+percentile of the differences (Efron & Tibshirani 1993; Koehn 2004 for the paired form).
+
+Metrics: ``sample100/SumR`` (both directions' queries resampled independently), ``{itr,tir}_gallery/mean_recall``,
+``{cr,sub}/{input}/accuracy`` and ``…/macro_f1`` (macro-F1 over the classes present in the resampled gold or
+predictions, as :func:`~kaleido_bert.eval.metrics.classification_metrics`).
+Shapes: per-query outcomes ``(Q, 3)``; labels ``(N,)``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kaleido_bert.errors import KaleidoError
+
+OUTCOMES_FILE = "outcomes.json"
+"""Per-unit outcomes an evaluation writes beside ``metrics.json``."""
+
+
+def load_outcomes(report: str | Path) -> dict[str, Any]:
+    """``REPORT/outcomes.json`` (or the file itself) as a dict.
+
+    Raises:
+        KaleidoError: the file is missing or not JSON.
+    """
+    path = Path(report)
+    path = path / OUTCOMES_FILE if path.is_dir() else path
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise KaleidoError(f"no per-query outcomes at {path}: re-run `kaleido evaluate` to write them") from None
+    except json.JSONDecodeError as exc:
+        raise KaleidoError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def _macro_f1(gold: np.ndarray, pred: np.ndarray) -> float:
+    classes = np.union1d(gold, pred)
+    scores = []
+    for c in classes:
+        tp = float(np.sum((gold == c) & (pred == c)))
+        denom = float(np.sum(gold == c) + np.sum(pred == c))
+        scores.append(2 * tp / denom if denom else 0.0)
+    return float(np.mean(scores)) if scores else 0.0
+
+
+def _statistic(metric: str, data: dict[str, Any], picks: dict[str, np.ndarray]) -> float:
+    if metric == "sample100/SumR":
+        return 100 * sum(float(np.asarray(data["sample100"][d])[picks[d]].mean(0).sum()) for d in ("itr", "tir"))
+    if metric.endswith("_gallery/mean_recall"):
+        key = metric.split("/")[0]
+        return 100 * float(np.asarray(data["gallery"][key])[picks[key]].mean())
+    key, _, name = metric.rpartition("/")
+    gold = np.asarray(data["classifiers"][key]["gold"])[picks[key]]
+    pred = np.asarray(data["classifiers"][key]["pred"])[picks[key]]
+    if name == "accuracy":
+        return 100 * float(np.mean(gold == pred))
+    if name == "macro_f1":
+        return _macro_f1(gold, pred)
+    raise KaleidoError(f"no bootstrap for metric {metric!r}")
+
+
+def _units(metric: str, data: dict[str, Any]) -> dict[str, int]:
+    """How many units each resampled axis of ``metric`` has (one axis per direction or per classifier)."""
+    if metric == "sample100/SumR":
+        return {d: len(data["sample100"][d]) for d in ("itr", "tir")}
+    if metric.endswith("_gallery/mean_recall"):
+        key = metric.split("/")[0]
+        return {key: len(data["gallery"][key])}
+    key = metric.rpartition("/")[0]
+    return {key: len(data["classifiers"][key]["gold"])}
+
+
+def available_metrics(data: dict[str, Any]) -> list[str]:
+    """The metrics :func:`paired_bootstrap` can compare for an outcomes dict."""
+    out = ["sample100/SumR"] if "sample100" in data else []
+    out += [f"{k}/mean_recall" for k in sorted(data.get("gallery", {}))]
+    for key in sorted(data.get("classifiers", {})):
+        out += [f"{key}/accuracy", f"{key}/macro_f1"]
+    return out
+
+
+def paired_bootstrap(a: dict[str, Any], b: dict[str, Any], metric: str, *, resamples: int = 2000,
+                     seed: int = 0) -> dict[str, float]:
+    """``metric(b) − metric(a)`` with its paired bootstrap 95% interval.
+
+    Args:
+        a, b: two outcomes dicts over the same units (same queries in the same order, same items).
+        metric: one of :func:`available_metrics`.
+        resamples: bootstrap draws.
+        seed: the draws' seed (the same seed gives the same interval).
+
+    Returns:
+        ``{"a", "b", "diff", "low", "high", "p_not_above"}``: both point values, their difference, the 2.5 and
+        97.5 percentiles of the resampled differences and the share of draws where ``b`` is not above ``a``.
+
+    Raises:
+        KaleidoError: the two outcome sets cover different numbers of units (not the same candidates or items).
+    """
+    units = _units(metric, a)
+    if units != _units(metric, b):
+        raise KaleidoError(f"{metric}: the two evaluations cover different units ({units} vs {_units(metric, b)}); "
+                           "evaluate both on the same candidates and items")
+    full = {k: np.arange(n) for k, n in units.items()}
+    point_a, point_b = _statistic(metric, a, full), _statistic(metric, b, full)
+    rng = np.random.default_rng(seed)
+    diffs = np.empty(resamples)
+    for r in range(resamples):
+        picks = {k: rng.integers(0, n, n) for k, n in units.items()}
+        diffs[r] = _statistic(metric, b, picks) - _statistic(metric, a, picks)
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    return {"a": point_a, "b": point_b, "diff": point_b - point_a, "low": float(low), "high": float(high),
+            "p_not_above": float(np.mean(diffs <= 0))}

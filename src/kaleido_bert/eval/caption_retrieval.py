@@ -1,0 +1,203 @@
+"""Captioning by retrieval in a dual-encoder space (beyond the paper's FC protocol, §4.2 task 4; Devlin et al. 2015,
+"Exploring Nearest Neighbor Approaches for Image Captioning").
+
+Gallery: one description per training product (those with an image in the feature store, product ids sorted, as
+the frozen baseline's), embedded by the text side; queries: the FC protocol's items, embedded by the image side.
+
+* ``nearest``: the caption is the description of the training product nearest to the image (cosine).
+* ``consensus``: among the k nearest training products, the description with the highest mean similarity to the
+  other k − 1 candidates. The similarity between two texts is CIDEr-like and needs no Java: lower-cased ``\\w+``
+  words, for n = 1…4 the cosine of the two texts' n-gram TF-IDF vectors (term frequency = count, IDF = log(G / df)
+  over the G gallery texts), averaged over n (a text without a weighted n-gram has similarity 0). Scores within
+  :data:`TIE_TOLERANCE` of the best count as ties and go to the nearer neighbour; k = 1 (or a gallery of one) is
+  ``nearest``; k is capped at G.
+
+Shapes: query embeddings ``(Q, D)``, gallery embeddings ``(G, D)``, neighbour indices ``(Q, k)``, chosen ``(Q,)``.
+:func:`evaluate_caption_retrieval` scores both methods with :func:`~kaleido_bert.eval.caption_metrics.caption_metrics`
+on a run's retrieval model (``eval.caption_retrieval_k``); :class:`~kaleido_bert.eval.baseline.FrozenBaseline`'s
+captions are :func:`nearest_descriptions` of its own embeddings.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from kaleido_bert.errors import KaleidoError
+
+if TYPE_CHECKING:
+    from kaleido_bert.config import RunConfig
+    from kaleido_bert.data.catalogue import Catalogue
+    from kaleido_bert.eval.caption_metrics import CaptionScorer
+    from kaleido_bert.patches.store import FeatureStore
+
+MAX_N = 4
+"""The longest n-gram of the consensus similarity."""
+TIE_TOLERANCE = 1e-9
+"""Consensus scores this close to the best are ties (they go to the nearer neighbour)."""
+_CHUNK = 512  # query rows per similarity block: (512, G) float32
+
+
+# ---------------------------------------------------------------------------------------------- neighbours
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _check(query_emb: np.ndarray, gallery_emb: np.ndarray, texts: list[str] | None = None) -> None:
+    if query_emb.ndim != 2 or gallery_emb.ndim != 2 or query_emb.shape[1] != gallery_emb.shape[1]:
+        raise KaleidoError(f"caption retrieval needs (Q, D) queries and (G, D) gallery embeddings, got "
+                           f"{tuple(query_emb.shape)} and {tuple(gallery_emb.shape)}")
+    if len(gallery_emb) == 0:
+        raise KaleidoError("caption retrieval needs a non-empty gallery of training descriptions")
+    if texts is not None and len(texts) != len(gallery_emb):
+        raise KaleidoError(f"caption retrieval got {len(texts)} gallery texts for {len(gallery_emb)} embeddings")
+
+
+def nearest_neighbours(query_emb: np.ndarray, gallery_emb: np.ndarray, k: int) -> np.ndarray:
+    """The ``min(k, G)`` gallery rows most cosine-similar to each query, nearest first (ties → lower row): ``(Q, k)``."""
+    query_emb, gallery_emb = np.asarray(query_emb), np.asarray(gallery_emb)
+    _check(query_emb, gallery_emb)
+    if k < 1:
+        raise KaleidoError(f"caption retrieval needs k ≥ 1, got {k}")
+    k = min(k, len(gallery_emb))
+    gallery = _unit(gallery_emb)
+    out = np.empty((len(query_emb), k), np.int64)
+    for lo in range(0, len(query_emb), _CHUNK):
+        sims = _unit(query_emb[lo:lo + _CHUNK]) @ gallery.T
+        out[lo:lo + _CHUNK] = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return out
+
+
+def nearest_descriptions(query_emb: np.ndarray, gallery_emb: np.ndarray, texts: list[str]) -> list[str]:
+    """Each query's caption = the text of its most cosine-similar gallery row (ties → the lower row)."""
+    _check(np.asarray(query_emb), np.asarray(gallery_emb), texts)
+    return [texts[j] for j in nearest_neighbours(query_emb, gallery_emb, 1)[:, 0]]
+
+
+# ---------------------------------------------------------------------------------------------- consensus
+def words(text: str) -> list[str]:
+    """The consensus similarity's tokens: lower-cased ``\\w+`` runs."""
+    return re.findall(r"\w+", text.lower())
+
+
+class NgramSimilarity:
+    """CIDEr-like similarity between the texts of a gallery: mean over n = 1…4 of n-gram TF-IDF cosines.
+
+    Args:
+        texts: the G gallery texts; they give the IDF (log(G / document frequency)).
+    """
+
+    def __init__(self, texts: list[str]) -> None:
+        from scipy import sparse
+
+        tokens = [words(t) for t in texts]
+        blocks = []
+        for n in range(1, MAX_N + 1):
+            counts = [Counter(tuple(w[i:i + n]) for i in range(len(w) - n + 1)) for w in tokens]
+            df = Counter(g for c in counts for g in c)
+            vocab = {g: j for j, g in enumerate(df)}
+            rows, cols, vals = [], [], []
+            for r, c in enumerate(counts):
+                weights = {vocab[g]: tf * math.log(len(texts) / df[g]) for g, tf in c.items()}
+                norm = math.sqrt(sum(v * v for v in weights.values()))
+                if norm > 0:
+                    for j, v in weights.items():
+                        rows.append(r)
+                        cols.append(j)
+                        vals.append(v / norm / math.sqrt(MAX_N))  # so one dot product = the mean of the cosines
+            blocks.append(sparse.csr_matrix((vals, (rows, cols)), shape=(len(texts), len(vocab))))
+        self.vectors = sparse.hstack(blocks, format="csr")
+        """``(G, V)``: the per-n unit TF-IDF vectors side by side, each scaled by 1/√4."""
+
+    def pairwise(self, rows: np.ndarray) -> np.ndarray:
+        """Similarities between gallery ``rows``: ``(k,)`` → ``(k, k)`` float64 in [0, 1]."""
+        sub = self.vectors[np.asarray(rows, np.int64)]
+        return np.asarray((sub @ sub.T).todense(), np.float64)
+
+
+def consensus_rows(query_emb: np.ndarray, gallery_emb: np.ndarray, texts: list[str], k: int) -> np.ndarray:
+    """The gallery row chosen for each query by consensus among its k nearest neighbours: ``(Q,)``."""
+    query_emb, gallery_emb = np.asarray(query_emb), np.asarray(gallery_emb)
+    _check(query_emb, gallery_emb, texts)
+    neighbours = nearest_neighbours(query_emb, gallery_emb, k)
+    if neighbours.shape[1] == 1:
+        return neighbours[:, 0].copy()
+    similarity = NgramSimilarity(texts)
+    chosen = np.empty(len(neighbours), np.int64)
+    for q, rows in enumerate(neighbours):
+        sims = similarity.pairwise(rows)
+        score = (sims.sum(1) - np.diag(sims)) / (len(rows) - 1)  # mean similarity to the other candidates
+        chosen[q] = rows[int(np.flatnonzero(score >= score.max() - TIE_TOLERANCE)[0])]
+    return chosen
+
+
+def consensus_descriptions(query_emb: np.ndarray, gallery_emb: np.ndarray, texts: list[str], k: int) -> list[str]:
+    """Each query's caption = the consensus text of its k nearest gallery rows (see the module docstring)."""
+    return [texts[j] for j in consensus_rows(query_emb, gallery_emb, texts, k)]
+
+
+# ---------------------------------------------------------------------------------------------- the protocol
+def evaluate_caption_retrieval(checkpoint: Path, config: RunConfig, *, k: int, scorer: CaptionScorer,
+                               progress: bool, data: tuple[Catalogue, FeatureStore] | None = None
+                               ) -> dict[str, Any]:
+    """FC by retrieval with a run's dual encoder: ``nearest`` and ``consensus`` (k) captions of the FC items.
+
+    Args:
+        checkpoint: the retrieval model (a pre-training or retrieval fine-tuned checkpoint).
+        config: the run config (``eval.split``, ``eval.caption_items``, ``eval.batch_size``).
+        k: candidates of the consensus (≥ 1).
+        scorer: an open :class:`~kaleido_bert.eval.caption_metrics.CaptionScorer`.
+        data: the open catalogue and feature store (opened from ``config`` when None).
+
+    Returns:
+        ``{"items", "nearest": metrics, "consensus": metrics, "examples": {method: {id: caption}}}``, each
+        metrics dict as :func:`~kaleido_bert.eval.caption_metrics.caption_metrics` plus ``seconds`` (the nearest
+        method's include embedding gallery and queries) and ``gallery`` (training descriptions) or ``k``.
+
+    Raises:
+        KaleidoError: no training product or no FC item has features.
+    """
+    from kaleido_bert import distributed as dist
+    from kaleido_bert.eval.caption_metrics import caption_metrics
+    from kaleido_bert.eval.retrieval import PairScorer
+    from kaleido_bert.inputs.downstream import CaptionDataset
+    from kaleido_bert.inputs.sources import open_data
+    from kaleido_bert.model.dual_encoder import DualEncoder, product_descriptions
+
+    start = time.perf_counter()
+    catalogue, store = data or open_data(config)
+    encoder = DualEncoder.from_checkpoint(checkpoint, batch_size=config.eval.batch_size, device=dist.device())
+    gallery = product_descriptions(it for it in catalogue.split("train") if it.id in store)
+    if not gallery:
+        raise KaleidoError("caption retrieval needs training products with features: the train split has none")
+    pids = sorted(gallery)
+    texts = [gallery[p] for p in pids]
+    dataset = CaptionDataset(catalogue, store, encoder.tokenizer, split=config.eval.split,
+                             max_text_len=encoder.max_text_len)
+    items = dataset.items[:config.eval.caption_items or None]
+    if not items:
+        raise KaleidoError(f"caption retrieval: the {config.eval.split} split has no items with features")
+    pair_scorer = PairScorer(encoder, store, gallery)
+    gallery_emb = pair_scorer.embed_texts(pids, progress=progress)
+    query_emb = pair_scorer.embed_images([it.id for it in items], progress=progress)
+    references = {it.id: [it.description] for it in items}
+    out: dict[str, Any] = {"items": len(items), "examples": {}}
+    for name, choose in (("nearest", lambda: nearest_descriptions(query_emb, gallery_emb, texts)),
+                         ("consensus", lambda: consensus_descriptions(query_emb, gallery_emb, texts, k))):
+        captions = choose()
+        hyps = {it.id: caption for it, caption in zip(items, captions, strict=True)}
+        out[name] = caption_metrics(references, hyps, scorer=scorer)
+        out[name]["seconds"] = time.perf_counter() - start
+        out["examples"][name] = {key: hyps[key] for key in list(hyps)[:8]}
+        start = time.perf_counter()
+    out["nearest"]["gallery"] = len(texts)
+    out["consensus"]["k"] = min(k, len(texts))
+    out["examples"]["reference"] = {key: references[key][0] for key in list(references)[:8]}
+    return out

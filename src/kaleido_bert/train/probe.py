@@ -1,0 +1,132 @@
+"""Linear probe of a classifier head before fine-tuning (LP-FT, Kumar et al. 2022; paper §4.2 CR & SUB).
+
+Fine-tuning a randomly initialised head distorts the pre-trained features while the head is still wrong; LP-FT
+first fits the head on the frozen encoder, then fine-tunes everything from there. :func:`fit_probe` runs the
+frozen encoder (eval mode, ``torch.inference_mode``, fp32 as evaluation) over the training split, standardises the
+head inputs by their training mean and standard deviation, fits a multinomial logistic regression (sklearn, lbfgs,
+``C=1``, 300 iterations, the fine-tuning class weights) and installs it with
+:meth:`~kaleido_bert.model.classification.KaleidoBertForClassification.load_linear` (the wide head keeps the
+standardisation as its buffers, the pooled head folds it into its ``Linear``). Classes absent from the training
+split get a zero weight row and the bias :data:`ABSENT_BIAS`, so they are never predicted.
+
+Shapes: head inputs ``X (N, H)`` float64, labels ``y (N,)``, mean / std ``(H,)``, weight ``(C, H)``, bias ``(C,)``.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from kaleido_bert.errors import KaleidoError
+from kaleido_bert.model.classification import KaleidoBertForClassification
+
+PROBE_C = 1.0
+"""Inverse L2 strength of the probe's logistic regression (sklearn's default)."""
+PROBE_ITER = 300
+"""lbfgs iterations of the probe."""
+ABSENT_BIAS = -1e4
+"""Bias of a class absent from the training split: never predicted (and finite in fp16)."""
+MIN_STD = 1e-6
+"""A head-input feature whose training standard deviation is below this is constant: it is divided by 1."""
+
+
+def head_features(model: KaleidoBertForClassification, dataset: Dataset, collate_fn: Callable, *,
+                  batch_size: int, device: torch.device, progress: bool = True, num_workers: int = 0,
+                  desc: str = "probe") -> tuple[np.ndarray, np.ndarray]:
+    """The frozen model's head inputs ``(N, H)`` float64 and labels ``(N,)`` of every sample, in dataset order."""
+    was_training = model.training
+    model.eval().to(device)  # outside inference mode: moved parameters must stay trainable
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
+                        num_workers=num_workers, generator=torch.Generator())  # leaves the global RNG alone
+    xs, ys = [], []
+    with torch.inference_mode():
+        for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
+            inputs = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+            xs.append(model.head_input(inputs).double().cpu().numpy())
+            ys.append(batch["label"].numpy())
+    model.train(was_training)
+    if not xs:
+        return np.zeros((0, model.head_size)), np.zeros(0, dtype=np.int64)
+    return np.concatenate(xs), np.concatenate(ys).astype(np.int64)
+
+
+def fit_linear(x: np.ndarray, y: np.ndarray, num_labels: int, *, class_weight: Tensor | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, bool]:
+    """The probe of head inputs ``x (N, H)`` and labels ``y (N,)``: ``(weight (C, H), bias (C,), mean (H,),
+    std (H,), converged)``, the logits of ``x`` being ``weight · (x − mean) / std + bias``.
+
+    ``class_weight (C,)`` (None = unweighted) is passed to sklearn for the classes present. sklearn orders its
+    rows by the sorted labels present; a binary fit (one row ``w``) becomes the rows ``−w/2, w/2``, the same
+    decisions and probabilities; a single class present gets bias 0 and every other class :data:`ABSENT_BIAS`.
+    """
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    mean = x.mean(0)
+    std = x.std(0)
+    std = np.where(std < MIN_STD, 1.0, std)
+    weight = np.zeros((num_labels, x.shape[1]))
+    bias = np.full(num_labels, ABSENT_BIAS)
+    present = np.unique(y)
+    if len(present) == 1:
+        bias[present[0]] = 0.0
+        return weight, bias, mean, std, True
+    weights = None if class_weight is None else {int(c): float(class_weight[c]) for c in present}
+    clf = LogisticRegression(C=PROBE_C, max_iter=PROBE_ITER, solver="lbfgs", class_weight=weights)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # reported as ``converged`` instead
+        clf.fit((x - mean) / std, y)
+    coef, intercept = clf.coef_, clf.intercept_
+    if len(clf.classes_) == 2:
+        coef, intercept = np.concatenate([-coef / 2, coef / 2]), np.concatenate([-intercept / 2, intercept / 2])
+    weight[clf.classes_], bias[clf.classes_] = coef, intercept
+    return weight, bias, mean, std, bool(np.max(clf.n_iter_) < PROBE_ITER)
+
+
+def head_predictions(model: KaleidoBertForClassification, x: np.ndarray) -> np.ndarray:
+    """The installed head's predicted label ids ``(N,)`` of head inputs ``x (N, H)`` (eval mode)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        logits = model.head_logits(torch.from_numpy(x).float().to(device))
+    model.train(was_training)
+    return logits.argmax(-1).cpu().numpy()
+
+
+def fit_probe(model: KaleidoBertForClassification, train_set: Dataset, val_set: Dataset | None,
+              collate_fn: Callable, *, batch_size: int, device: torch.device, class_weight: Tensor | None = None,
+              progress: bool = True, num_workers: int = 0) -> dict[str, Any]:
+    """Fit ``model``'s head by a linear probe on the frozen encoder's features of ``train_set``, in place.
+
+    Returns:
+        ``{"train_accuracy", "val_accuracy" (None without a validation split), "items", "converged",
+        "seconds"}``, accuracies as fractions, as the installed head predicts.
+
+    Raises:
+        KaleidoError: an empty training split.
+    """
+    started = time.perf_counter()
+    if len(train_set) == 0:
+        raise KaleidoError("the linear probe (finetune.probe) needs training items: the train split has none "
+                           "with features")
+    x, y = head_features(model, train_set, collate_fn, batch_size=batch_size, device=device, progress=progress,
+                         num_workers=num_workers, desc="probe train")
+    weight, bias, mean, std, converged = fit_linear(x, y, model.config.num_labels, class_weight=class_weight)
+    model.load_linear(*(torch.from_numpy(a).float() for a in (weight, bias, mean, std)))
+    result: dict[str, Any] = {"train_accuracy": round(float(np.mean(head_predictions(model, x) == y)), 5),
+                              "val_accuracy": None, "items": len(y), "converged": converged}
+    if val_set is not None and len(val_set) > 0:
+        vx, vy = head_features(model, val_set, collate_fn, batch_size=batch_size, device=device,
+                               progress=progress, num_workers=num_workers, desc="probe val")
+        result["val_accuracy"] = round(float(np.mean(head_predictions(model, vx) == vy)), 5)
+    result["seconds"] = round(time.perf_counter() - started, 2)
+    return result
