@@ -179,4 +179,4 @@ def init_itc_from_probe(itc: nn.Module, text: np.ndarray, images: np.ndarray, *,
         itc.image.weight.zero_()
         itc.image.bias.zero_()
         itc.logit_scale.copy_(probe.logit_scale.detach())
-    return {**history, "pairs": len(text), "logit_scale": float(probe.logit_scale.exp())}
+    return {**history, "pairs": len(text), "logit_scale": float(probe.logit_scale.detach().exp())}

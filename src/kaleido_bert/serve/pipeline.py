@@ -225,6 +225,14 @@ class KaleidoBertPipeline:
                 return list(best.values())[:n]
             depth = min(pool, 2 * depth)
 
+    def _rerank_scores(self, texts: list[str], feats: Tensor, pos: Tensor, cosines: list[float]) -> np.ndarray:
+        """Re-ranking scores of recalled pairs as the evaluation ranks them (``eval.pair_score``): the ITM logit,
+        or the ITM log-odds plus the ITC logit (scale · the recall's cosine)."""
+        if self.config.eval.pair_score == "itm+itc" and self.encoder.has_itc:
+            return (self.encoder.itm_logits(texts, feats, pos, log_odds=True)
+                    + self.encoder.itc_scale * np.asarray(cosines, dtype=np.float64))
+        return self.encoder.itm_logits(texts, feats, pos)
+
     def _rerank_depth(self, k: int) -> int:
         return max(k, min(int(self.config.eval.rerank_k), RERANK_CAP))
 
@@ -237,7 +245,8 @@ class KaleidoBertPipeline:
             k: number of products.
             category: only products of this category.
             rerank: re-score the recalled products with the ITM cross-encoder (their ``score`` is then the ITM
-                logit; otherwise the cosine similarity).
+                logit, or with ``eval.pair_score = itm+itc`` the ITM log-odds plus the ITC logit; otherwise the
+                cosine similarity).
 
         Raises:
             KaleidoError: an empty query, ``k`` < 1, or an unknown category.
@@ -256,7 +265,8 @@ class KaleidoBertPipeline:
         hits = self._top_products(self.encode_text([query]), self._rerank_depth(k) if rerank else k, allowed)
         if rerank and hits:
             ids = [item_id for item_id, _ in hits]
-            logits = self.encoder.itm_logits([query], *store_patches(self.data.store, ids))
+            feats, pos = store_patches(self.data.store, ids)
+            logits = self._rerank_scores([query] * len(ids), feats, pos, [score for _, score in hits])
             order = np.argsort(-logits, kind="stable")
             hits = [(ids[j], float(logits[j])) for j in order]
         return [self._hit(item_id, score) for item_id, score in hits[:k]]
@@ -278,7 +288,8 @@ class KaleidoBertPipeline:
         found = self.index.texts.search(query, self._rerank_depth(DESCRIPTIONS))[0]
         if self.encoder.has_itm and found:
             texts = [self.descriptions[p] for p, _ in found]
-            logits = self.encoder.itm_logits(texts, feats.expand(len(texts), -1, -1), pos.expand(len(texts), -1, -1))
+            logits = self._rerank_scores(texts, feats.expand(len(texts), -1, -1), pos.expand(len(texts), -1, -1),
+                                         [score for _, score in found])
             found = sorted(((p, float(s)) for (p, _), s in zip(found, logits, strict=True)), key=lambda h: -h[1])
         return {"products": products, "descriptions": [
             {"product_id": p, "description": self.descriptions[p], "score": float(s)} for p, s in found[:DESCRIPTIONS]]}
