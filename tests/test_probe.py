@@ -62,7 +62,7 @@ def test_wide_head_reads_pooled_text_patch_and_colour_means():
         torch.testing.assert_close(features[i, :D], out.pooled[i])
         torch.testing.assert_close(features[i, D:2 * D], out.hidden[i, :n].mean(0))  # real tokens only
         torch.testing.assert_close(features[i, 2 * D:3 * D], out.hidden[i, out.num_text:][keep].mean(0))
-        torch.testing.assert_close(features[i, 3 * D:], batch["patch_features"][i].mean(0))
+        torch.testing.assert_close(features[i, 3 * D:], batch["patch_features"][i][keep].mean(0))  # attended
     # image only: the text is a lone [CLS], whose state is the text mean
     lone = {**batch, "text_ids": batch["text_ids"][:, :1], "text_mask": batch["text_mask"][:, :1]}
     hidden = model.bert(text_ids=lone["text_ids"], text_mask=lone["text_mask"],

@@ -265,8 +265,8 @@ def _targets(colour: Tensor, indices: Tensor, level: int) -> tuple[Tensor, Tenso
 def collate(samples: list[dict[str, Any]] | dict[str, Any], pad_id: int = 0) -> dict[str, Any]:
     """Stack samples into a batch; a batch a dataset already assembled (``__getitems__``) passes through.
 
-    Variable-length 1-d keys are right-padded to the longest in the batch: ``text_ids`` with ``pad_id`` (and
-    ``text_mask`` marks real tokens), label sequences (``mlm_labels``, ``labels``) with -100. Strings (``id``
+    Variable-length 1-d keys are right-padded to the longest in the batch: ``text_ids`` and ``clean_text_ids`` with
+    ``pad_id`` (and ``text_mask`` marks real tokens), label sequences (``mlm_labels``, ``labels``) with -100. Strings (``id``
     → ``ids`` and any other) become lists; every other tensor is stacked.
     """
     if isinstance(samples, dict):
@@ -275,7 +275,7 @@ def collate(samples: list[dict[str, Any]] | dict[str, Any], pad_id: int = 0) -> 
     b = len(samples)
     text_mask = torch.zeros((b, longest), dtype=torch.long)
     batch: dict[str, Any] = {"text_mask": text_mask}
-    for key, fill in (("text_ids", pad_id), *((k, IGNORE) for k in PADDED_LABELS)):
+    for key, fill in (("text_ids", pad_id), ("clean_text_ids", pad_id), *((k, IGNORE) for k in PADDED_LABELS)):
         if key in samples[0]:
             batch[key] = torch.full((b, longest), fill, dtype=torch.long)
     for i, s in enumerate(samples):
