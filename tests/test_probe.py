@@ -15,8 +15,8 @@ import torch
 
 from kaleido_bert.config import load_config
 from kaleido_bert.errors import KaleidoError
-from kaleido_bert.model.classification import KaleidoBertForClassification, masked_mean
-from kaleido_bert.model.encoder import KaleidoBertConfig
+from kaleido_bert.model.classification import KaleidoBertForClassification
+from kaleido_bert.model.encoder import KaleidoBertConfig, masked_mean
 from kaleido_bert.train.probe import ABSENT_BIAS, fit_linear
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

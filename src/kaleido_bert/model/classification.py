@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kaleido_bert.errors import KaleidoError
-from kaleido_bert.model.encoder import KaleidoBertModel, KaleidoBertPreTrainedModel
+from kaleido_bert.model.encoder import KaleidoBertModel, KaleidoBertPreTrainedModel, masked_mean
 
 INPUTS = ("image+text", "image")
 """The two classifier inputs: the description with the image (the paper) or the image alone."""
@@ -117,8 +117,3 @@ class KaleidoBertForClassification(KaleidoBertPreTrainedModel):
         weight = None if self.class_weight is None else self.class_weight.to(logits.device)
         loss = F.cross_entropy(logits.float(), batch["label"], weight=weight) if "label" in batch else logits.sum() * 0.0
         return ClassificationOutput(loss=loss, losses={"cls": loss}, logits=logits)
-
-
-def masked_mean(states: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``states (B, N, D)`` over the positions where ``mask (B, N, 1)`` is 1 → ``(B, D)``."""
-    return (states * mask).sum(1) / mask.sum(1).clamp_min(1.0)

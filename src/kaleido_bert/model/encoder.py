@@ -132,6 +132,13 @@ def _kept_patches(config: KaleidoBertConfig) -> Tensor:
     return torch.isin(level_ids(config.num_levels), used - 1).long()
 
 
+def masked_mean(states: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``states (B, N, D)`` over the positions where ``mask`` (``(B, N, 1)`` or ``(1, N, 1)``) is 1 →
+    ``(B, D)``: mean pooling over real tokens or attended patches (ITC, the wide classifier head, the probe)."""
+    mask = mask.to(states.dtype)
+    return (states * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
 def attention_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
     """Turn a key mask ``(B, S)`` or a full mask ``(B, S, S)`` (1 = may attend) into an additive ``(B, 1, S, S)``."""
     if mask.dim() == 2:

@@ -41,6 +41,7 @@ from kaleido_bert.model.encoder import (
     KaleidoBertModel,
     KaleidoBertOutput,
     KaleidoBertPreTrainedModel,
+    masked_mean,
 )
 from kaleido_bert.patches.grid import level_slice
 
@@ -123,18 +124,16 @@ class ContrastiveHead(nn.Module):
         """A text-only pass ``(B, T, D)`` → ``(B, d)``, L2-normalised."""
         if self.pool == "cls":
             return self.embed(out.pooled, "text")
-        mask = text_mask[..., None].to(out.hidden.dtype)  # (B, T, 1)
-        mean = (out.hidden[:, :out.num_text] * mask).sum(1) / mask.sum(1).clamp(min=1)
-        return F.normalize(self.text(mean), dim=-1)
+        return F.normalize(self.text(masked_mean(out.hidden[:, :out.num_text], text_mask[..., None])), dim=-1)
 
     def image_embedding(self, out: KaleidoBertOutput, patch_features: Tensor, keep: Tensor) -> Tensor:
         """A patch-only pass (a lone ``[CLS]`` + P patches) and its clean colour features ``(B, P, F)`` → ``(B, d)``;
         ``keep (P,)`` marks the patches the encoder attends to."""
         if self.pool == "cls":
             return self.embed(out.pooled, "image")
-        w = keep.to(out.hidden.dtype)[None, :, None] / keep.sum().clamp(min=1)  # (1, P, 1)
-        states = (out.hidden[:, out.num_text:] * w).sum(1)  # (B, D)
-        raw = (patch_features.to(out.hidden.dtype) * w).sum(1)  # (B, F)
+        attended = keep[None, :, None]  # (1, P, 1)
+        states = masked_mean(out.hidden[:, out.num_text:], attended)  # (B, D)
+        raw = masked_mean(patch_features.to(out.hidden.dtype), attended)  # (B, F)
         return F.normalize(self.image(states) + self.skip(raw), dim=-1)
 
     def forward(self, text_emb: Tensor, image_emb: Tensor, positive: Tensor) -> Tensor:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kaleido_bert.errors import KaleidoError
+from kaleido_bert.model.encoder import masked_mean
 from kaleido_bert.patches.features import NUM_COLOUR
 from kaleido_bert.patches.store import FeatureStore
 
@@ -71,8 +72,7 @@ def text_features(texts: list[str], bert_dir: str | Path, *, max_len: int = 64, 
         enc = tokenizer(texts[lo:lo + batch_size], padding=True, truncation=True, max_length=max_len,
                         return_tensors="pt")
         hidden = model(**enc).last_hidden_state  # (B, T, H)
-        mask = enc["attention_mask"][..., None].float()
-        parts.append(((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).float().numpy())
+        parts.append(masked_mean(hidden, enc["attention_mask"][..., None]).float().numpy())
     return np.concatenate(parts)
 
 

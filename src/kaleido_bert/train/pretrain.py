@@ -24,7 +24,7 @@ from kaleido_bert.data.catalogue import load_catalogue
 from kaleido_bert.data.tokenizer import load_tokenizer
 from kaleido_bert.errors import KaleidoError
 from kaleido_bert.inputs.pretraining import PretrainDataset, collate
-from kaleido_bert.model.encoder import KaleidoBertConfig
+from kaleido_bert.model.encoder import KaleidoBertConfig, masked_mean
 from kaleido_bert.model.heads import KaleidoBertForPreTraining, pretraining_loss_counts
 from kaleido_bert.patches.store import FeatureStore
 from kaleido_bert.train.loop import train
@@ -147,10 +147,9 @@ def probe_init(model: KaleidoBertForPreTraining, train_set: PretrainDataset, con
         width = int(lengths[lo:lo + config.eval.batch_size].max())
         ids = tokens[lo:lo + config.eval.batch_size, :width]
         mask = (torch.arange(width)[None] < lengths[lo:lo + config.eval.batch_size, None]).long()
-        with torch.no_grad():
+        with torch.no_grad():  # the pooling ContrastiveHead.text_embedding reads
             hidden = model.bert(text_ids=ids, text_mask=mask).hidden  # (B, T, D)
-        m = mask[..., None].to(hidden.dtype)
-        parts.append(((hidden * m).sum(1) / m.sum(1).clamp(min=1)).float().numpy())
+        parts.append(masked_mean(hidden, mask[..., None]).float().numpy())
     text = np.concatenate(parts)[train_set.item_product]  # (N, D): each image's product text
     keep = model.bert.patch_embeddings.keep.numpy().astype(bool)
     images = image_features(train_set.store, [it.id for it in train_set.items], "mean", keep=keep)
