@@ -183,21 +183,20 @@ class PairScorer:
         """The pair scores of ``(image id, product id)`` pairs, in order: ``(N,)`` float64. ``pair_score = "itm"``:
         the raw class-1 ITM logit; ``"itm+itc"`` (with an ITC head): the ITM log-odds plus the ITC logit
         (scale · cosine of the pair's embeddings, each image and text embedded once)."""
-        combined = self.pair_score == "itm+itc" and self.encoder.has_itc
+        cosine = np.zeros(len(pairs))
+        if self.pair_score == "itm+itc" and self.encoder.has_itc and pairs:
+            images, pids = sorted({i for i, _ in pairs}), sorted({p for _, p in pairs})
+            image_emb = dict(zip(images, self.embed_images(images, progress=False), strict=True))
+            text_emb = dict(zip(pids, self.embed_texts(pids, progress=False), strict=True))
+            cosine = np.array([float(image_emb[i] @ text_emb[p]) for i, p in pairs])
 
         def score(start: int, stop: int) -> np.ndarray:
             chunk = pairs[start:stop]
             feats, pos = store_patches(self.store, [i for i, _ in chunk])
-            return self.encoder.itm_logits([self.descriptions[p] for _, p in chunk], feats, pos, log_odds=combined)
+            return self.encoder.pair_scores([self.descriptions[p] for _, p in chunk], feats, pos,
+                                            cosine[start:stop], pair_score=self.pair_score)
 
-        scores = self._map(len(pairs), score, desc, progress, np.empty(0))
-        if not combined or not pairs:
-            return scores
-        images, pids = sorted({i for i, _ in pairs}), sorted({p for _, p in pairs})
-        image_emb = dict(zip(images, self.embed_images(images, progress=False), strict=True))
-        text_emb = dict(zip(pids, self.embed_texts(pids, progress=False), strict=True))
-        cosine = np.array([float(image_emb[i] @ text_emb[p]) for i, p in pairs])
-        return scores + self.encoder.itc_scale * cosine
+        return self._map(len(pairs), score, desc, progress, np.empty(0))
 
     def embed_texts(self, pids: list[str], *, progress: bool = True) -> np.ndarray:
         """Text-only embeddings of the products' descriptions: ``(N, D)``."""

@@ -128,6 +128,16 @@ class DualEncoder:
             out[start:stop] = (logits[:, 1] - logits[:, 0] if log_odds else logits[:, 1]).cpu().numpy()
         return out
 
+    def pair_scores(self, texts: list[str], patch_features: Tensor, patch_positions: Tensor, cosine: np.ndarray, *,
+                    pair_score: str = "itm") -> np.ndarray:
+        """The score that ranks pairs (``eval.pair_score``): ``itm`` = the raw class-1 ITM logit; ``itm+itc`` (with
+        an ITC head) = the ITM log-odds plus the ITC logit, scale · ``cosine`` (the pairs' dual-encoder cosines,
+        ``(N,)``), as BLIP scores its candidates. ``(N,)`` float64."""
+        if pair_score == "itm+itc" and self.has_itc:
+            return (self.itm_logits(texts, patch_features, patch_positions, log_odds=True)
+                    + self.itc_scale * np.asarray(cosine, dtype=np.float64))
+        return self.itm_logits(texts, patch_features, patch_positions)
+
     @property
     def itc_scale(self) -> float:
         """The ITC logit scale (inverse temperature) that turns a cosine into a contrastive logit."""

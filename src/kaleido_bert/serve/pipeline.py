@@ -225,14 +225,6 @@ class KaleidoBertPipeline:
                 return list(best.values())[:n]
             depth = min(pool, 2 * depth)
 
-    def _rerank_scores(self, texts: list[str], feats: Tensor, pos: Tensor, cosines: list[float]) -> np.ndarray:
-        """Re-ranking scores of recalled pairs as the evaluation ranks them (``eval.pair_score``): the ITM logit,
-        or the ITM log-odds plus the ITC logit (scale · the recall's cosine)."""
-        if self.config.eval.pair_score == "itm+itc" and self.encoder.has_itc:
-            return (self.encoder.itm_logits(texts, feats, pos, log_odds=True)
-                    + self.encoder.itc_scale * np.asarray(cosines, dtype=np.float64))
-        return self.encoder.itm_logits(texts, feats, pos)
-
     def _rerank_depth(self, k: int) -> int:
         return max(k, min(int(self.config.eval.rerank_k), RERANK_CAP))
 
@@ -266,7 +258,8 @@ class KaleidoBertPipeline:
         if rerank and hits:
             ids = [item_id for item_id, _ in hits]
             feats, pos = store_patches(self.data.store, ids)
-            logits = self._rerank_scores([query] * len(ids), feats, pos, [score for _, score in hits])
+            logits = self.encoder.pair_scores([query] * len(ids), feats, pos, [score for _, score in hits],
+                                              pair_score=self.config.eval.pair_score)
             order = np.argsort(-logits, kind="stable")
             hits = [(ids[j], float(logits[j])) for j in order]
         return [self._hit(item_id, score) for item_id, score in hits[:k]]
@@ -288,8 +281,9 @@ class KaleidoBertPipeline:
         found = self.index.texts.search(query, self._rerank_depth(DESCRIPTIONS))[0]
         if self.encoder.has_itm and found:
             texts = [self.descriptions[p] for p, _ in found]
-            logits = self._rerank_scores(texts, feats.expand(len(texts), -1, -1), pos.expand(len(texts), -1, -1),
-                                         [score for _, score in found])
+            logits = self.encoder.pair_scores(texts, feats.expand(len(texts), -1, -1),
+                                              pos.expand(len(texts), -1, -1), [score for _, score in found],
+                                              pair_score=self.config.eval.pair_score)
             found = sorted(((p, float(s)) for (p, _), s in zip(found, logits, strict=True)), key=lambda h: -h[1])
         return {"products": products, "descriptions": [
             {"product_id": p, "description": self.descriptions[p], "score": float(s)} for p, s in found[:DESCRIPTIONS]]}
