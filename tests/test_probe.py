@@ -134,6 +134,52 @@ def test_load_linear_gives_the_fitted_classifiers_logits_in_either_head(head):
     torch.testing.assert_close(model(batch).logits, (x - mean) / std @ weight.T + bias, rtol=1e-4, atol=1e-4)
 
 
+def _sentence_dir(tmp_path):
+    """A tiny BERT checkpoint written by the test (H = 20, 2 layers): the text initialisation's stand-in."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(5)
+    BertModel(BertConfig(vocab_size=120, hidden_size=20, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=40, hidden_dropout_prob=0.3), add_pooling_layer=False
+              ).save_pretrained(tmp_path / "bert")
+    return tmp_path / "bert"
+
+
+def test_the_sentence_embedding_is_the_frozen_text_initialisations_mean_and_survives_save_load(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    from kaleido_bert.model.loading import load_pretrained
+
+    bert = _sentence_dir(tmp_path)
+    config = KaleidoBertConfig.from_model_config(load_config("tiny").model)
+    config.num_labels, config.classifier_head = C, "wide"
+    config.classifier_sentence = BertConfig.from_pretrained(str(bert)).to_dict()
+    torch.manual_seed(0)
+    model = KaleidoBertForClassification(config)
+    model.load_sentence(bert)
+    model.train()  # the sentence encoder stays in eval mode: its dropout (0.3) never fires
+    assert not model.sentence.training and model.head_size == 3 * D + F + 20
+    batch = _batch(seed=6)
+    features = model.head_input(batch)
+    reference = BertModel.from_pretrained(str(bert), add_pooling_layer=False).eval()
+    with torch.no_grad():
+        states = reference(input_ids=batch["text_ids"], attention_mask=batch["text_mask"]).last_hidden_state
+    for i, n in enumerate((7, 3, 5)):
+        torch.testing.assert_close(features[i, 3 * D + F:], states[i, :n].mean(0))  # real tokens only
+    model(batch).loss.backward()  # trained parts get gradients, the frozen sentence encoder none
+    assert all(p.grad is None and not p.requires_grad for p in model.sentence.parameters())
+    assert all(p.grad is not None for n, p in model.named_parameters() if not n.startswith("sentence."))
+    model.eval().save_pretrained(tmp_path / "clf")
+    again = load_pretrained(KaleidoBertForClassification, tmp_path / "clf").eval()
+    assert again.head_size == model.head_size and not any(p.requires_grad for p in again.sentence.parameters())
+    assert torch.equal(again(batch).logits, model(batch).logits)
+    config.classifier_head = "pooled"
+    with pytest.raises(KaleidoError, match="read by the wide head only"):
+        KaleidoBertForClassification(config)
+    with pytest.raises(KaleidoError, match="has no sentence encoder"):
+        _classifier().load_sentence(bert)
+
+
 # ---------------------------------------------------------------------------------------------- fit_linear
 def test_probe_rows_follow_the_label_ids_and_absent_classes_are_never_predicted():
     from sklearn.linear_model import LogisticRegression
@@ -244,13 +290,19 @@ def test_cli_finetune_wide_probe_end_to_end_then_resume_without_refitting(pipeli
     from kaleido_bert.train.finetune import finetune
 
     out = tmp_path / "sub"
-    wide = ["finetune.head=wide", "finetune.probe=true"]
+    wide = ["finetune.head=wide", "finetune.probe=true", "finetune.sentence=true", "finetune.probe_c=[0.01,3.0]"]
     assert main(["finetune", "subcategory", "--init", str(pipeline / "pretrain"), "--out", str(out),
                  *_args(pipeline, *wide)]) == 0, capsys.readouterr().err
     record = json.loads((out / "probe.json").read_text())
-    assert set(record) == {"train_accuracy", "val_accuracy", "items", "converged", "seconds"}
+    assert set(record) == {"c", "train_accuracy", "val_accuracy", "val_macro_f1", "items", "converged", "seconds",
+                           "grid"}
+    grid = record["grid"]  # every C scored on validation; the installed one is the best accuracy + macro-F1
+    assert [g["c"] for g in grid] == [0.01, 3.0] and record["c"] in (0.01, 3.0)
+    best = max(grid, key=lambda g: g["val_accuracy"] + g["val_macro_f1"])
+    assert record["val_accuracy"] + record["val_macro_f1"] == best["val_accuracy"] + best["val_macro_f1"]
     config = json.loads((out / "step-000002" / "config.json").read_text())
     assert config["classifier_head"] == "wide" and config["label_field"] == "subcategory"
+    assert config["classifier_sentence"]["hidden_size"] == 384  # the offline MiniLM: the tiny run's text init
     for split in ("test", "train"):
         scores = evaluate_classifier(out / "step-000002", _config(pipeline, f"eval.split={split}"), progress=False)
         assert scores["field"] == "subcategory" and scores["input"] == "image+text" and scores["items"] > 0

@@ -272,6 +272,12 @@ class FinetuneConfig:
     probe: bool = False
     """Initialise the classifier head by a linear probe (logistic regression on the frozen encoder's features of
     the training split) before fine-tuning (LP-FT)."""
+    probe_c: list[float] = field(default_factory=lambda: [1.0])
+    """The probe's inverse L2 strengths: with several, each is fitted on the training split and the one with the
+    best validation accuracy + macro-F1 is kept (the validation split only; the first on a tie or without one)."""
+    sentence: bool = False
+    """The wide head also reads the frozen sentence embedding of the text initialisation (``model.init``, or the
+    offline all-MiniLM-L6-v2, mean-pooled; the frozen baseline's text features), untouched by pre-training."""
 
     def __post_init__(self) -> None:
         _check_ranges("finetune", self, positive=("lr",), at_least_one=("max_steps", "batch_size", "eval_every"),
@@ -294,6 +300,10 @@ class FinetuneConfig:
                               "subcategory")
         if self.head not in ("pooled", "wide"):
             raise ConfigError(f"finetune.head={self.head!r} must be pooled or wide")
+        if not self.probe_c or any(not c > 0 for c in self.probe_c):
+            raise ConfigError(f"finetune.probe_c={self.probe_c} must be a non-empty list of positive numbers")
+        if self.sentence and self.head != "wide":
+            raise ConfigError("finetune.sentence is read by the wide head only: set finetune.head=wide")
 
 
 @dataclass

@@ -13,8 +13,14 @@ and the mean raw colour feature of the attended patches (F), standardised by the
 dropout 0.1 and ``Linear(3D+F→C)``. :meth:`KaleidoBertForClassification.load_linear` installs a linear classifier
 fitted on standardised head inputs (LP-FT, Kumar et al. 2022) into either head.
 
+The wide head can also read the **sentence embedding** of the text initialisation (``config.classifier_sentence``,
+the BERT checkpoint's ``config.json`` as a dict; ``finetune.sentence``): a frozen copy of that BERT
+(``transformers.BertModel``, never trained, always in eval mode, ``sentence.*`` in the weights) mean-pooled over
+the real tokens, ``(B, S)``: the text features the frozen baseline classifies, which pre-training would otherwise
+drift (MLM through a new head). Image-only inputs give it a lone ``[CLS]``, the same vector for every item.
+
 Shapes: text ``(B, T)`` (T = 1 image-only), patches ``(B, 55, F)``, head input ``(B, H)`` (H = D pooled,
-3D+F wide), logits ``(B, C)``, labels ``(B,)``.
+3D+F wide, 3D+F+S wide with the sentence), logits ``(B, C)``, labels ``(B,)``.
 The label map is the training catalogue's ``labels.json`` (``config.label2id``); an item whose label is missing from
 it is refused in one line.
 """
@@ -22,6 +28,7 @@ it is refused in one line.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +60,7 @@ class KaleidoBertForClassification(KaleidoBertPreTrainedModel):
         if self.head_type not in HEADS:
             raise KaleidoError(f"classifier_head={self.head_type!r} must be one of {', '.join(HEADS)}")
         self.bert = KaleidoBertModel(config)
+        self.sentence = self._sentence_encoder(config)
         self.dropout = nn.Dropout(0.1)
         self.classifier = nn.Linear(self.head_size, config.num_labels)
         if self.head_type == "wide":  # standardisation of the head input, saved with the weights
@@ -62,11 +70,62 @@ class KaleidoBertForClassification(KaleidoBertPreTrainedModel):
         self.register_buffer("class_weight", None, persistent=False)
         self.post_init()
 
+    def _sentence_encoder(self, config) -> nn.Module | None:
+        """The frozen sentence BERT of ``config.classifier_sentence`` (None without one)."""
+        sentence = getattr(config, "classifier_sentence", None)
+        if not sentence:
+            return None
+        if self.head_type != "wide":
+            raise KaleidoError("the sentence embedding (finetune.sentence) is read by the wide head only: set "
+                               "finetune.head=wide")
+        from transformers import BertConfig, BertModel
+
+        encoder = BertModel(BertConfig.from_dict(sentence), add_pooling_layer=False)
+        return encoder.requires_grad_(False).eval()
+
     @property
     def head_size(self) -> int:
-        """H: D (pooled) or 3D + F (wide)."""
+        """H: D (pooled), 3D + F (wide), 3D + F + S (wide with the sentence embedding)."""
         d = self.config.hidden_size
-        return d if self.head_type == "pooled" else 3 * d + self.config.patch_feature_size
+        if self.head_type == "pooled":
+            return d
+        sentence = 0 if self.sentence is None else self.sentence.config.hidden_size
+        return 3 * d + self.config.patch_feature_size + sentence
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """As the encoder's; transformers' loading makes parameters trainable again, so the sentence encoder is
+        frozen once more."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, info) with output_loading_info
+        if model.sentence is not None:
+            model.sentence.requires_grad_(False)
+        return loaded
+
+    def train(self, mode: bool = True) -> KaleidoBertForClassification:
+        """As ``nn.Module.train``; the frozen sentence encoder stays in eval mode (no dropout)."""
+        super().train(mode)
+        if self.sentence is not None:
+            self.sentence.eval()
+        return self
+
+    @torch.no_grad()
+    def load_sentence(self, bert_dir: str | Path) -> None:
+        """Copy the BERT checkpoint in ``bert_dir`` (the text initialisation) into the frozen sentence encoder.
+
+        Raises:
+            KaleidoError: no sentence encoder in this model, or a checkpoint transformers cannot read.
+        """
+        if self.sentence is None:
+            raise KaleidoError("this classifier has no sentence encoder (config.classifier_sentence is unset)")
+        from transformers import BertModel
+
+        try:
+            source = BertModel.from_pretrained(str(bert_dir), add_pooling_layer=False)
+        except (OSError, ValueError) as err:
+            raise KaleidoError(f"sentence encoder: cannot read the BERT checkpoint {bert_dir} "
+                               f"({type(err).__name__})") from None
+        self.sentence.load_state_dict(source.state_dict())
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -89,8 +148,12 @@ class KaleidoBertForClassification(KaleidoBertPreTrainedModel):
         text_mask = batch["text_mask"][..., None].to(text.dtype)  # (B, T, 1): real tokens
         keep = self.bert.patch_embeddings.keep[None, :, None].to(patches.dtype)  # (1, P, 1): attended patches
         colour = masked_mean(batch["patch_features"].float(), keep.float())  # (B, F): the attended patches' mean
-        return torch.cat([out.pooled.float(), masked_mean(text, text_mask).float(),
-                          masked_mean(patches, keep).float(), colour], dim=-1)
+        parts = [out.pooled.float(), masked_mean(text, text_mask).float(), masked_mean(patches, keep).float(), colour]
+        if self.sentence is not None:
+            with torch.no_grad():  # frozen: the text initialisation's own features
+                states = self.sentence(input_ids=batch["text_ids"], attention_mask=batch["text_mask"]).last_hidden_state
+            parts.append(masked_mean(states.float(), text_mask.float()))
+        return torch.cat(parts, dim=-1)
 
     def head_logits(self, features: Tensor) -> Tensor:
         """Logits ``(B, C)`` of head inputs ``(B, H)`` (standardised first by the wide head)."""

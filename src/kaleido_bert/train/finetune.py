@@ -16,9 +16,10 @@ pre-training, so every run resumes. The paper evaluates retrieval without fine-t
 addition for full-gallery search (SPEC §3.5).
 
 Classifiers read ``finetune.head`` (``pooled``, the released code, or ``wide``: see
-:mod:`kaleido_bert.model.classification`) and, with ``finetune.probe``, start from a linear probe of the frozen
-encoder (LP-FT, Kumar et al. 2022; :mod:`kaleido_bert.train.probe`), fitted once per run and recorded in
-``probe.json`` and the summary's ``probe``.
+:mod:`kaleido_bert.model.classification`; with ``finetune.sentence`` the wide head also reads the frozen sentence
+embedding of the text initialisation) and, with ``finetune.probe``, start from a linear probe of the frozen
+encoder (LP-FT, Kumar et al. 2022; :mod:`kaleido_bert.train.probe`; its C chosen on validation among
+``finetune.probe_c``), fitted once per run and recorded in ``probe.json`` and the summary's ``probe``.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from kaleido_bert.atomic import atomic_write_json
 from kaleido_bert.checkpoint import check_model_config, read_model_config
 from kaleido_bert.config import RunConfig
 from kaleido_bert.data.catalogue import LABEL_FIELDS
-from kaleido_bert.data.tokenizer import load_tokenizer
+from kaleido_bert.data.tokenizer import load_tokenizer, resolve_bert_dir
 from kaleido_bert.errors import KaleidoError
 from kaleido_bert.inputs.pretraining import PretrainDataset, collate
 from kaleido_bert.inputs.sources import open_data
@@ -90,9 +91,16 @@ def build_task(task: str, config: RunConfig, checkpoint: Path, tokenizer, *, ima
 
         label2id = label_map(catalogue.labels, task)
         head = {"classifier_head": "wide"} if config.finetune.head == "wide" else {}  # pooled: config.json as ever
+        sentence_dir = resolve_bert_dir(config.model.init) if config.finetune.sentence else None
+        if sentence_dir is not None:  # the frozen text initialisation, kept in config.json to rebuild it
+            from transformers import BertConfig
+
+            head["classifier_sentence"] = BertConfig.from_pretrained(str(sentence_dir)).to_dict()
         model = load_pretrained(KaleidoBertForClassification, checkpoint, num_labels=len(label2id),
                                 label2id=label2id, id2label={i: n for n, i in label2id.items()}, label_field=task,
                                 classifier_input="image" if image_only else "image+text", **head)
+        if sentence_dir is not None:
+            model.load_sentence(sentence_dir)
         make = partial(ClassificationDataset, catalogue, store, tokenizer, field=task, label2id=label2id,
                        image_only=image_only, max_text_len=max_len)
         train_set = make(split="train")
@@ -178,10 +186,10 @@ def probe_head(model, train_set, val_set, collate_fn, config: RunConfig, out_dir
     if resume or list_checkpoints(out_dir):
         return json.loads(record.read_text()) if record.is_file() else None
     probe = fit_probe(model, train_set, val_set, collate_fn, batch_size=config.eval.batch_size,
-                      device=dist.device(), class_weight=model.class_weight,
+                      device=dist.device(), class_weight=model.class_weight, c_values=config.finetune.probe_c,
                       progress=progress and dist.is_main(), num_workers=config.data.num_workers)
     if progress and dist.is_main():
-        tqdm.write(f"[probe] {probe['items']} items, train accuracy {probe['train_accuracy']}, "
+        tqdm.write(f"[probe] {probe['items']} items, C {probe['c']}, train accuracy {probe['train_accuracy']}, "
                    f"val accuracy {probe['val_accuracy']}, {probe['seconds']} s")
     if dist.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,9 @@ Fine-tuning a randomly initialised head distorts the pre-trained features while 
 first fits the head on the frozen encoder, then fine-tunes everything from there. :func:`fit_probe` runs the
 frozen encoder (eval mode, ``torch.inference_mode``, fp32 as evaluation) over the training split, standardises the
 head inputs by their training mean and standard deviation, fits a multinomial logistic regression (sklearn, lbfgs,
-``C=1``, 300 iterations, the fine-tuning class weights) and installs it with
+300 iterations, the fine-tuning class weights) for each inverse L2 strength ``C`` of ``finetune.probe_c``, keeps the
+one whose validation accuracy + macro-F1 (over the label map) is highest (the first on a tie, or when there is no
+validation split) and installs it with
 :meth:`~kaleido_bert.model.classification.KaleidoBertForClassification.load_linear` (the wide head keeps the
 standardisation as its buffers, the pooled head folds it into its ``Linear``). Classes absent from the training
 split get a zero weight row and the bias :data:`ABSENT_BIAS`, so they are never predicted.
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -58,8 +60,8 @@ def head_features(model: KaleidoBertForClassification, dataset: Dataset, collate
     return np.concatenate(xs), np.concatenate(ys).astype(np.int64)
 
 
-def fit_linear(x: np.ndarray, y: np.ndarray, num_labels: int, *, class_weight: Tensor | None = None
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, bool]:
+def fit_linear(x: np.ndarray, y: np.ndarray, num_labels: int, *, class_weight: Tensor | None = None,
+               c: float = PROBE_C) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, bool]:
     """The probe of head inputs ``x (N, H)`` and labels ``y (N,)``: ``(weight (C, H), bias (C,), mean (H,),
     std (H,), converged)``, the logits of ``x`` being ``weight · (x − mean) / std + bias``.
 
@@ -80,7 +82,7 @@ def fit_linear(x: np.ndarray, y: np.ndarray, num_labels: int, *, class_weight: T
         bias[present[0]] = 0.0
         return weight, bias, mean, std, True
     weights = None if class_weight is None else {int(c): float(class_weight[c]) for c in present}
-    clf = LogisticRegression(C=PROBE_C, max_iter=PROBE_ITER, solver="lbfgs", class_weight=weights)
+    clf = LogisticRegression(C=c, max_iter=PROBE_ITER, solver="lbfgs", class_weight=weights)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # reported as ``converged`` instead
         clf.fit((x - mean) / std, y)
@@ -104,29 +106,53 @@ def head_predictions(model: KaleidoBertForClassification, x: np.ndarray) -> np.n
 
 def fit_probe(model: KaleidoBertForClassification, train_set: Dataset, val_set: Dataset | None,
               collate_fn: Callable, *, batch_size: int, device: torch.device, class_weight: Tensor | None = None,
-              progress: bool = True, num_workers: int = 0) -> dict[str, Any]:
-    """Fit ``model``'s head by a linear probe on the frozen encoder's features of ``train_set``, in place.
+              c_values: Sequence[float] = (PROBE_C,), progress: bool = True, num_workers: int = 0
+              ) -> dict[str, Any]:
+    """Fit ``model``'s head by a linear probe on the frozen encoder's features of ``train_set``, in place; with
+    several ``c_values`` the one that scores best on ``val_set`` (accuracy + macro-F1) is installed.
 
     Returns:
-        ``{"train_accuracy", "val_accuracy" (None without a validation split), "items", "converged",
-        "seconds"}``, accuracies as fractions, as the installed head predicts.
+        ``{"c", "train_accuracy", "val_accuracy" (None without a validation split), "val_macro_f1", "items",
+        "converged", "seconds", "grid"}`` (``grid``: each C's validation accuracy and macro-F1), accuracies and
+        F1 as fractions, as the installed head predicts.
 
     Raises:
         KaleidoError: an empty training split.
     """
+    from sklearn.metrics import f1_score
+
     started = time.perf_counter()
     if len(train_set) == 0:
         raise KaleidoError("the linear probe (finetune.probe) needs training items: the train split has none "
                            "with features")
     x, y = head_features(model, train_set, collate_fn, batch_size=batch_size, device=device, progress=progress,
                          num_workers=num_workers, desc="probe train")
-    weight, bias, mean, std, converged = fit_linear(x, y, model.config.num_labels, class_weight=class_weight)
-    model.load_linear(*(torch.from_numpy(a).float() for a in (weight, bias, mean, std)))
-    result: dict[str, Any] = {"train_accuracy": round(float(np.mean(head_predictions(model, x) == y)), 5),
-                              "val_accuracy": None, "items": len(y), "converged": converged}
+    vx = vy = None
     if val_set is not None and len(val_set) > 0:
         vx, vy = head_features(model, val_set, collate_fn, batch_size=batch_size, device=device,
                                progress=progress, num_workers=num_workers, desc="probe val")
-        result["val_accuracy"] = round(float(np.mean(head_predictions(model, vx) == vy)), 5)
+    labels = list(range(model.config.num_labels))
+    best: tuple[float, int, Any] | None = None
+    grid = []
+    for rank, c in enumerate(tqdm(list(c_values), desc="probe C", unit="fit", disable=not progress, leave=False)):
+        fitted = fit_linear(x, y, model.config.num_labels, class_weight=class_weight, c=float(c))
+        model.load_linear(*(torch.from_numpy(a).float() for a in fitted[:4]))
+        score, entry = 0.0, {"c": float(c), "val_accuracy": None, "val_macro_f1": None}
+        if vx is not None:
+            pred = head_predictions(model, vx)
+            entry["val_accuracy"] = round(float(np.mean(pred == vy)), 5)
+            entry["val_macro_f1"] = round(float(f1_score(vy, pred, labels=labels, average="macro",
+                                                         zero_division=0)), 5)
+            score = entry["val_accuracy"] + entry["val_macro_f1"]
+        grid.append(entry)
+        if best is None or score > best[0]:
+            best = (score, rank, fitted)
+    assert best is not None  # c_values is non-empty (the config refuses an empty list)
+    _, rank, (weight, bias, mean, std, converged) = best
+    model.load_linear(*(torch.from_numpy(a).float() for a in (weight, bias, mean, std)))
+    result: dict[str, Any] = {"c": grid[rank]["c"],
+                              "train_accuracy": round(float(np.mean(head_predictions(model, x) == y)), 5),
+                              "val_accuracy": grid[rank]["val_accuracy"], "val_macro_f1": grid[rank]["val_macro_f1"],
+                              "items": len(y), "converged": converged, "grid": grid}
     result["seconds"] = round(time.perf_counter() - started, 2)
     return result
