@@ -130,6 +130,8 @@ def stage_finetune(work: Path, config) -> dict:
     from kaleido_bert.workflows.stages import finetune_jobs, finetune_stage
 
     run, out = _run(work, config), {}
+    (work / "run").mkdir(parents=True, exist_ok=True)
+    run.save(work / "run" / "run.yaml")  # the fine-tuning settings too, when only this stage is re-run
     # no retrieval fine-tune: the full gallery ranks with the ITC projections trained during pre-training, and the
     # sample-100 protocol is the pre-trained ITM (the paper's), so a second 20k-pair ranking is not paid for
     for task, image_only in finetune_jobs(run, retrieval=False):
