@@ -186,11 +186,14 @@ def test_demo_on_a_catalogue_runs_the_lpft_recipe_end_to_end(tiny, tmp_path):
 
     from kaleido_bert.cli import main
     from kaleido_bert.eval.bootstrap import available_metrics, load_outcomes
+    from kaleido_bert.runs import resolve_checkpoint
 
     real = load_config("real")
     switches = {"model.itc_pool": real.model.itc_pool, "train.probe_init": str(real.train.probe_init).lower(),
                 "finetune.head": real.finetune.head, "finetune.probe": str(real.finetune.probe).lower(),
-                "finetune.tasks": "['category','subcategory']", "finetune.inputs": "['image']",
+                "finetune.sentence": str(real.finetune.sentence).lower(),
+                "finetune.probe_c": "[" + ",".join(map(str, real.finetune.probe_c)) + "]",
+                "finetune.tasks": "['subcategory']", "finetune.inputs": "['image+text','image']",
                 "eval.pair_score": real.eval.pair_score, "eval.caption_retrieval_k": "3",
                 "masking.itm_negatives": "mined", "eval.baseline_seeds": "[0]"}
     args = ["demo", "--catalogue", str(tiny / "catalogue"), "--out", str(tmp_path / "run"), "--config", "tiny",
@@ -199,11 +202,15 @@ def test_demo_on_a_catalogue_runs_the_lpft_recipe_end_to_end(tiny, tmp_path):
             *[a for k, v in switches.items() for a in ("--set", f"{k}={v}")]]
     assert main(args) == 0
     run = tmp_path / "run"
-    assert sorted(p.name for p in (run / "finetune").iterdir()) == ["category-image", "subcategory-image"]
-    probe = json.loads((run / "finetune" / "subcategory-image" / "probe.json").read_text())
-    assert 0 <= probe["val_accuracy"] <= 1
+    assert sorted(p.name for p in (run / "finetune").iterdir()) == ["subcategory", "subcategory-image"]
+    for name in ("subcategory", "subcategory-image"):
+        probe = json.loads((run / "finetune" / name / "probe.json").read_text())
+        assert 0 <= probe["val_accuracy"] <= 1 and probe["c"] in real.finetune.probe_c
+        assert [g["c"] for g in probe["grid"]] == real.finetune.probe_c
+        config = json.loads((resolve_checkpoint(run / "finetune" / name) / "config.json").read_text())
+        assert ("classifier_sentence" in config) == (name == "subcategory")  # image only: no text to embed
     metrics = json.loads((run / "report" / "metrics.json").read_text())
-    assert "sample100/SumR" in metrics and "sub/image/accuracy" in metrics
+    assert "sample100/SumR" in metrics and "sub/image/accuracy" in metrics and "sub/image+text/accuracy" in metrics
     if shutil.which("java"):
         assert "fc/consensus/sum_cap" in metrics and "fc/nearest/sum_cap" in metrics
     report = (run / "report" / "report.md").read_text()

@@ -277,7 +277,8 @@ class FinetuneConfig:
     best validation accuracy + macro-F1 is kept (the validation split only; the first on a tie or without one)."""
     sentence: bool = False
     """The wide head also reads the frozen sentence embedding of the text initialisation (``model.init``, or the
-    offline all-MiniLM-L6-v2, mean-pooled; the frozen baseline's text features), untouched by pre-training."""
+    offline all-MiniLM-L6-v2, mean-pooled; the frozen baseline's text features), untouched by pre-training
+    (image + text classifiers only: an image-only input has no text)."""
 
     def __post_init__(self) -> None:
         _check_ranges("finetune", self, positive=("lr",), at_least_one=("max_steps", "batch_size", "eval_every"),

@@ -91,8 +91,9 @@ def build_task(task: str, config: RunConfig, checkpoint: Path, tokenizer, *, ima
 
         label2id = label_map(catalogue.labels, task)
         head = {"classifier_head": "wide"} if config.finetune.head == "wide" else {}  # pooled: config.json as ever
-        sentence_dir = resolve_bert_dir(config.model.init) if config.finetune.sentence else None
-        if sentence_dir is not None:  # the frozen text initialisation, kept in config.json to rebuild it
+        # the frozen text initialisation (kept in config.json to rebuild it); an image-only input has no text
+        sentence_dir = resolve_bert_dir(config.model.init) if config.finetune.sentence and not image_only else None
+        if sentence_dir is not None:
             from transformers import BertConfig
 
             head["classifier_sentence"] = BertConfig.from_pretrained(str(sentence_dir)).to_dict()
