@@ -141,7 +141,7 @@ class DualEncoder:
     @property
     def itc_scale(self) -> float:
         """The ITC logit scale (inverse temperature) that turns a cosine into a contrastive logit."""
-        return float(self.model.heads.itc.logit_scale.exp().clamp(max=100))
+        return float(self.model.heads.itc.logit_scale.detach().exp().clamp(max=100))
 
     @property
     def dim(self) -> int:
