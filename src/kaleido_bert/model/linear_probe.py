@@ -76,9 +76,15 @@ def text_features(texts: list[str], bert_dir: str | Path, *, max_len: int = 64, 
     return np.concatenate(parts)
 
 
+MIN_STD = 1e-6
+"""A feature whose training standard deviation is below this is constant there: it is divided by 1, not by ~0
+(so a value that varies only outside training cannot be blown up)."""
+
+
 def standardiser(train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and std ``(F,)`` of the training rows (std floored at 1e-6)."""
-    return train.mean(0), np.maximum(train.std(0), 1e-6)
+    """Mean and std ``(F,)`` of the training rows ``(N, F)``; a constant feature's std is 1."""
+    std = train.std(0)
+    return train.mean(0), np.where(std < MIN_STD, 1.0, std)
 
 
 # ---------------------------------------------------------------------------------------------- projections

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from kaleido_bert.errors import KaleidoError
 from kaleido_bert.model.classification import KaleidoBertForClassification
+from kaleido_bert.model.linear_probe import standardiser
 
 PROBE_C = 1.0
 """Inverse L2 strength of the probe's logistic regression (sklearn's default)."""
@@ -36,8 +37,6 @@ PROBE_ITER = 300
 """lbfgs iterations of the probe."""
 ABSENT_BIAS = -1e4
 """Bias of a class absent from the training split: never predicted (and finite in fp16)."""
-MIN_STD = 1e-6
-"""A head-input feature whose training standard deviation is below this is constant: it is divided by 1."""
 
 
 def head_features(model: KaleidoBertForClassification, dataset: Dataset, collate_fn: Callable, *,
@@ -72,9 +71,7 @@ def fit_linear(x: np.ndarray, y: np.ndarray, num_labels: int, *, class_weight: T
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
-    mean = x.mean(0)
-    std = x.std(0)
-    std = np.where(std < MIN_STD, 1.0, std)
+    mean, std = standardiser(x)
     weight = np.zeros((num_labels, x.shape[1]))
     bias = np.full(num_labels, ABSENT_BIAS)
     present = np.unique(y)
