@@ -252,8 +252,10 @@ def stage_report(work: Path, config) -> dict:
              f"Recipe: config `{config.name}` with `{' '.join(CLI_OVERRIDES) or 'no overrides'}`: the ITC head "
              f"started from the linear probe (train.probe_init={run.train.probe_init}, model.itc_pool="
              f"{run.model.itc_pool}), pre-training {run.train.max_steps} steps × {run.train.batch_size} pairs "
-             f"(train.epochs={run.train.epochs}, lr {run.train.lr:g}), classifiers {run.finetune.head} head with "
-             f"probe={run.finetune.probe} then {run.finetune.max_steps} steps × {run.finetune.batch_size} "
+             f"(train.epochs={run.train.epochs}, lr {run.train.lr:g}), classifiers {run.finetune.head} head "
+             f"(sentence={run.finetune.sentence}) with probe={run.finetune.probe} (C among {run.finetune.probe_c}, "
+             f"chosen on validation: {_probe_choices(work)}) then {run.finetune.max_steps} steps × "
+             f"{run.finetune.batch_size} "
              f"(finetune.epochs={run.finetune.epochs}, lr {run.finetune.lr:g}); fine-tuned parts "
              f"{run.finetune.tasks}; pair score `{run.eval.pair_score}`; captions by retrieval "
              f"(k={run.eval.caption_retrieval_k}); masking random (no alignment stage); "
@@ -272,13 +274,14 @@ def stage_report(work: Path, config) -> dict:
         lines.append(f"| {label} | {fmt(chance)} | {base} | {fmt(model)} | "
                      f"{'–' if win is None else 'yes' if win else '**no**'} |")
     losing = [label for label, win in wins if win is False]
+    decided = [label for label, win in wins if win is not None]
     feats = _features_summary(work)
     feature_line = (f"Feature extraction (reported apart, not part of the recipe's budget): {feats['done']:,} images "
                     f"in {feats['seconds']:.0f} s ({feats['images_per_s']:.2f} images/s, EfficientNet-Lite0 roi)."
                     if feats else "Feature extraction: not measured in this run.")
     lines += ["", ("**The recipe beats the frozen baseline on every row at this budget.**" if not losing else
                    f"**The recipe does not beat the frozen baseline on every row at this budget**: it is below on "
-                   f"{len(losing)} of {len(wins)} rows ({'; '.join(losing)}). The acceptance criterion of issue 13 "
+                   f"{len(losing)} of {len(decided)} rows ({'; '.join(losing)}). The acceptance criterion of issue 13 "
                    "is not met by this run."), "",
               "## Wall time per stage (2 shared CPU cores)", "",
               feature_line, "",
@@ -293,6 +296,17 @@ def stage_report(work: Path, config) -> dict:
 
 
 CLI_OVERRIDES: list[str] = []
+
+
+def _probe_choices(work: Path) -> str:
+    """Each classifier's probe C and its validation accuracy / macro-F1 (%), from ``probe.json``."""
+    found = []
+    for record in sorted((work / "run" / "finetune").glob("*/probe.json")):
+        probe = json.loads(record.read_text())
+        if "c" in probe:
+            found.append(f"{record.parent.name} C={probe['c']:g} ({100 * probe['val_accuracy']:.1f} / "
+                         f"{100 * probe['val_macro_f1']:.1f})")
+    return "; ".join(found) or "not recorded"
 
 
 def _features_summary(work: Path) -> dict | None:
