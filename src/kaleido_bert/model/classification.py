@@ -120,8 +120,11 @@ class KaleidoBertForClassification(KaleidoBertPreTrainedModel):
             raise KaleidoError("this classifier has no sentence encoder (config.classifier_sentence is unset)")
         from transformers import BertModel
 
+        from kaleido_bert.model.loading import quiet_transformers
+
         try:
-            source = BertModel.from_pretrained(str(bert_dir), add_pooling_layer=False)
+            with quiet_transformers():  # the checkpoint's pooler has no place here: no load report for it
+                source = BertModel.from_pretrained(str(bert_dir), add_pooling_layer=False)
         except (OSError, ValueError) as err:
             raise KaleidoError(f"sentence encoder: cannot read the BERT checkpoint {bert_dir} "
                                f"({type(err).__name__})") from None

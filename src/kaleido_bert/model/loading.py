@@ -20,14 +20,18 @@ from kaleido_bert.runs import WEIGHTS, resolve_checkpoint
 
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
-    """``save_pretrained`` draws a progress bar per shard; a checkpoint should not interrupt the train bar."""
+    """transformers without its progress bars (``save_pretrained`` draws one per shard; a checkpoint should not
+    interrupt the train bar) and without its load reports (errors still print)."""
     from transformers.utils import logging as hf_logging
 
     enabled = hf_logging.is_progress_bar_enabled()
+    level = hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     try:
         yield
     finally:
+        hf_logging.set_verbosity(level)
         if enabled:
             hf_logging.enable_progress_bar()
 
@@ -62,10 +66,6 @@ def load_pretrained(cls: type, checkpoint: str | Path, **overrides: Any) -> nn.M
     checkpoint = resolve_checkpoint(checkpoint)
     weight_names(checkpoint)
     with quiet_transformers():
-        from transformers.utils import logging as hf_logging
-
-        level = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
         try:
             config = cls.config_class.from_pretrained(str(checkpoint))
             for key, value in overrides.items():  # new attributes too (from_pretrained would pass those to __init__)
@@ -73,5 +73,3 @@ def load_pretrained(cls: type, checkpoint: str | Path, **overrides: Any) -> nn.M
             return cls.from_pretrained(str(checkpoint), config=config)
         except (OSError, ValueError) as err:
             raise KaleidoError(f"cannot load {checkpoint}: {str(err).splitlines()[0][:200]}") from None
-        finally:
-            hf_logging.set_verbosity(level)
