@@ -148,14 +148,14 @@ class KaleidoBertForClassification(KaleidoBertPreTrainedModel):
         if self.head_type == "pooled":
             return out.pooled
         text, patches = out.hidden[:, :out.num_text], out.hidden[:, out.num_text:]  # (B, T, D), (B, P, D)
-        text_mask = batch["text_mask"][..., None].to(text.dtype)  # (B, T, 1): real tokens
-        keep = self.bert.patch_embeddings.keep[None, :, None].to(patches.dtype)  # (1, P, 1): attended patches
-        colour = masked_mean(batch["patch_features"].float(), keep.float())  # (B, F): the attended patches' mean
+        text_mask = batch["text_mask"][..., None]  # (B, T, 1): real tokens (masked_mean casts the masks)
+        keep = self.bert.patch_embeddings.keep[None, :, None]  # (1, P, 1): attended patches
+        colour = masked_mean(batch["patch_features"].float(), keep)  # (B, F): the attended patches' mean
         parts = [out.pooled.float(), masked_mean(text, text_mask).float(), masked_mean(patches, keep).float(), colour]
         if self.sentence is not None:
             with torch.no_grad():  # frozen: the text initialisation's own features
                 states = self.sentence(input_ids=batch["text_ids"], attention_mask=batch["text_mask"]).last_hidden_state
-            parts.append(masked_mean(states.float(), text_mask.float()))
+            parts.append(masked_mean(states.float(), text_mask))
         return torch.cat(parts, dim=-1)
 
     def head_logits(self, features: Tensor) -> Tensor:
