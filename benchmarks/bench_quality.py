@@ -35,19 +35,24 @@ SHARED = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results"
 STAGES = ("data", "pretrain", "finetune", "evaluate", "baseline", "report")
 CONTRAST_BUDGET = {"train.epochs": 0.5, "finetune.tasks": ["subcategory"], "finetune.inputs": ["image+text"],
-                   "eval.caption_retrieval_k": 0}
-"""Table 4's contrasts at a smaller budget than the recipe's (half an epoch of pre-training, one classifier),
-every arm trained and scored the same way on the main run's candidates."""
+                   "eval.caption_retrieval_k": 0, "finetune.sentence": False, "finetune.probe_c": [1.0]}
+"""Table 4's contrasts at a smaller budget than the recipe's (half an epoch of pre-training, one classifier, the
+wide head without the sentence embedding at C = 1: the contrasts are of pre-training), every arm trained and scored
+the same way on the main run's candidates."""
 CONTRAST_QUERIES = 100
 """Sample-100 queries per direction in every arm: the first of the main run's draw (the cross-encoder scores
 101 pairs per query, 46 min for all 573 on 2 CPU cores; 100 queries take about 8 min per arm)."""
 CONTRAST_ARMS = {  # arm → (the ablation column it is, its run-config changes beyond CONTRAST_BUDGET)
     "full": ("B+I~V, Kaleido+SOD, random masking", {}),
+    "agm": ("B+I~V, Kaleido+SOD, alignment-guided masking", {}),
     "b": ("B (AMLM + ITM)", {"model.tasks": ["mlm", "itm", "itc"]}),
     "scale-fixed": ("Scale-fixed (the 5×5 grid only)", {"model.tasks": ["mlm", "itm", "blank_to_color", "itc"],
                                                         "model.patch_levels": [5]}),
 }
+GUIDED_ARMS = ("agm",)
+"""Arms masked by the alignments of the ``align`` stage (every other run masks at random)."""
 CONTRASTS = (("b", "full", "B → B+I~V (all five AKPM tasks)"),
+             ("full", "agm", "Random → alignment-guided masking (AGM)"),
              ("scale-fixed", "full", "Scale-fixed → Kaleido + saliency"))
 CONTRAST_METRICS = ("sample100/SumR", "itr_gallery/mean_recall", "tir_gallery/mean_recall",
                     "sub/image+text/accuracy", "sub/image+text/macro_f1")
@@ -105,15 +110,42 @@ def stage_data(work: Path, config) -> dict:
     return info
 
 
-def _run(work: Path, config):
-    """The recipe's run config on the benchmark's catalogue (no alignments: masking falls back to random)."""
+def _run(work: Path, config, *, guided: bool = False):
+    """The recipe's run config on the benchmark's catalogue: masking at random (the main run has no alignment
+    stage), or alignment-guided (``guided``) by the ``align`` stage's alignments."""
     from kaleido_bert.data.catalogue import load_catalogue
     from kaleido_bert.patches.store import FeatureStore
 
+    alignments = work / "align" / "alignments.jsonl"
+    if guided and not alignments.is_file():
+        raise SystemExit("alignment-guided masking reads the align stage's alignments: run `--stages align` first")
     run = config.with_overrides({"data.catalogue": str(work / "catalogue"), "data.features": str(work / "features"),
-                                 "data.alignments": None, "masking.strategy": "random"})
+                                 "data.alignments": str(alignments) if guided else None,
+                                 "masking.strategy": "alignment" if guided else "random"})
     store = FeatureStore(work / "features")
     return run.with_train_items(sum(it.id in store for it in load_catalogue(work / "catalogue").split("train")))
+
+
+def stage_align(work: Path, config) -> dict:
+    """The Attention-based Alignment Generator (paper §3.3) on the benchmark's catalogue, for the AGM arm: the
+    Show-Attend-Tell captioner (``config.align``; resumes when trained) and its alignments, with their statistics."""
+    from kaleido_bert.workflows.stages import align
+
+    run, out = _run(work, config), work / "align"
+    start = time.perf_counter()
+    report = align(run, work / "catalogue", work / "features", out / "captioner", out)
+    return {"seconds": round(time.perf_counter() - start, 1), "sharpness": alignment_sharpness(out / "alignments.jsonl"),
+            **{k: v for k, v in report.items() if not isinstance(v, (list, dict))}}
+
+
+def alignment_sharpness(path: Path) -> dict[str, dict[str, float]]:
+    """Per level, the mean attention mass of the chosen patch beside a uniform map's (1 / k²)."""
+    masses: dict[int, list[float]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        for pair in json.loads(line)["pairs"]:
+            masses.setdefault(int(pair["level"]), []).append(float(pair["mass"]))
+    return {str(k): {"pairs": len(v), "best_patch_mass": round(sum(v) / len(v), 4), "uniform": round(1 / k ** 2, 4)}
+            for k, v in sorted(masses.items())}
 
 
 def stage_pretrain(work: Path, config) -> dict:
@@ -181,7 +213,7 @@ def stage_contrasts(work: Path, config) -> dict:
     timings: dict[str, float] = {}
     for arm, (_, changes) in CONTRAST_ARMS.items():
         root = work / "contrasts" / arm
-        run = _run(work, config.with_overrides({**CONTRAST_BUDGET, **changes}))
+        run = _run(work, config.with_overrides({**CONTRAST_BUDGET, **changes}), guided=arm in GUIDED_ARMS)
         root.mkdir(parents=True, exist_ok=True)
         run.save(root / "run.yaml")
         start = time.perf_counter()
