@@ -44,15 +44,19 @@ CONTRAST_QUERIES = 100
 101 pairs per query, 46 min for all 573 on 2 CPU cores; 100 queries take about 8 min per arm)."""
 CONTRAST_ARMS = {  # arm → (the ablation column it is, its run-config changes beyond CONTRAST_BUDGET)
     "full": ("B+I~V, Kaleido+SOD, random masking", {}),
-    "agm": ("B+I~V, Kaleido+SOD, alignment-guided masking", {}),
+    "agm": ("B+I~V, Kaleido+SOD, alignment-guided masking (the paper's generated-caption alignments)", {}),
+    "agm-forced": ("B+I~V, Kaleido+SOD, alignment-guided masking (forced alignments)", {}),
     "b": ("B (AMLM + ITM)", {"model.tasks": ["mlm", "itm", "itc"]}),
     "scale-fixed": ("Scale-fixed (the 5×5 grid only)", {"model.tasks": ["mlm", "itm", "blank_to_color", "itc"],
                                                         "model.patch_levels": [5]}),
 }
-GUIDED_ARMS = ("agm",)
-"""Arms masked by the alignments of the ``align`` stage (every other run masks at random)."""
+ALIGN_DECODES = ("greedy", "forced")
+"""The ``align`` stage's two alignment files: the captioner's generated words (the paper) and forced alignment."""
+GUIDED_ARMS = {"agm": "greedy", "agm-forced": "forced"}
+"""Arms masked by an alignment file of the ``align`` stage (every other run masks at random)."""
 CONTRASTS = (("b", "full", "B → B+I~V (all five AKPM tasks)"),
              ("full", "agm", "Random → alignment-guided masking (AGM)"),
+             ("full", "agm-forced", "Random → AGM with forced alignments"),
              ("scale-fixed", "full", "Scale-fixed → Kaleido + saliency"))
 CONTRAST_METRICS = ("sample100/SumR", "itr_gallery/mean_recall", "tir_gallery/mean_recall",
                     "sub/image+text/accuracy", "sub/image+text/macro_f1")
@@ -110,15 +114,15 @@ def stage_data(work: Path, config) -> dict:
     return info
 
 
-def _run(work: Path, config, *, guided: bool = False):
+def _run(work: Path, config, *, guided: str | None = None):
     """The recipe's run config on the benchmark's catalogue: masking at random (the main run has no alignment
-    stage), or alignment-guided (``guided``) by the ``align`` stage's alignments."""
+    stage), or alignment-guided by the ``align`` stage's ``guided`` alignments (one of :data:`ALIGN_DECODES`)."""
     from kaleido_bert.data.catalogue import load_catalogue
     from kaleido_bert.patches.store import FeatureStore
 
-    alignments = work / "align" / "alignments.jsonl"
+    alignments = work / "align" / str(guided) / "alignments.jsonl"
     if guided and not alignments.is_file():
-        raise SystemExit("alignment-guided masking reads the align stage's alignments: run `--stages align` first")
+        raise SystemExit(f"alignment-guided masking reads {alignments}: run `--stages align` first")
     run = config.with_overrides({"data.catalogue": str(work / "catalogue"), "data.features": str(work / "features"),
                                  "data.alignments": str(alignments) if guided else None,
                                  "masking.strategy": "alignment" if guided else "random"})
@@ -127,25 +131,26 @@ def _run(work: Path, config, *, guided: bool = False):
 
 
 def stage_align(work: Path, config) -> dict:
-    """The Attention-based Alignment Generator (paper §3.3) on the benchmark's catalogue, for the AGM arm: the
-    Show-Attend-Tell captioner (``config.align``; resumes when trained) and its alignments, with their statistics."""
+    """The Attention-based Alignment Generator (paper §3.3) on the benchmark's catalogue, for the AGM arms: the
+    Show-Attend-Tell captioner (``config.align``; trained once, resumes) and its alignments decoded both ways
+    (``align/greedy``, the paper's generated captions, and ``align/forced``), each with its report."""
+    from kaleido_bert.align.alignment import extract_alignments
     from kaleido_bert.workflows.stages import align
 
-    run, out = _run(work, config), work / "align"
-    start = time.perf_counter()
-    report = align(run, work / "catalogue", work / "features", out / "captioner", out)
-    return {"seconds": round(time.perf_counter() - start, 1), "sharpness": alignment_sharpness(out / "alignments.jsonl"),
-            **{k: v for k, v in report.items() if not isinstance(v, (list, dict))}}
-
-
-def alignment_sharpness(path: Path) -> dict[str, dict[str, float]]:
-    """Per level, the mean attention mass of the chosen patch beside a uniform map's (1 / k²)."""
-    masses: dict[int, list[float]] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        for pair in json.loads(line)["pairs"]:
-            masses.setdefault(int(pair["level"]), []).append(float(pair["mass"]))
-    return {str(k): {"pairs": len(v), "best_patch_mass": round(sum(v) / len(v), 4), "uniform": round(1 / k ** 2, 4)}
-            for k, v in sorted(masses.items())}
+    run, out, info = _run(work, config), work / "align", {}
+    for decode in ALIGN_DECODES:
+        start = time.perf_counter()
+        if decode == ALIGN_DECODES[0]:  # trains the captioner unless done
+            report = align(run.with_overrides({"align.decode": decode}), work / "catalogue", work / "features",
+                           out / "captioner", out / decode)
+        else:
+            report = extract_alignments(work / "catalogue", work / "features", out / "captioner", out / decode,
+                                        tokenizer=run.data.tokenizer, max_text_len=run.model.max_text_len,
+                                        max_len=run.align.max_len, batch_size=run.align.decode_batch_size,
+                                        decode=decode, progress=False)
+        info[decode] = {"seconds": round(time.perf_counter() - start, 1), "sharpness": report["sharpness"],
+                        **{k: v for k, v in report.items() if not isinstance(v, (list, dict))}}
+    return info
 
 
 def stage_pretrain(work: Path, config) -> dict:
@@ -213,7 +218,7 @@ def stage_contrasts(work: Path, config) -> dict:
     timings: dict[str, float] = {}
     for arm, (_, changes) in CONTRAST_ARMS.items():
         root = work / "contrasts" / arm
-        run = _run(work, config.with_overrides({**CONTRAST_BUDGET, **changes}), guided=arm in GUIDED_ARMS)
+        run = _run(work, config.with_overrides({**CONTRAST_BUDGET, **changes}), guided=GUIDED_ARMS.get(arm))
         root.mkdir(parents=True, exist_ok=True)
         run.save(root / "run.yaml")
         start = time.perf_counter()

@@ -22,9 +22,10 @@ from kaleido_bert.align.alignment import (
 )
 from kaleido_bert.align.captioner import Captioner, build_vocab, grid_features, train_captioner, words
 from kaleido_bert.align.pairs import AlignedPair
-from kaleido_bert.config import AlignConfig
+from kaleido_bert.config import AlignConfig, ConfigError
 from kaleido_bert.data.catalogue import load_catalogue, write_catalogue
 from kaleido_bert.data.tokenizer import load_tokenizer
+from kaleido_bert.errors import KaleidoError
 from kaleido_bert.patches.store import FeatureStore
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -204,6 +205,59 @@ def test_extraction_writes_valid_pairs_and_loads_them(trained, tiny, tokenizer, 
     loaded = load_alignments(tmp_path / "alignments.jsonl", max_text_len=32)
     assert set(loaded) == {r["id"] for r in rows}
     assert all(isinstance(p, AlignedPair) and isinstance(p.tokens, tuple) for ps in loaded.values() for p in ps)
+
+
+def test_attend_is_the_teacher_forced_attention(trained, tiny):
+    """Each description word keeps the map the decoder uses to predict it: the attention of ``forward`` on the
+    same ids, one row per word, zero after a shorter description ended; unknown words are kept by name."""
+    ckpt, _ = trained
+    model = Captioner.from_pretrained(ckpt)
+    store = FeatureStore(tiny / "store")
+    ids = store.available_ids()[:3]
+    grid = torch.stack([grid_features(store, i) for i in ids])
+    texts = ["zzqx red cotton shirt with a pocket", "blue dress", "a knitted wool jumper in grey with long sleeves"]
+    tokens, attention = model.attend(grid, texts, max_len=8)
+    assert tokens == [words(t)[:8] for t in texts] and "zzqx" not in model.index
+    assert attention.shape == (3, 8, 25)
+    for b, text in enumerate(texts):
+        n = len(tokens[b])
+        ids_b = torch.tensor([model.encode_caption(text, 8)[:-1]])
+        _, reference = model(grid[b:b + 1], ids_b)
+        torch.testing.assert_close(attention[b, :n], reference[0])
+        torch.testing.assert_close(attention[b, :n].sum(-1), torch.ones(n))
+        assert attention[b, n:].abs().sum() == 0
+
+
+def test_forced_extraction_aligns_the_descriptions_own_words(trained, tiny, tokenizer, tmp_path):
+    """``decode="forced"``: every content word of a description is aligned once (greedy aligns only the words a
+    caption repeats), each pair's mass is its attention moved to the level, and the report says how sharp."""
+    ckpt, _ = trained
+    forced = extract_alignments(tiny / "cat", tiny / "store", ckpt, tmp_path / "forced", tokenizer=tokenizer,
+                                max_text_len=32, max_len=20, batch_size=4, decode="forced", progress=False)
+    greedy = extract_alignments(tiny / "cat", tiny / "store", ckpt, tmp_path / "greedy", tokenizer=tokenizer,
+                                max_text_len=32, max_len=20, batch_size=4, progress=False)
+    assert forced["decode"] == "forced" and greedy["decode"] == "greedy"
+    cat = {it.id: it for it in load_catalogue(tiny / "cat").items}
+    for line in (tmp_path / "forced/alignments.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        positions = word_positions(cat[row["id"]].description, tokenizer, 32)
+        expected = {w for w in words(cat[row["id"]].description)[:20]
+                    if w not in STOP_WORDS and len(w) >= 3 and w in positions}
+        assert {p["word"] for p in row["pairs"]} == expected
+        assert all(p["tokens"] == positions[p["word"]] for p in row["pairs"])
+    assert forced["coverage"] >= greedy["coverage"]
+    assert forced["alignments_per_item"] >= greedy["alignments_per_item"]
+    for level in ("3", "4", "5"):
+        sharp = forced["sharpness"][level]
+        assert sharp["uniform"] == round(1 / int(level) ** 2, 4) and sharp["best_patch_mass"] >= sharp["uniform"]
+    with pytest.raises(KaleidoError, match="decode"):
+        extract_alignments(tiny / "cat", tiny / "store", ckpt, tmp_path / "x", decode="beam", progress=False)
+
+
+def test_align_decode_is_validated():
+    assert AlignConfig(decode="forced").decode == "forced"
+    with pytest.raises(ConfigError, match="align.decode"):
+        AlignConfig(decode="beam")
 
 
 def test_load_alignments_cuts_whole_occurrences(tmp_path):

@@ -139,7 +139,8 @@ def cmd_align_extract(args: argparse.Namespace) -> None:
     config = align_config(args)
     report = extract_alignments(args.catalogue, args.features, args.captioner, args.out,
                                 tokenizer=config.data.tokenizer, max_text_len=config.model.max_text_len,
-                                max_len=config.align.max_len, batch_size=config.align.decode_batch_size)
+                                max_len=config.align.max_len, batch_size=config.align.decode_batch_size,
+                                decode=config.align.decode)
     print(json.dumps(report, indent=2))
 
 

@@ -2,7 +2,10 @@
 
 For every item a caption is decoded greedily (:mod:`kaleido_bert.align.captioner`). Each generated word that also
 occurs in the item's real description (same normalisation, not a stop-word, at least 3 letters, once per item)
-keeps its attention map over the 5×5 grid, ``(25,)``. The 5×5 cells and the k×k patches of a level tile the same
+keeps its attention map over the 5×5 grid, ``(25,)``. With ``decode="forced"`` (``align.decode``; beyond the
+paper) the description itself is fed by teacher forcing and each of its words keeps the map the decoder uses to
+predict it: every content word of a description is aligned, not only those a caption happens to repeat (on real
+titles the generated captions are often other products' names). The 5×5 cells and the k×k patches of a level tile the same
 saliency box, so the map moves to level k through a fixed ``(25, k²)`` area-overlap matrix:
 ``mass_j = Σ_i α_i · area(cell_i ∩ patch_j) / area(cell_i)``; the patch of largest mass is kept for k = 3, 4, 5.
 The word maps to the WordPiece positions of all its occurrences in the description, tokenised as the model
@@ -31,6 +34,7 @@ from tqdm import tqdm
 from kaleido_bert.align.captioner import GRID, Captioner, grid_features, open_inputs, word_spans
 from kaleido_bert.align.pairs import AlignedPair
 from kaleido_bert.atomic import atomic_path, atomic_write_json
+from kaleido_bert.config import ALIGN_DECODES
 from kaleido_bert.data.catalogue import Catalogue, Item
 from kaleido_bert.data.tokenizer import resolve_tokenizer
 from kaleido_bert.errors import KaleidoError
@@ -206,7 +210,7 @@ class AttributeScorer:
 def extract_alignments(
     catalogue: str | Path | Catalogue, features: str | Path | FeatureStore, captioner_dir: str | Path,
     out_dir: str | Path, *, tokenizer: Any = None, max_text_len: int = 64, max_len: int = 40, batch_size: int = 64,
-    progress: bool = True,
+    decode: str = "greedy", progress: bool = True,
 ) -> dict[str, Any]:
     """Caption every item with features (all splits), align its words to patches and write the two files.
 
@@ -218,11 +222,17 @@ def extract_alignments(
         tokenizer: the model's WordPiece tokenizer, or its vocab directory (``data.tokenizer``; None: the
             default vocab). Token positions must come from the vocabulary pre-training uses.
         max_text_len: the model's text length; positions never reach it.
-        max_len: most generated words per caption.
+        max_len: most generated words per caption (``forced``: most description words fed).
+        decode: ``greedy`` aligns the generated caption's words that the description also has (the paper);
+            ``forced`` aligns the description's own words, each with the attention the decoder uses to predict
+            it under teacher forcing (:meth:`~kaleido_bert.align.captioner.Captioner.attend`).
 
     Returns:
-        The report: items, skipped (absent from the store), coverage, alignments per item, attribute accuracy.
+        The report: items, skipped (absent from the store), coverage, alignments per item, attribute accuracy,
+        and per level the chosen patch's mean attention mass beside a uniform map's (``sharpness``).
     """
+    if decode not in ALIGN_DECODES:
+        raise KaleidoError(f"decode={decode!r} must be one of {', '.join(ALIGN_DECODES)}")
     cat, store = open_inputs(catalogue, features)
     model = Captioner.from_pretrained(captioner_dir)
     if model.sizes["feature_size"] != store.feature_size:
@@ -232,12 +242,19 @@ def extract_alignments(
     matrices = {level: overlap_matrix(level) for level in LEVELS}
     items = [it for it in cat.items if it.id in store]
     scorer, lines, counts, caption_words = AttributeScorer(), [], [], 0
+    masses: dict[int, list[float]] = {}
     for start in tqdm(range(0, len(items), batch_size), desc="align", disable=not progress, unit="batch"):
         batch = items[start : start + batch_size]
-        captions, attention = model.generate(torch.stack([grid_features(store, it.id) for it in batch]), max_len)
+        grid = torch.stack([grid_features(store, it.id) for it in batch])
+        if decode == "forced":
+            captions, attention = model.attend(grid, [it.description for it in batch], max_len)
+        else:
+            captions, attention = model.generate(grid, max_len)
         for item, caption, att in zip(batch, captions, attention, strict=True):
             pairs = align_caption(caption, att, word_positions(item.description, tokenizer, max_text_len), matrices)
             scorer.add(item, pairs, store[item.id]["boxes"])
+            for pair in pairs:
+                masses.setdefault(pair["level"], []).append(pair["mass"])
             lines.append(json.dumps({"id": item.id, "caption": " ".join(caption), "pairs": pairs}) + "\n")
             counts.append(len(pairs) // len(LEVELS))
             caption_words += len(caption)
@@ -252,7 +269,9 @@ def extract_alignments(
               "alignments_per_item": round(sum(counts) / n, 3) if n else 0.0,
               "alignments_per_aligned_item": round(sum(counts) / aligned, 3) if aligned else 0.0,
               "caption_words_per_item": round(caption_words / n, 2) if n else 0.0,
-              "levels": list(LEVELS), "attribute_accuracy": scorer.summary()}
+              "decode": decode, "levels": list(LEVELS), "attribute_accuracy": scorer.summary(),
+              "sharpness": {str(k): {"pairs": len(v), "best_patch_mass": round(sum(v) / len(v), 4),
+                                     "uniform": round(1 / k ** 2, 4)} for k, v in sorted(masses.items())}}
     atomic_write_json(out_dir / "alignment_report.json", report)
     return report
 

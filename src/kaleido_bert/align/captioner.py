@@ -3,7 +3,8 @@
 The authors never released the AAG; we define it as a soft-attention LSTM captioner (Xu et al., 2015) trained on
 the catalogue's descriptions. Its visual grid is the 5×5 Kaleido level of the feature store, so every attention
 weight belongs to a patch whose pixel box is known. :mod:`kaleido_bert.align.alignment` turns the attention of the
-generated words into word↔patch pairs.
+generated words (:meth:`Captioner.generate`, the paper's) or of the real description's words fed by teacher forcing
+(:meth:`Captioner.attend`, forced alignment) into word↔patch pairs.
 
 Shapes: B batch, G grid cells (25, the 5×5 level, row-major), F feature size, A attention size, H LSTM hidden
 size, E word-embedding size, L caption length, V vocabulary size.
@@ -181,6 +182,33 @@ class Captioner(nn.Module):
         self.train(was_training)
         attention = torch.stack(alphas, dim=1) if alphas else grid.new_zeros((batch, 0, GRID * GRID))
         return out, attention
+
+    @torch.no_grad()
+    def attend(self, grid: Tensor, texts: list[str], max_len: int = 40) -> tuple[list[list[str]], Tensor]:
+        """Teacher-forced attention over the items' real descriptions (forced alignment).
+
+        Args:
+            grid: ``(B, 25, F)`` patch features of the 5×5 level.
+            texts: the B descriptions; their first ``max_len`` words are fed as the previous words.
+
+        Returns:
+            The words of each description and ``(B, L, 25)``, where ``attention[b, t]`` is the map the decoder
+            uses to predict word ``t`` of description ``b`` (words outside the vocabulary are fed as ``<unk>``
+            but keep their attention); steps after a description ended are zero.
+        """
+        was_training = self.training
+        self.eval()
+        tokens = [words(text)[:max_len] for text in texts]
+        length = max((len(t) for t in tokens), default=0)
+        captions = torch.zeros(len(texts), length + 1, dtype=torch.long, device=grid.device)
+        for b, text in enumerate(texts):
+            ids = self.encode_caption(text, max_len)[:-1]  # <start> w1 … wn: the inputs that predict w1 … wn
+            captions[b, : len(ids)] = torch.tensor(ids, device=grid.device)
+        _, alphas = self(grid, captions) if length else (None, grid.new_zeros((len(texts), 0, GRID * GRID)))
+        ended = torch.arange(length, device=grid.device)[None] >= torch.tensor([len(t) for t in tokens],
+                                                                               device=grid.device)[:, None]
+        self.train(was_training)
+        return tokens, alphas.masked_fill(ended[..., None], 0.0)
 
     def encode_caption(self, text: str, max_len: int) -> list[int]:
         """``<start> w1 … wn <end>`` ids of ``text``, at most ``max_len`` words (unknown words → ``<unk>``)."""

@@ -13,6 +13,7 @@ from kaleido_bert.config.loading import (
 )
 from kaleido_bert.config.sections import (
     AKPM_TASKS,
+    ALIGN_DECODES,
     KNOWN_TASKS,
     PAIR_SCORES,
     PRETRAINING_TASKS,
@@ -28,4 +29,4 @@ from kaleido_bert.config.sections import (
     TrainConfig,
 )
 
-__all__ = ['AKPM_TASKS', 'AlignConfig', 'ConfigError', 'DataConfig', 'EvalConfig', 'FeaturesConfig', 'FinetuneConfig', 'KNOWN_TASKS', 'MaskingConfig', 'ModelConfig', 'PAIR_SCORES', 'PRESET_NAMES', 'PRETRAINING_TASKS', 'RunConfig', 'TrainConfig', 'apply_overrides', 'config_from_dict', 'load_config', 'preset_path']
+__all__ = ['AKPM_TASKS', 'ALIGN_DECODES', 'AlignConfig', 'ConfigError', 'DataConfig', 'EvalConfig', 'FeaturesConfig', 'FinetuneConfig', 'KNOWN_TASKS', 'MaskingConfig', 'ModelConfig', 'PAIR_SCORES', 'PRESET_NAMES', 'PRETRAINING_TASKS', 'RunConfig', 'TrainConfig', 'apply_overrides', 'config_from_dict', 'load_config', 'preset_path']

@@ -346,6 +346,10 @@ class EvalConfig:
             raise ConfigError(f"eval.pair_score={self.pair_score!r} must be one of {', '.join(PAIR_SCORES)}")
 
 
+ALIGN_DECODES = ("greedy", "forced")
+"""Whose words the alignment generator aligns: its generated caption's, or the real description's (forced)."""
+
+
 @dataclass
 class AlignConfig:
     """The Attention-based Alignment Generator (paper §3.3): the Show-Attend-Tell captioner and its alignments."""
@@ -374,12 +378,18 @@ class AlignConfig:
     """Most words of a description used as a target, and most generated words per caption."""
     decode_batch_size: int = 64
     """Images per decoding batch when extracting alignments."""
+    decode: str = "greedy"
+    """Whose words are aligned: ``greedy`` (the captioner's generated caption, as the paper; a word counts only
+    when the description has it too) or ``forced`` (the description's own words fed by teacher forcing, each
+    with the attention the decoder uses to predict it)."""
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "hidden", "embed", "attention", "patience", "max_len",
                      "decode_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"align.{name}={getattr(self, name)} must be at least 1")
+        if self.decode not in ALIGN_DECODES:
+            raise ConfigError(f"align.decode={self.decode!r} must be one of {', '.join(ALIGN_DECODES)}")
         if not self.lr > 0:
             raise ConfigError(f"align.lr={self.lr} must be positive")
         if not 0 <= self.dropout < 1:

@@ -58,7 +58,7 @@ def align(config: RunConfig, catalogue: str | Path, features: str | Path, captio
         print(json.dumps({k: v for k, v in history.items() if not isinstance(v, list)}))
     return extract_alignments(catalogue, features, captioner, alignments, tokenizer=config.data.tokenizer,
                               max_text_len=config.model.max_text_len, max_len=config.align.max_len,
-                              batch_size=config.align.decode_batch_size)
+                              batch_size=config.align.decode_batch_size, decode=config.align.decode)
 
 
 def pretrain_stage(run: RunConfig, root: str | Path, *, progress: bool = True) -> dict[str, Any] | None:
