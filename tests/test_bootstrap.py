@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from kaleido_bert.data.label_scores import classification_metrics
 from kaleido_bert.errors import KaleidoError
 from kaleido_bert.eval.bootstrap import available_metrics, load_outcomes, paired_bootstrap
-from kaleido_bert.eval.metrics import classification_metrics, rank_hits, ranked_recall
+from kaleido_bert.eval.metrics import rank_hits, ranked_recall
 
 
 def _outcomes(rng, q: int = 37, n: int = 53, shift: float = 0.0) -> dict:

@@ -8,12 +8,12 @@ import shutil
 import numpy as np
 import pytest
 
+from kaleido_bert.data.label_scores import classification_metrics
 from kaleido_bert.errors import KaleidoError
 from kaleido_bert.eval import caption_metrics as caption_metrics_module
 from kaleido_bert.eval import metrics as metrics
 from kaleido_bert.eval.caption_metrics import CaptionScorer, caption_metrics, ptb_tokenize
 from kaleido_bert.eval.metrics import (
-    classification_metrics,
     expected_rank_chance,
     gallery_recall,
     rank_hits,

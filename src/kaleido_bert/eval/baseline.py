@@ -112,7 +112,7 @@ class FrozenBaseline:
         """Logistic regression on the train split's frozen features; accuracy and macro-F1 on ``split``."""
         from sklearn.linear_model import LogisticRegression
 
-        from kaleido_bert.eval.metrics import classification_metrics
+        from kaleido_bert.data.label_scores import classification_metrics
 
         label2id = label_map(self.catalogue.labels, field)
 
@@ -149,7 +149,7 @@ class FrozenBaseline:
 def _chance(catalogue: Catalogue, baseline: FrozenBaseline, candidates: dict[str, Any], gallery: dict[str, Any],
             split: str) -> dict[str, Any]:
     """Chance levels: a random ranking, the training majority class, a random training description."""
-    from kaleido_bert.eval.metrics import classification_metrics
+    from kaleido_bert.data.label_scores import classification_metrics
 
     n = int(candidates["num_negatives"]) + 1
     out: dict[str, Any] = {"sample100/SumR": 3200 / n}

@@ -82,7 +82,7 @@ def evaluate_retrieval(checkpoint: Path, config: RunConfig, *, candidates_in: st
 
 def evaluate_classifier(checkpoint: Path, config: RunConfig, *, progress: bool, data: Data | None = None
                         ) -> dict[str, Any]:
-    from kaleido_bert.eval.metrics import classification_metrics
+    from kaleido_bert.data.label_scores import classification_metrics
     from kaleido_bert.eval.predict import predict
     from kaleido_bert.inputs.downstream import ClassificationDataset
     from kaleido_bert.model.classification import KaleidoBertForClassification

@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from kaleido_bert.data.label_scores import classification_metrics
 from kaleido_bert.errors import KaleidoError
 from kaleido_bert.model.classification import KaleidoBertForClassification
 from kaleido_bert.model.linear_probe import standardiser
@@ -116,8 +117,6 @@ def fit_probe(model: KaleidoBertForClassification, train_set: Dataset, val_set: 
     Raises:
         KaleidoError: an empty training split.
     """
-    from sklearn.metrics import f1_score
-
     started = time.perf_counter()
     if len(train_set) == 0:
         raise KaleidoError("the linear probe (finetune.probe) needs training items: the train split has none "
@@ -128,7 +127,6 @@ def fit_probe(model: KaleidoBertForClassification, train_set: Dataset, val_set: 
     if val_set is not None and len(val_set) > 0:
         vx, vy = head_features(model, val_set, collate_fn, batch_size=batch_size, device=device,
                                progress=progress, num_workers=num_workers, desc="probe val")
-    labels = list(range(model.config.num_labels))
     best: tuple[float, int, Any] | None = None
     grid = []
     for rank, c in enumerate(tqdm(list(c_values), desc="probe C", unit="fit", disable=not progress, leave=False)):
@@ -136,10 +134,9 @@ def fit_probe(model: KaleidoBertForClassification, train_set: Dataset, val_set: 
         model.load_linear(*(torch.from_numpy(a).float() for a in fitted[:4]))
         score, entry = 0.0, {"c": float(c), "val_accuracy": None, "val_macro_f1": None}
         if vx is not None:
-            pred = head_predictions(model, vx)
-            entry["val_accuracy"] = round(float(np.mean(pred == vy)), 5)
-            entry["val_macro_f1"] = round(float(f1_score(vy, pred, labels=labels, average="macro",
-                                                         zero_division=0)), 5)
+            scores = classification_metrics(vy, head_predictions(model, vx), model.config.num_labels)
+            entry["val_accuracy"] = round(scores["accuracy"], 5)
+            entry["val_macro_f1"] = round(scores["macro_f1"], 5)
             score = entry["val_accuracy"] + entry["val_macro_f1"]
         grid.append(entry)
         if best is None or score > best[0]:
