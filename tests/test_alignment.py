@@ -323,3 +323,19 @@ def test_the_pipeline_align_stage_uses_the_run_vocabulary(trained, tiny, tmp_pat
         differs += expected != word_positions(by_id[item_id].description, default, 40)
     assert sum(len(r["pairs"]) for r in rows.values()) > 0
     assert differs > 0, "the custom vocabulary tokenises like the default one: the test cannot tell them apart"
+
+
+def test_cli_extract_takes_the_decode_from_the_config(trained, tiny, tmp_path, capsys):
+    """``kaleido align extract --set align.decode=forced`` writes forced alignments and says so; a bad value is
+    refused in one line before anything is written."""
+    from kaleido_bert.cli import main
+
+    ckpt, _ = trained
+    args = ["align", "extract", str(tiny / "cat"), "--features", str(tiny / "store"), "--captioner", str(ckpt)]
+    assert main([*args, "--out", str(tmp_path / "forced"), "--set", "align.decode=forced"]) in (0, None)
+    report = json.loads((tmp_path / "forced/alignment_report.json").read_text())
+    assert report["decode"] == "forced" and report["coverage"] == 1.0
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "bad"), "--set", "align.decode=beam"]) == 2
+    err = capsys.readouterr().err
+    assert "align.decode" in err and "Traceback" not in err and not (tmp_path / "bad").exists()
