@@ -226,9 +226,13 @@ class TrainConfig:
     probe_init: bool = False
     """Start the ITC projections (``model.itc_pool = mean``) from the frozen linear probe fitted on the training
     split (LP-FT, Kumar et al. 2022): the dual encoder starts where the frozen baseline ends."""
+    new_lr_scale: float = 1.0
+    """With ``model.init``: the learning-rate factor of the parameters that checkpoint does not provide (the patch
+    embedding and the pre-training heads; the ITC head too unless ``probe_init`` started it), so that the new
+    modules learn at a useful rate while the BERT weights take small steps. 1 = one lr for all."""
 
     def __post_init__(self) -> None:
-        _check_ranges("train", self, positive=("lr",), at_least_one=("batch_size", "grad_accum", "eval_every",
+        _check_ranges("train", self, positive=("lr", "new_lr_scale"), at_least_one=("batch_size", "grad_accum", "eval_every",
                                                                     "save_every", "keep_last"),
                       non_negative=("max_steps", "epochs", "weight_decay", "grad_clip", "seed"),
                       fractions=("warmup_ratio",))

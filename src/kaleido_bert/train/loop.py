@@ -27,7 +27,7 @@ import csv
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -56,16 +56,22 @@ def get_lr(step: int, *, lr: float, warmup_steps: int, max_steps: int) -> float:
     return lr * max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps))
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW as the released scripts (β=(0.9, 0.98), ε=1e-6); no weight decay on biases and LayerNorm."""
-    decay, no_decay = [], []
+def build_optimizer(model: nn.Module, config: TrainConfig, new: Collection[str] = ()) -> torch.optim.AdamW:
+    """AdamW as the released scripts (β=(0.9, 0.98), ε=1e-6); no weight decay on biases and LayerNorm.
+
+    The parameters named in ``new`` (those the text initialisation did not provide) learn at ``config.lr ×
+    config.new_lr_scale``; the others at ``config.lr``. Groups: (decay, no decay) × (initialised, new), empty
+    ones dropped, always in that order (a resumed run rebuilds the same groups)."""
+    new = set(new)
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
             plain = param.ndim < 2 or "LayerNorm" in name or name.endswith("bias")
-            (no_decay if plain else decay).append(param)
-    groups = [{"params": decay, "weight_decay": config.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
+            groups.setdefault((plain, name in new), []).append(param)
+    return torch.optim.AdamW(
+        [{"params": groups[key], "weight_decay": 0.0 if key[0] else config.weight_decay,
+          "lr": config.lr * (config.new_lr_scale if key[1] else 1.0)} for key in sorted(groups)],
+        lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
 
 
 class _EpochItems(Dataset):
@@ -261,7 +267,8 @@ def _stop_on_nonfinite(step: int, what: str, micro: list[dict[str, Any]]) -> Non
 
 def train(model: nn.Module, train_dataset: Dataset, val_dataset: Dataset | None, collate_fn: Callable,
           config: RunConfig, out_dir: str | Path, *, resume: bool = False, tokenizer: Any = None,
-          progress: bool = True, loss_counts: CountFn | None = None) -> dict[str, Any]:
+          progress: bool = True, loss_counts: CountFn | None = None,
+          new_parameters: Collection[str] = ()) -> dict[str, Any]:
     """Train ``model`` for ``config.train.max_steps`` optimizer steps, checkpointing into ``out_dir``.
 
     Args:
@@ -276,6 +283,8 @@ def train(model: nn.Module, train_dataset: Dataset, val_dataset: Dataset | None,
         tokenizer: saved into every checkpoint when given.
         progress: show a progress bar and log lines (main process only).
         loss_counts: batch → units each loss averages over (see the module docstring); None = pairs.
+        new_parameters: names of the parameters that learn at ``train.new_lr_scale`` × the lr
+            (:func:`build_optimizer`).
 
     Returns:
         Summary: steps, epochs, seconds, pairs/s, the share of the step time spent waiting for data
@@ -299,7 +308,7 @@ def train(model: nn.Module, train_dataset: Dataset, val_dataset: Dataset | None,
                            f"fewer than train.batch_size={tc.batch_size}")
     say = (lambda msg: tqdm.write(msg)) if progress and main else (lambda msg: None)
     model.to(device)
-    optimizer = build_optimizer(model, tc)
+    optimizer = build_optimizer(model, tc, new_parameters)
     warmup = round(tc.warmup_ratio * tc.max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(  # a factor of the peak lr
         optimizer, lambda s: get_lr(s, lr=1.0, warmup_steps=warmup, max_steps=tc.max_steps))

@@ -46,6 +46,19 @@ def build_model(config: RunConfig) -> tuple[KaleidoBertForPreTraining, dict[str,
     return model, report
 
 
+def new_parameters(model: KaleidoBertForPreTraining, init_report: dict[str, list[str]] | None,
+                   config: RunConfig) -> set[str]:
+    """Names of the parameters that learn at ``train.new_lr_scale`` × the lr: with ``model.init``, those the
+    checkpoint did not provide (:func:`~kaleido_bert.checkpoint.load_bert_weights`' ``loaded``), except the ITC
+    head when ``train.probe_init`` starts it from the probe; none without an initialisation."""
+    if init_report is None:
+        return set()
+    loaded = {f"bert.{name}" for name in init_report["loaded"]}
+    probed = ("heads.itc.",) if config.train.probe_init else ()
+    return {name for name, _ in model.named_parameters()
+            if name not in loaded and not (probed and name.startswith(probed))}
+
+
 def build_datasets(config: RunConfig, tokenizer: Any) -> tuple[PretrainDataset, PretrainDataset]:
     """Train and val :class:`PretrainDataset` from ``data.catalogue``, ``data.features``, ``data.alignments``.
 
@@ -110,7 +123,8 @@ def pretrain(config: RunConfig, out_dir: str | Path, *, resume: bool = False,
     atomic_write_json(out_dir / "data_counts.json", counts)
     collate_fn = partial(collate, pad_id=tokenizer.pad_token_id)
     summary = train(model, train_set, val_set, collate_fn, config, out_dir, resume=resume,
-                    tokenizer=tokenizer, progress=progress, loss_counts=pretraining_loss_counts)
+                    tokenizer=tokenizer, progress=progress, loss_counts=pretraining_loss_counts,
+                    new_parameters=new_parameters(model, init_report, config))
     summary["data_counts"] = counts
     if init_report is not None:
         summary["init"] = {k: len(v) for k, v in init_report.items()}
