@@ -102,6 +102,44 @@ def test_no_weight_decay_on_biases_and_layer_norms():
     )
 
 
+def test_new_parameters_learn_at_the_scaled_lr():
+    """``train.new_lr_scale``: the named parameters get lr × scale, the rest lr; every trainable parameter is in
+    exactly one group and the weight-decay rule still holds."""
+    model = tiny_model()
+    names = {id(p): n for n, p in model.named_parameters()}
+    new = {n for n in names.values() if n.startswith(("bert.patch_embeddings.", "heads."))}
+    config = _config("train.weight_decay=0.01", "train.lr=3e-4", "train.new_lr_scale=7").train
+    groups = build_optimizer(model, config, new).param_groups
+    seen = [names[id(p)] for g in groups for p in g["params"]]
+    assert sorted(seen) == sorted(names.values()) and len(groups) == 4
+    for group in groups:
+        members = {names[id(p)] for p in group["params"]}
+        assert members <= new or not members & new
+        assert group["lr"] == pytest.approx(3e-4 * 7 if members <= new else 3e-4)
+        plain = all(n.endswith("bias") or "LayerNorm" in n or model.get_parameter(n).ndim < 2 for n in members)
+        assert group["weight_decay"] == (0.0 if plain else 0.01)
+    assert all(g["lr"] == 3e-4 for g in build_optimizer(model, config).param_groups)  # nothing named: one lr
+
+
+def test_new_parameters_are_those_the_initialisation_did_not_provide():
+    from kaleido_bert.config import KNOWN_TASKS
+    from kaleido_bert.train.pretrain import new_parameters
+
+    model = tiny_model(tasks=list(KNOWN_TASKS), itc_pool="mean")
+    loaded = [n.removeprefix("bert.") for n, _ in model.named_parameters()
+              if n.startswith("bert.") and not n.startswith("bert.patch_embeddings.")]
+    report = {"loaded": loaded, "missing": [], "unexpected": []}
+    heads = {n for n, _ in model.named_parameters() if n.startswith("heads.")}
+    patches = {n for n, _ in model.named_parameters() if n.startswith("bert.patch_embeddings.")}
+    assert patches and any(n.startswith("heads.itc.") for n in heads)
+    assert new_parameters(model, report, _config()) == heads | patches
+    assert new_parameters(model, None, _config()) == set()  # no initialisation: one lr for all
+    probed = new_parameters(model, report, _config("train.probe_init=true"))
+    assert probed == {n for n in heads | patches if not n.startswith("heads.itc.")}
+    with pytest.raises(Exception, match="new_lr_scale"):
+        _config("train.new_lr_scale=0")
+
+
 def test_overfitting_one_batch_makes_the_loss_fall(tmp_path):
     config = _config(
         "train.max_steps=40",
