@@ -208,18 +208,22 @@ def stage_contrasts(work: Path, config) -> dict:
     from kaleido_bert.eval.evaluate import evaluate_run
     from kaleido_bert.workflows.stages import finetune_jobs, finetune_stage, pretrain_stage
 
-    candidates = work / "run" / "report" / "candidates.json"
+    candidates = work / "contrasts" / "candidates.json"  # drawn once: every arm, then and later, shares it
     if not candidates.is_file():
-        raise SystemExit("run the evaluate stage first: the contrasts use its candidates")
-    draw = json.loads(candidates.read_text())
-    for direction in ("itr", "tir"):
-        draw[direction] = draw[direction][:CONTRAST_QUERIES]
-    candidates = work / "contrasts" / "candidates.json"
-    candidates.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(candidates, draw)
-    timings: dict[str, float] = {}
-    for arm, (_, changes) in CONTRAST_ARMS.items():
+        main_draw = work / "run" / "report" / "candidates.json"
+        if not main_draw.is_file():
+            raise SystemExit("run the evaluate stage first: the contrasts use its candidates")
+        draw = json.loads(main_draw.read_text())
+        for direction in ("itr", "tir"):
+            draw[direction] = draw[direction][:CONTRAST_QUERIES]
+        candidates.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(candidates, draw)
+    previous = json.loads((work / "contrasts.json").read_text()) if (work / "contrasts.json").is_file() else {}
+    timings: dict[str, float] = dict(previous.get("seconds", {}))
+    for arm in CONTRAST_RUN_ARMS or list(CONTRAST_ARMS):
+        changes = CONTRAST_ARMS[arm][1]
         root = work / "contrasts" / arm
+        done = (root / "report" / "outcomes.json").is_file()
         run = _run(work, config.with_overrides({**CONTRAST_BUDGET, **changes}), guided=GUIDED_ARMS.get(arm))
         root.mkdir(parents=True, exist_ok=True)
         run.save(root / "run.yaml")
@@ -227,19 +231,23 @@ def stage_contrasts(work: Path, config) -> dict:
         pretrain_stage(run, root, progress=False)
         for task, image_only in finetune_jobs(run, retrieval=False, caption=False):
             finetune_stage(run, root, task, image_only, progress=False)
-        if not (root / "report" / "outcomes.json").is_file():
+        if not done:
             evaluate_run(root, run, root / "report", candidates=candidates, progress=False,
                          dataset_label=f"held-out Myntra photos, arm {arm}")
-        timings[arm] = round(time.perf_counter() - start, 1)
+        if not done or arm not in timings:  # an arm finished earlier keeps the time it took then
+            timings[arm] = round(time.perf_counter() - start, 1)
         print(f"[quality] contrast arm {arm}: {timings[arm]} s", flush=True)
-    results = []
+    results, missing = [], []
     for a, b, label in CONTRASTS:
+        if not all((work / "contrasts" / x / "report" / "outcomes.json").is_file() for x in (a, b)):
+            missing.append(label)
+            continue
         oa, ob = (load_outcomes(work / "contrasts" / x / "report") for x in (a, b))
         for metric in CONTRAST_METRICS:
             results.append({"contrast": label, "from": a, "to": b, "metric": metric,
                             **paired_bootstrap(oa, ob, metric, resamples=2000, seed=0)})
     out = {"budget": CONTRAST_BUDGET, "arms": {k: v[0] for k, v in CONTRAST_ARMS.items()}, "seconds": timings,
-           "results": results}
+           "results": results, "not_run": missing}
     atomic_write_json(work / "contrasts.json", out)
     return {"seconds": timings}
 
@@ -265,7 +273,9 @@ def _contrast_lines(work: Path) -> list[str]:
         holds = "yes" if r["low"] > 0 else "no (below)" if r["high"] < 0 else "not resolved (interval spans 0)"
         lines.append(f"| {r['contrast']} | {r['metric']} | {r['a'] * scale:.1f} | {r['b'] * scale:.1f} | "
                      f"{r['diff'] * scale:+.1f} | [{r['low'] * scale:+.1f}, {r['high'] * scale:+.1f}] | {holds} |")
-    lines += ["", "Arm wall times (s): " + ", ".join(f"{k} {v}" for k, v in data["seconds"].items()), ""]
+    lines += ["", *[f"Not run: {label} (`--stages contrasts` trains and scores its arms)."
+                    for label in data.get("not_run", [])],
+              "Arm wall times (s): " + ", ".join(f"{k} {v}" for k, v in data["seconds"].items()), ""]
     return lines
 
 
@@ -361,6 +371,8 @@ def stage_report(work: Path, config) -> dict:
 
 
 CLI_OVERRIDES: list[str] = []
+CONTRAST_RUN_ARMS: list[str] = []
+"""The arms ``--arms`` names (empty: all of :data:`CONTRAST_ARMS`)."""
 
 
 def _probe_choices(work: Path) -> str:
@@ -385,7 +397,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="real")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--stages", default=",".join(STAGES))
+    parser.add_argument("--arms", default="", help="contrast arms to train and score (default: all); contrasts "
+                                                   "whose two arms are not both scored are listed as not run")
     args = parser.parse_args(argv)
+    unknown = [a for a in filter(None, args.arms.split(",")) if a not in CONTRAST_ARMS]
+    if unknown:
+        parser.error(f"unknown arm {unknown[0]!r}: choose among {', '.join(CONTRAST_ARMS)}")
+    CONTRAST_RUN_ARMS.extend(filter(None, args.arms.split(",")))
     from kaleido_bert.config import load_config
 
     work = Path(args.work)
