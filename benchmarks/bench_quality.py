@@ -234,8 +234,10 @@ def stage_contrasts(work: Path, config) -> dict:
         if not done:
             evaluate_run(root, run, root / "report", candidates=candidates, progress=False,
                          dataset_label=f"held-out Myntra photos, arm {arm}")
-        if not done or arm not in timings:  # an arm finished earlier keeps the time it took then
+        if not done:
             timings[arm] = round(time.perf_counter() - start, 1)
+        elif arm not in timings:  # finished by a run that stopped before recording it: summed from its files
+            timings[arm] = _arm_seconds(root)
         print(f"[quality] contrast arm {arm}: {timings[arm]} s", flush=True)
     results, missing = [], []
     for a, b, label in CONTRASTS:
@@ -250,6 +252,18 @@ def stage_contrasts(work: Path, config) -> dict:
            "results": results, "not_run": missing}
     atomic_write_json(work / "contrasts.json", out)
     return {"seconds": timings}
+
+
+def _arm_seconds(root: Path) -> float:
+    """An arm's wall time from what its stages recorded: pre-training, each classifier's probe and fine-tune,
+    and the evaluation's protocols."""
+    seconds = json.loads((root / "pretrain" / "summary.json").read_text())["seconds"]
+    for part in sorted((root / "finetune").glob("*/summary.json")):
+        seconds += json.loads(part.read_text())["seconds"]
+        probe = part.parent / "probe.json"
+        seconds += json.loads(probe.read_text())["seconds"] if probe.is_file() else 0.0
+    seconds += sum(json.loads((root / "report" / "metrics.json").read_text()).get("timings", {}).values())
+    return round(seconds, 1)
 
 
 def _contrast_lines(work: Path) -> list[str]:
