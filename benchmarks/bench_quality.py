@@ -52,10 +52,9 @@ CONTRAST_ARMS = {  # arm → (the ablation column it is, its run-config changes 
     "scale-fixed": ("Scale-fixed (the 5×5 grid only)", {"model.tasks": ["mlm", "itm", "blank_to_color", "itc"],
                                                         "model.patch_levels": [5]}),
 }
-ALIGN_DECODES = ("greedy", "forced")
-"""The ``align`` stage's two alignment files: the captioner's generated words (the paper) and forced alignment."""
 GUIDED_ARMS = {"agm": "greedy", "agm-forced": "forced"}
-"""Arms masked by an alignment file of the ``align`` stage (every other run masks at random)."""
+"""Arms masked by an alignment file of the ``align`` stage, one per ``align.decode`` (every other run masks at
+random)."""
 CONTRASTS = (("b", "full", "B → B+I~V (all five AKPM tasks)"),
              ("full", "agm", "Random → alignment-guided masking (AGM)"),
              ("full", "agm-forced", "Random → AGM with forced alignments"),
@@ -118,15 +117,15 @@ def stage_data(work: Path, config) -> dict:
 
 def _run(work: Path, config, *, guided: str | None = None):
     """The recipe's run config on the benchmark's catalogue: masking at random (the main run has no alignment
-    stage), or alignment-guided by the ``align`` stage's ``guided`` alignments (one of :data:`ALIGN_DECODES`)."""
+    stage), or alignment-guided by the ``align`` stage's ``guided`` alignments (an ``align.decode`` value)."""
     from kaleido_bert.data.catalogue import load_catalogue
     from kaleido_bert.patches.store import FeatureStore
 
-    alignments = work / "align" / str(guided) / "alignments.jsonl"
-    if guided and not alignments.is_file():
+    alignments = work / "align" / guided / "alignments.jsonl" if guided else None
+    if alignments is not None and not alignments.is_file():
         raise SystemExit(f"alignment-guided masking reads {alignments}: run `--stages align` first")
     run = config.with_overrides({"data.catalogue": str(work / "catalogue"), "data.features": str(work / "features"),
-                                 "data.alignments": str(alignments) if guided else None,
+                                 "data.alignments": str(alignments) if alignments else None,
                                  "masking.strategy": "alignment" if guided else "random"})
     store = FeatureStore(work / "features")
     return run.with_train_items(sum(it.id in store for it in load_catalogue(work / "catalogue").split("train")))
@@ -136,20 +135,14 @@ def stage_align(work: Path, config) -> dict:
     """The Attention-based Alignment Generator (paper §3.3) on the benchmark's catalogue, for the AGM arms: the
     Show-Attend-Tell captioner (``config.align``; trained once, resumes) and its alignments decoded both ways
     (``align/greedy``, the paper's generated captions, and ``align/forced``), each with its report."""
-    from kaleido_bert.align.alignment import extract_alignments
+    from kaleido_bert.config import ALIGN_DECODES
     from kaleido_bert.workflows.stages import align
 
     run, out, info = _run(work, config), work / "align", {}
-    for decode in ALIGN_DECODES:
+    for decode in ALIGN_DECODES:  # the first trains the captioner (unless done); every one decodes with it
         start = time.perf_counter()
-        if decode == ALIGN_DECODES[0]:  # trains the captioner unless done
-            report = align(run.with_overrides({"align.decode": decode}), work / "catalogue", work / "features",
-                           out / "captioner", out / decode)
-        else:
-            report = extract_alignments(work / "catalogue", work / "features", out / "captioner", out / decode,
-                                        tokenizer=run.data.tokenizer, max_text_len=run.model.max_text_len,
-                                        max_len=run.align.max_len, batch_size=run.align.decode_batch_size,
-                                        decode=decode, progress=False)
+        report = align(run.with_overrides({"align.decode": decode}), work / "catalogue", work / "features",
+                       out / "captioner", out / decode)
         info[decode] = {"seconds": round(time.perf_counter() - start, 1), "sharpness": report["sharpness"],
                         **{k: v for k, v in report.items() if not isinstance(v, (list, dict))}}
     return info
@@ -234,7 +227,6 @@ def stage_contrasts(work: Path, config) -> dict:
         if not done:
             evaluate_run(root, run, root / "report", candidates=candidates, progress=False,
                          dataset_label=f"held-out Myntra photos, arm {arm}")
-        if not done:
             timings[arm] = round(time.perf_counter() - start, 1)
         elif arm not in timings:  # finished by a run that stopped before recording it: summed from its files
             timings[arm] = _arm_seconds(root)
@@ -295,6 +287,8 @@ def _contrast_lines(work: Path) -> list[str]:
 
 def _alignment_lines(work: Path) -> list[str]:
     """The alignment generator's statistics on the real titles, greedy beside forced (empty before ``align``)."""
+    from kaleido_bert.config import ALIGN_DECODES
+
     reports = {d: work / "align" / d / "alignment_report.json" for d in ALIGN_DECODES}
     if not all(path.is_file() for path in reports.values()):
         return []

@@ -232,8 +232,8 @@ class TrainConfig:
     modules learn at a useful rate while the BERT weights take small steps. 1 = one lr for all."""
 
     def __post_init__(self) -> None:
-        _check_ranges("train", self, positive=("lr", "new_lr_scale"), at_least_one=("batch_size", "grad_accum", "eval_every",
-                                                                    "save_every", "keep_last"),
+        _check_ranges("train", self, positive=("lr", "new_lr_scale"),
+                      at_least_one=("batch_size", "grad_accum", "eval_every", "save_every", "keep_last"),
                       non_negative=("max_steps", "epochs", "weight_decay", "grad_clip", "seed"),
                       fractions=("warmup_ratio",))
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):

@@ -1,7 +1,7 @@
 """Accuracy and macro-F1 over a label map: the CR / SUB scores (paper §4.2 task 3, Table 3).
 
-One rule for every place that scores a classifier: evaluation (:mod:`kaleido_bert.eval.metrics` re-exports it),
-the frozen baseline and the linear probe's validation choice of C (:mod:`kaleido_bert.train.probe`). Macro-F1
+One rule for every place that scores a classifier: evaluation (:mod:`kaleido_bert.eval.evaluate`), the frozen
+baseline and the linear probe's validation choice of C (:mod:`kaleido_bert.train.probe`). Macro-F1
 averages over *every* id of the label map, so a class absent from both gold and predictions counts as F1 = 0 (the
 original EasyTransfer evaluator's rule). Shapes: gold and predicted label ids ``(N,)``.
 """
