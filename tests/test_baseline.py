@@ -131,7 +131,7 @@ def test_classifiers_and_captions_follow_the_split(pipeline, frozen):
     assert set(captions) == {it.id for it in frozen.split("test")} and set(captions.values()) <= train_texts
 
 
-def test_evaluate_run_scores_the_baseline_on_the_models_candidates(pretrained):
+def test_evaluate_run_scores_the_baseline_on_the_models_candidates_and_pairs_its_outcomes(pretrained):
     from kaleido_bert.eval.evaluate import evaluate_run
 
     pipeline = pretrained
@@ -152,6 +152,33 @@ def test_evaluate_run_scores_the_baseline_on_the_models_candidates(pretrained):
     report = (out / "report.md").read_text()
     assert "## Against a frozen dual-encoder baseline" in report
     assert "| sample-100 SumR, pre-trained ITM | 457.1 |" in report
+    assert "kaleido − baseline [95% interval]" in report
+    _check_pairs_with_the_model(out, json.loads((out / "metrics.json").read_text()))
+
+
+def _check_pairs_with_the_model(out, metrics) -> None:
+    """The baseline's outcomes pair with the model's, unit by unit, and the intervals' differences are the
+    columns' (macro-F1 aside: the bootstrap's averages over the classes present)."""
+    from kaleido_bert.eval.baseline_report import baseline_intervals, comparison_rows
+
+    base, model = (json.loads((out / name).read_text()) for name in ("baseline-outcomes.json", "outcomes.json"))
+    assert base["seeds"] == [0, 1]
+    for direction in ("itr", "tir"):  # the same candidate lists, query by query
+        assert np.shape(base["sample100"][direction]) == np.shape(model["sample100"][direction])
+        assert np.shape(model["gallery"][f"{direction}_gallery_rerank"]) == np.shape(base["gallery"][f"{direction}_gallery"])
+        reranked = np.mean(model["gallery"][f"{direction}_gallery_rerank"])
+        assert 100 * reranked == pytest.approx(metrics[f"{direction}_gallery_rerank/mean_recall"])
+    intervals = baseline_intervals(out, metrics, resamples=200)
+    rows = {label: (mean, value) for label, _, mean, _, value in comparison_rows(metrics, json.loads(
+        (out / "baseline.json").read_text()))}
+    assert "sample-100 SumR, pre-trained ITM" in intervals and "full gallery mean recall, TIR" in intervals
+    for label, found in intervals.items():
+        assert found["low"] <= found["diff"] <= found["high"]
+        if "macro-F1" not in label:  # the seeds' mean outcome is the mean of the seeds' metrics
+            mean, value = rows[label]
+            assert found["diff"] == pytest.approx(value - mean, abs=1e-6), label
+    (out / "baseline-outcomes.json").unlink()  # without the baseline's outcomes: no interval column, no error
+    assert baseline_intervals(out, metrics) == {}
 
 
 def test_cli_baseline_end_to_end_updates_the_report(pretrained, capsys):

@@ -68,3 +68,19 @@ def test_different_units_and_unknown_metrics_are_refused(tmp_path):
     (tmp_path / "outcomes.json").write_text("{")
     with pytest.raises(KaleidoError, match="not valid JSON"):
         load_outcomes(tmp_path)
+
+
+def test_a_reranked_gallery_pairs_with_a_plain_one_and_missing_keys_are_refused():
+    rng = np.random.default_rng(2)
+    plain = _outcomes(rng)
+    model = _outcomes(np.random.default_rng(2))
+    model["gallery"]["itr_gallery_rerank"] = np.ones((37, 3)).tolist()  # every query found after re-ranking
+    assert "itr_gallery_rerank/mean_recall" in available_metrics(model)
+    result = paired_bootstrap(plain, model, "itr_gallery/mean_recall", metric_b="itr_gallery_rerank/mean_recall",
+                              resamples=200)
+    expected = 100 * (1 - np.mean(plain["gallery"]["itr_gallery"]))
+    assert result["b"] == 100.0 and result["diff"] == pytest.approx(expected) and result["low"] > 0
+    with pytest.raises(KaleidoError, match="no 'tir_gallery' queries"):
+        paired_bootstrap(plain, model, "tir_gallery/mean_recall")
+    with pytest.raises(KaleidoError, match="no 'cr/image' classifier"):
+        paired_bootstrap(plain, model, "cr/image/accuracy")

@@ -134,6 +134,69 @@ def test_load_linear_gives_the_fitted_classifiers_logits_in_either_head(head):
     torch.testing.assert_close(model(batch).logits, (x - mean) / std @ weight.T + bias, rtol=1e-4, atol=1e-4)
 
 
+def _with_member(mix: float = 0.3) -> KaleidoBertForClassification:
+    config = KaleidoBertConfig.from_model_config(load_config("tiny").model)
+    config.num_labels, config.classifier_head, config.classifier_frozen_member = C, "wide", True
+    torch.manual_seed(1)
+    model = KaleidoBertForClassification(config)
+    g = torch.Generator().manual_seed(6)
+    model.load_linear(torch.randn(C, model.head_size, generator=g), torch.randn(C, generator=g),
+                      torch.randn(model.head_size, generator=g), torch.rand(model.head_size, generator=g) + 0.5)
+    model.load_frozen_member(torch.randn(C, F, generator=g), torch.randn(C, generator=g), mix)
+    return model
+
+
+def test_the_frozen_member_mixes_log_probabilities_of_the_head_and_the_frozen_columns():
+    model = _with_member(0.3).eval()
+    assert model.frozen_start == 3 * D and model.frozen_classifier.in_features == F  # the colour feature
+    batch = _batch(seed=7)
+    x = model.head_input(batch)
+    z = (x - model.feature_mean) / model.feature_std
+    head = torch.log_softmax(model.classifier(z), -1)
+    member = torch.log_softmax(model.frozen_classifier(z[:, 3 * D:]), -1)
+    torch.testing.assert_close(model(batch).logits, 0.3 * head + 0.7 * member, rtol=1e-5, atol=1e-5)
+    model.frozen_mix.fill_(1.0)  # α = 1: the head's own decisions
+    assert torch.equal(model(batch).logits.argmax(-1), model.classifier(z).argmax(-1))
+    with pytest.raises(KaleidoError, match="ensemble weight 0 must be in"):
+        model.load_frozen_member(model.frozen_classifier.weight, model.frozen_classifier.bias, 0)
+    with pytest.raises(KaleidoError, match="no frozen member"):
+        _classifier().load_frozen_member(torch.zeros(C, F), torch.zeros(C), 0.5)
+    with pytest.raises(KaleidoError, match="set finetune.head=wide"):
+        config = KaleidoBertConfig.from_model_config(load_config("tiny").model)
+        config.num_labels, config.classifier_frozen_member = C, True
+        KaleidoBertForClassification(config)
+
+
+def test_the_frozen_member_is_never_trained_and_survives_save_load(tmp_path):
+    from kaleido_bert.model.loading import load_pretrained
+
+    model = _with_member(0.4).train()
+    model(_batch()).loss.backward()
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert not any(name.startswith("frozen_classifier") for name in trained)
+    silent = [name for name, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert not silent
+    model.eval().save_pretrained(tmp_path / "member")
+    assert json.loads((tmp_path / "member" / "config.json").read_text())["classifier_frozen_member"] is True
+    again = load_pretrained(KaleidoBertForClassification, tmp_path / "member").eval()
+    assert float(again.frozen_mix) == pytest.approx(0.4)
+    assert not any(p.requires_grad for p in again.frozen_classifier.parameters())
+    batch = _batch(seed=8)
+    torch.testing.assert_close(again(batch).logits, model(batch).logits, rtol=0, atol=0)
+
+
+def test_probe_mix_is_validated_and_the_real_preset_tries_the_member():
+    from kaleido_bert.config import ConfigError
+
+    for bad in ("[0.0]", "[1.5]", "[]"):
+        with pytest.raises(ConfigError, match="finetune.probe_mix"):
+            load_config("tiny", [f"finetune.probe_mix={bad}", "finetune.head=wide", "finetune.probe=true"])
+    with pytest.raises(ConfigError, match="set finetune.probe=true and finetune.head=wide"):
+        load_config("tiny", ["finetune.probe_mix=[1.0,0.5]"])
+    real = load_config("real").finetune
+    assert real.frozen_member and real.probe_mix[0] == 1.0 and not load_config("tiny").finetune.frozen_member
+
+
 def _sentence_dir(tmp_path):
     """A tiny BERT checkpoint written by the test (H = 20, 2 layers): the text initialisation's stand-in."""
     from transformers import BertConfig, BertModel
@@ -281,6 +344,34 @@ def test_the_probed_head_predicts_the_training_split_as_sklearn(pipeline, head, 
     assert 0.0 <= result["val_accuracy"] <= 1.0 and result["seconds"] >= 0
     if head == "wide":
         np.testing.assert_allclose(model.feature_mean.numpy(), x.mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_the_probe_chooses_the_member_weight_on_validation_as_its_grid_says(pipeline):
+    from kaleido_bert.data.label_scores import classification_metrics
+    from kaleido_bert.data.tokenizer import load_tokenizer
+    from kaleido_bert.eval.predict import predict
+    from kaleido_bert.runs import resolve_checkpoint
+    from kaleido_bert.train.finetune import build_task, finetune_config
+    from kaleido_bert.train.probe import fit_probe
+
+    config = finetune_config(_config(pipeline, "finetune.head=wide", "finetune.probe=true",
+                                     "finetune.probe_mix=[1.0,0.5]", "finetune.probe_c=[0.1,1.0]"), "subcategory")
+    checkpoint = resolve_checkpoint(pipeline / "pretrain")
+    model, train_set, val_set, collate_fn, _ = build_task("subcategory", config, checkpoint, load_tokenizer(checkpoint),
+                                                          image_only=True)
+    assert model.frozen_member and len(val_set) > 0
+    result = fit_probe(model, train_set, val_set, collate_fn, batch_size=7, device=torch.device("cpu"),
+                       c_values=[0.1, 1.0], mixes=[1.0, 0.5], progress=False)
+    grid = result["grid"]
+    assert [(g["mix"], g["c"], g["frozen_c"]) for g in grid] == [
+        (1.0, 0.1, None), (1.0, 1.0, None), (0.5, 0.1, 0.1), (0.5, 0.1, 1.0), (0.5, 1.0, 0.1), (0.5, 1.0, 1.0)]
+    score = [g["val_accuracy"] + g["val_macro_f1"] for g in grid]
+    chosen = grid[int(np.argmax(score))]  # the first best, as the probe keeps
+    assert (result["mix"], result["c"], result["frozen_c"]) == (chosen["mix"], chosen["c"], chosen["frozen_c"])
+    assert float(model.frozen_mix) == pytest.approx(chosen["mix"])
+    _, probs, labels = predict(model, val_set, collate_fn, batch_size=5, progress=False)  # the installed ensemble
+    scores = classification_metrics(labels.numpy(), probs.argmax(-1).numpy(), model.config.num_labels)
+    assert scores["accuracy"] == pytest.approx(chosen["val_accuracy"], abs=1e-5)
 
 
 def test_cli_finetune_wide_probe_end_to_end_then_resume_without_refitting(pipeline, tmp_path, capsys, monkeypatch):

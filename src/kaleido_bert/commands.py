@@ -190,13 +190,13 @@ def cmd_baseline(args: argparse.Namespace) -> None:
     import json
 
     from kaleido_bert.eval.baseline import run_baseline
-    from kaleido_bert.eval.baseline_report import baseline_section, update_report
+    from kaleido_bert.eval.baseline_report import baseline_intervals, baseline_section, update_report
 
     out = Path(args.out) if args.out else Path(args.run) / "report"
     result = run_baseline(run_config(args, args.run), out, seeds=tuple(args.seeds), candidates=args.candidates)
     metrics_path = out / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    print("\n".join(baseline_section(metrics, result)[1:-3]))
+    print("\n".join(baseline_section(metrics, result, baseline_intervals(out, metrics))[1:-3]))
     report = update_report(out)
     print(f"\nbaseline: {out / 'baseline.json'}" + (f"; report: {report}" if report else ""))
 

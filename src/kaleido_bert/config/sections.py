@@ -279,6 +279,10 @@ class FinetuneConfig:
     probe_c: list[float] = field(default_factory=lambda: [1.0])
     """The probe's inverse L2 strengths: with several, each is fitted on the training split and the one with the
     best validation accuracy + macro-F1 is kept (the validation split only; the first on a tie or without one)."""
+    probe_mix: list[float] = field(default_factory=lambda: [1.0])
+    """The fine-tuned head's weights α in (0, 1] to try against a frozen member (WiSE-FT's output ensemble): below
+    1, the wide head also carries a logistic regression on its frozen columns (the colour feature and the sentence
+    embedding), and the probe chooses α with C on validation; ``[1.0]`` = the head alone."""
     sentence: bool = False
     """The wide head also reads the frozen sentence embedding of the text initialisation (``model.init``, or the
     offline all-MiniLM-L6-v2, mean-pooled; the frozen baseline's text features), untouched by pre-training
@@ -309,6 +313,16 @@ class FinetuneConfig:
             raise ConfigError(f"finetune.probe_c={self.probe_c} must be a non-empty list of positive numbers")
         if self.sentence and self.head != "wide":
             raise ConfigError("finetune.sentence is read by the wide head only: set finetune.head=wide")
+        if not self.probe_mix or any(not 0 < m <= 1 for m in self.probe_mix):
+            raise ConfigError(f"finetune.probe_mix={self.probe_mix} must be a non-empty list of numbers in (0, 1]")
+        if self.frozen_member and not (self.probe and self.head == "wide"):
+            raise ConfigError("finetune.probe_mix below 1 is chosen by the probe of the wide head: set "
+                              "finetune.probe=true and finetune.head=wide")
+
+    @property
+    def frozen_member(self) -> bool:
+        """Whether the classifiers carry the frozen member (some ``probe_mix`` below 1)."""
+        return any(m < 1 for m in self.probe_mix)
 
 
 @dataclass

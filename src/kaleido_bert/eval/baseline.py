@@ -26,7 +26,7 @@ import torch
 
 from kaleido_bert.data.catalogue import Catalogue, Item, label_map
 from kaleido_bert.errors import KaleidoError
-from kaleido_bert.eval.baseline_report import BASELINE_FILE
+from kaleido_bert.eval.baseline_report import BASELINE_FILE, BASELINE_OUTCOMES_FILE
 from kaleido_bert.eval.caption_retrieval import nearest_descriptions
 from kaleido_bert.model.linear_probe import (
     IMAGE_POOLS,
@@ -134,7 +134,8 @@ class FrozenBaseline:
             clf.fit(features(train), y)
             pred = clf.predict(features(test))
         return {"field": field, "input": source, "items": len(test),
-                **classification_metrics(gold, pred, len(label2id))}
+                **classification_metrics(gold, pred, len(label2id)),
+                "outcomes": {"ids": [it.id for it in test], "gold": gold.tolist(), "pred": pred.tolist()}}
 
     def nearest_captions(self, scorer: EmbeddingScorer, items: list[Item]) -> dict[str, str]:
         """Each item's caption = the description of the training product nearest to its image embedding."""
@@ -186,7 +187,8 @@ def run_baseline(config, out: str | Path, *, seeds: tuple[int, ...] = (0, 1, 2),
         data: the catalogue and store already opened for ``config`` (by the evaluation); opened here when None.
 
     Returns:
-        The ``baseline.json`` content: per-seed metrics, their mean / std / min / max, chance levels, the image
+        The ``baseline.json`` content (the per-unit outcomes go to ``out/baseline-outcomes.json``, for the paired
+        bootstrap of the model against the baseline): per-seed metrics, their mean / std / min / max, chance levels, the image
         pool chosen on validation and the text checkpoint used.
     """
     import hashlib
@@ -240,22 +242,26 @@ def run_baseline(config, out: str | Path, *, seeds: tuple[int, ...] = (0, 1, 2),
     pool = max(pools, key=pools.get) if pools else "whole"
     result.update(image_pool=pool, pool_selection={"split": "val", "mean_recall": pools})
     fixed: dict[str, Any] = {}
+    classified: dict[str, Any] = {}  # per item: what a paired bootstrap against the model resamples
     for field, short in (("category", "cr"), ("subcategory", "sub")):
         for source in ("image+text", "image"):
             scores = baseline.classify(field, source, pool, ev.split)
+            classified[f"{short}/{source}"] = scores["outcomes"]
             fixed[f"{short}/{source}/accuracy"] = 100 * scores["accuracy"]
             fixed[f"{short}/{source}/macro_f1"] = scores["macro_f1"]
     caption_items = _caption_items(catalogue, store, ev.split, ev.caption_items)
     references = {it.id: [it.description] for it in caption_items}
     java = shutil.which("java") is not None and bool(caption_items)
-    per_seed, histories = [], []
+    per_seed, histories, ranked = [], [], []
     with CaptionScorer() if java else contextlib.nullcontext() as cap:
         for seed in seeds:
             scorer, history = baseline.fit_projection(pool, seed)
             histories.append(history)
-            metrics = dict(evaluate_sample100(scorer, cands, progress=False)["metrics"])
+            sample100 = evaluate_sample100(scorer, cands, progress=False)
+            metrics = dict(sample100["metrics"])
             gallery = evaluate_gallery(scorer, catalogue, available, split=ev.split, rerank_k=0, progress=False)
             metrics.update(gallery["metrics"])
+            ranked.append({"sample100": sample100["outcomes"], "gallery": gallery["outcomes"]})
             if java:
                 hyps = baseline.nearest_captions(scorer, caption_items)
                 metrics.update({f"fc/nearest/{k}": v for k, v in caption_metrics(references, hyps, scorer=cap).items()})
@@ -274,5 +280,18 @@ def run_baseline(config, out: str | Path, *, seeds: tuple[int, ...] = (0, 1, 2),
         std={k: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for k, v in values.items()},
         min={k: float(v.min()) for k, v in values.items()}, max={k: float(v.max()) for k, v in values.items()},
         seconds=round(time.perf_counter() - start, 1))
+    atomic_write_json(out / BASELINE_OUTCOMES_FILE, seed_mean_outcomes(ranked, classified, seeds))
     atomic_write_json(out / BASELINE_FILE, result)
     return result
+
+
+def seed_mean_outcomes(ranked: list[dict[str, Any]], classified: dict[str, Any], seeds: tuple[int, ...]
+                       ) -> dict[str, Any]:
+    """The baseline's per-unit outcomes in ``outcomes.json``'s layout: each query's ``P(rank ≤ K)`` ``(Q, 3)``
+    averaged over the seeds' projections (the expected outcome of one seed), the deterministic classifiers' gold
+    and predicted labels as they are."""
+    out: dict[str, Any] = {"seeds": list(seeds), "classifiers": classified}
+    for protocol in ("sample100", "gallery"):
+        out[protocol] = {key: np.mean([np.asarray(r[protocol][key], dtype=np.float64) for r in ranked], axis=0).tolist()
+                         for key in ranked[0][protocol]}
+    return out

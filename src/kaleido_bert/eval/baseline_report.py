@@ -3,6 +3,10 @@
 :func:`baseline_section` renders the rows of issue 13's table from the model's ``metrics.json`` and the
 baseline's ``baseline.json`` (:mod:`kaleido_bert.eval.baseline`), all in %, between HTML-comment markers, so
 :func:`update_report` can put the section into an existing report (``kaleido baseline RUN``) or replace it.
+Where both per-unit outcome files exist (the model's ``outcomes.json``, the baseline's ``baseline-outcomes.json``:
+its seeds' mean ``P(rank ≤ K)`` per query and its classifiers' predictions) each row also gets model − baseline
+with a paired bootstrap 95% interval over the same test queries and items (:func:`baseline_intervals`), so a row
+the model wins or loses by less than the test set can tell apart says so.
 """
 
 from __future__ import annotations
@@ -12,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from kaleido_bert.atomic import atomic_write_text
+from kaleido_bert.errors import KaleidoError
 
 BASELINE_FILE = "baseline.json"
+BASELINE_OUTCOMES_FILE = "baseline-outcomes.json"
 
 BEGIN, END = "<!-- frozen-baseline -->", "<!-- /frozen-baseline -->"
 ROWS = (  # label, model key(s) in order of preference, baseline key (macro-F1 fractions are shown in %)
@@ -59,8 +65,41 @@ def comparison_rows(metrics: dict[str, Any], baseline: dict[str, Any]) -> list[t
     return rows
 
 
-def baseline_section(metrics: dict[str, Any], baseline: dict[str, Any]) -> list[str]:
-    """The report's "frozen baseline" column beside the model's, between :data:`BEGIN` / :data:`END` markers."""
+def baseline_intervals(out: str | Path, metrics: dict[str, Any], *, resamples: int = 2000
+                       ) -> dict[str, dict[str, float]]:
+    """Model − baseline per row label of :data:`ROWS`, with its paired bootstrap 95% interval
+    (:func:`~kaleido_bert.eval.bootstrap.paired_bootstrap`, macro-F1 in points), for the rows whose model metric
+    (the one :func:`comparison_rows` shows) both outcome files in ``out`` cover; ``{}`` without them. Rows over
+    different test items (another candidate draw or split) are left out rather than paired wrongly."""
+    from kaleido_bert.eval.bootstrap import OUTCOMES_FILE, available_metrics, paired_bootstrap
+
+    out = Path(out)
+    if not (out / OUTCOMES_FILE).is_file() or not (out / BASELINE_OUTCOMES_FILE).is_file():
+        return {}
+    model, base = (json.loads((out / name).read_text()) for name in (OUTCOMES_FILE, BASELINE_OUTCOMES_FILE))
+    have_model, have_base = set(available_metrics(model)), set(available_metrics(base))
+    found = {}
+    for label, model_keys, key in ROWS:
+        shown = next((k for k in model_keys if k in metrics), None)
+        if shown is None or shown not in have_model or key not in have_base:
+            continue
+        classifier = shown.rpartition("/")[0]
+        if classifier in model.get("classifiers", {}) and \
+                model["classifiers"][classifier].get("ids") != base["classifiers"][classifier].get("ids"):
+            continue
+        scale = 100.0 if key.endswith("macro_f1") else 1.0
+        try:
+            result = paired_bootstrap(base, model, key, metric_b=shown, resamples=resamples)
+        except KaleidoError:  # another candidate draw or test split: not the same units
+            continue
+        found[label] = {name: result[name] * scale for name in ("diff", "low", "high")}
+    return found
+
+
+def baseline_section(metrics: dict[str, Any], baseline: dict[str, Any],
+                     intervals: dict[str, dict[str, float]] | None = None) -> list[str]:
+    """The report's "frozen baseline" column beside the model's, between :data:`BEGIN` / :data:`END` markers;
+    with ``intervals`` (:func:`baseline_intervals`) a column of model − baseline and its 95% interval."""
     def fmt(v: Any) -> str:
         return "–" if v is None else f"{v:.1f}"
 
@@ -71,13 +110,37 @@ def baseline_section(metrics: dict[str, Any], baseline: dict[str, Any]) -> list[
              "logistic regression for CR/SUB; captions = the nearest training description. Same test items and "
              f"candidate lists as the model; mean ± std over seeds {seeds}. All values in %. Chance: a random "
              "ranking, the training majority class, a random training description. The model's full-gallery rows "
-             "are after ITM re-ranking when the run has it.", "",
-             "| metric | chance | frozen baseline | kaleido-bert |", "|---|---|---|---|"]
+             "are after ITM re-ranking when the run has it.", ""]
+    if intervals:
+        lines += [f"kaleido − baseline: {INTERVAL_NOTE}", "",
+                  "| metric | chance | frozen baseline | kaleido-bert | kaleido − baseline [95% interval] |",
+                  "|---|---|---|---|---|"]
+    else:
+        lines += ["| metric | chance | frozen baseline | kaleido-bert |", "|---|---|---|---|"]
     for label, chance, mean, std, model in comparison_rows(metrics, baseline):
         base = "–" if mean is None else f"{mean:.1f} ± {std:.1f}"
         won = model is not None and mean is not None and model > mean
-        lines.append(f"| {label} | {fmt(chance)} | {base} | {('**' + fmt(model) + '**') if won else fmt(model)} |")
+        row = f"| {label} | {fmt(chance)} | {base} | {('**' + fmt(model) + '**') if won else fmt(model)} |"
+        if intervals:
+            row += f" {format_interval(intervals.get(label))} |"
+        lines.append(row)
     return [*lines, "", END, ""]
+
+
+INTERVAL_NOTE = ("paired bootstrap (2,000 resamples) over the same test queries and items, against the baseline "
+                 "seeds' mean outcome per query, so the interval holds the test set's sampling and not the "
+                 "baseline's seed spread; macro-F1 there averages over the classes present in each resample's "
+                 "gold or predictions, not the whole label map, so its Δ can differ from the columns'.")
+"""How the model − baseline intervals are made (one owner: the report and the quality benchmark print it)."""
+
+
+def format_interval(found: dict[str, float] | None) -> str:
+    """``+1.2 [-0.3, +2.6]`` (``resolved`` marks an interval that excludes 0); ``–`` without one."""
+    if found is None:
+        return "–"
+    resolved = found["low"] > 0 or found["high"] < 0
+    text = f"{found['diff']:+.1f} [{found['low']:+.1f}, {found['high']:+.1f}]"
+    return f"**{text}**" if resolved else text
 
 
 def load_baseline(out: str | Path) -> dict[str, Any] | None:
@@ -92,7 +155,8 @@ def update_report(out: str | Path) -> Path | None:
     if baseline is None or not report.is_file() or not metrics_path.is_file():
         return None
     text = report.read_text()
-    section = "\n".join(baseline_section(json.loads(metrics_path.read_text()), baseline))
+    metrics = json.loads(metrics_path.read_text())
+    section = "\n".join(baseline_section(metrics, baseline, baseline_intervals(out, metrics)))
     if BEGIN in text and END in text:
         head, rest = text.split(BEGIN, 1)
         text = head + section + rest.split(END, 1)[1].lstrip("\n")

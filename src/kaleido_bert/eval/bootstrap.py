@@ -6,9 +6,12 @@ classified items (gold and predicted labels). Each of ``resamples`` bootstrap dr
 replacement, the same units for both models, and recomputes the metric of both; the interval is the 2.5–97.5
 percentile of the differences (Efron & Tibshirani 1993; Koehn 2004 for the paired form).
 
-Metrics: ``sample100/SumR`` (both directions' queries resampled independently), ``{itr,tir}_gallery/mean_recall``,
+Metrics: ``sample100/SumR`` (both directions' queries resampled independently), ``{itr,tir}_gallery/mean_recall``
+(and ``{itr,tir}_gallery_rerank/mean_recall``, after ITM re-ranking, where the evaluation re-ranked),
 ``{cr,sub}/{input}/accuracy`` and ``…/macro_f1`` (macro-F1 over the classes present in the resampled gold or
-predictions, as :func:`~kaleido_bert.eval.metrics.classification_metrics`).
+predictions, not over the whole label map as :func:`~kaleido_bert.data.label_scores.classification_metrics`:
+a resample has no fixed label set). The two sides may read different metrics of the same units
+(``paired_bootstrap(..., metric_b=...)``: the model's re-ranked gallery against a baseline that never re-ranks).
 Shapes: per-query outcomes ``(Q, 3)``; labels ``(N,)``.
 """
 
@@ -55,9 +58,9 @@ def _macro_f1(gold: np.ndarray, pred: np.ndarray) -> float:
 def _statistic(metric: str, data: dict[str, Any], picks: dict[str, np.ndarray]) -> float:
     if metric == "sample100/SumR":
         return 100 * sum(float(np.asarray(data["sample100"][d])[picks[d]].mean(0).sum()) for d in ("itr", "tir"))
-    if metric.endswith("_gallery/mean_recall"):
+    if metric.endswith("/mean_recall"):
         key = metric.split("/")[0]
-        return 100 * float(np.asarray(data["gallery"][key])[picks[key]].mean())
+        return 100 * float(np.asarray(data["gallery"][key])[picks[_axis(metric)]].mean())
     key, _, name = metric.rpartition("/")
     gold = np.asarray(data["classifiers"][key]["gold"])[picks[key]]
     pred = np.asarray(data["classifiers"][key]["pred"])[picks[key]]
@@ -68,14 +71,23 @@ def _statistic(metric: str, data: dict[str, Any], picks: dict[str, np.ndarray]) 
     raise KaleidoError(f"no bootstrap for metric {metric!r}")
 
 
+def _axis(metric: str) -> str:
+    """The resampled axis of a gallery metric: its direction's queries, re-ranked or not."""
+    return metric.split("_gallery")[0] + "_gallery"
+
+
 def _units(metric: str, data: dict[str, Any]) -> dict[str, int]:
     """How many units each resampled axis of ``metric`` has (one axis per direction or per classifier)."""
     if metric == "sample100/SumR":
         return {d: len(data["sample100"][d]) for d in ("itr", "tir")}
-    if metric.endswith("_gallery/mean_recall"):
+    if metric.endswith("/mean_recall"):
         key = metric.split("/")[0]
-        return {key: len(data["gallery"][key])}
+        if key not in data.get("gallery", {}):
+            raise KaleidoError(f"{metric}: the outcomes have no {key!r} queries")
+        return {_axis(metric): len(data["gallery"][key])}
     key = metric.rpartition("/")[0]
+    if key not in data.get("classifiers", {}):
+        raise KaleidoError(f"{metric}: the outcomes have no {key!r} classifier")
     return {key: len(data["classifiers"][key]["gold"])}
 
 
@@ -88,13 +100,15 @@ def available_metrics(data: dict[str, Any]) -> list[str]:
     return out
 
 
-def paired_bootstrap(a: dict[str, Any], b: dict[str, Any], metric: str, *, resamples: int = 2000,
-                     seed: int = 0) -> dict[str, float]:
-    """``metric(b) − metric(a)`` with its paired bootstrap 95% interval.
+def paired_bootstrap(a: dict[str, Any], b: dict[str, Any], metric: str, *, metric_b: str | None = None,
+                     resamples: int = 2000, seed: int = 0) -> dict[str, float]:
+    """``metric_b(b) − metric(a)`` with its paired bootstrap 95% interval.
 
     Args:
         a, b: two outcomes dicts over the same units (same queries in the same order, same items).
         metric: one of :func:`available_metrics`.
+        metric_b: the metric read from ``b`` (default ``metric``), of the same units: for example
+            ``itr_gallery_rerank/mean_recall`` against ``a``'s ``itr_gallery/mean_recall``.
         resamples: bootstrap draws.
         seed: the draws' seed (the same seed gives the same interval).
 
@@ -105,17 +119,18 @@ def paired_bootstrap(a: dict[str, Any], b: dict[str, Any], metric: str, *, resam
     Raises:
         KaleidoError: the two outcome sets cover different numbers of units (not the same candidates or items).
     """
-    units = _units(metric, a)
-    if units != _units(metric, b):
-        raise KaleidoError(f"{metric}: the two evaluations cover different units ({units} vs {_units(metric, b)}); "
+    metric_b = metric_b or metric
+    units, units_b = _units(metric, a), _units(metric_b, b)
+    if units != units_b:
+        raise KaleidoError(f"{metric_b}: the two evaluations cover different units ({units} vs {units_b}); "
                            "evaluate both on the same candidates and items")
     full = {k: np.arange(n) for k, n in units.items()}
-    point_a, point_b = _statistic(metric, a, full), _statistic(metric, b, full)
+    point_a, point_b = _statistic(metric, a, full), _statistic(metric_b, b, full)
     rng = np.random.default_rng(seed)
     diffs = np.empty(resamples)
     for r in range(resamples):
         picks = {k: rng.integers(0, n, n) for k, n in units.items()}
-        diffs[r] = _statistic(metric, b, picks) - _statistic(metric, a, picks)
+        diffs[r] = _statistic(metric_b, b, picks) - _statistic(metric, a, picks)
     low, high = np.percentile(diffs, [2.5, 97.5])
     return {"a": point_a, "b": point_b, "diff": point_b - point_a, "low": float(low), "high": float(high),
             "p_not_above": float(np.mean(diffs <= 0))}

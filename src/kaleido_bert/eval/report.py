@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kaleido_bert.atomic import atomic_write_text
-from kaleido_bert.eval.baseline_report import baseline_section, load_baseline
+from kaleido_bert.eval.baseline_report import baseline_intervals, baseline_section, load_baseline
 
 # Fashion-Gen numbers from the paper (Table 2, Table 3; Kaleido-BERT's Table 2 column equals Table 4's "Kaleido+SOD").
 PAPER_TABLE2 = {
@@ -190,7 +190,7 @@ def write_report(metrics: dict[str, Any], extras: dict[str, Any], config, out: s
     baseline = load_baseline(out)
     if baseline is not None:  # the frozen dual-encoder column (issue 13), before the paper's tables
         at = lines.index("## Table 2: image↔text retrieval, sample-100 protocol")
-        lines[at:at] = baseline_section(metrics, baseline)
+        lines[at:at] = baseline_section(metrics, baseline, baseline_intervals(out, metrics))
     sources = metrics.get("sample100/sources")
     if sources:
         lines += [f"Where negatives came from (counts): {sources}.", ""]

@@ -311,6 +311,8 @@ def evaluate_gallery(scorer: PairScorer, catalogue: Catalogue, available: set[st
             reranked = [r + [int(g) for g in top[q, rerank_k:]]
                         for q, r in enumerate(_rerank(scorer, head, pair_of, desc=f"{direction.upper()} re-rank",
                                                       progress=progress))]
-            for name, value in ranked_recall(reranked, positives).items():
+            per_query = []
+            for name, value in ranked_recall(reranked, positives, per_query_out=per_query).items():
                 metrics[f"{direction}_gallery_rerank/{name}"] = 100 * value
+            outcomes[f"{direction}_gallery_rerank"] = per_query[0].tolist()
     return {"metrics": metrics, "outcomes": outcomes}

@@ -19,6 +19,13 @@ the BERT checkpoint's ``config.json`` as a dict; ``finetune.sentence``): a froze
 the real tokens, ``(B, S)``: the text features the frozen baseline classifies, which pre-training would otherwise
 drift (MLM through a new head). Image-only inputs give it a lone ``[CLS]``, the same vector for every item.
 
+The wide head can also carry a **frozen member** (``config.classifier_frozen_member``; ``finetune.probe_mix``), an
+output ensemble in the manner of WiSE-FT (Wortsman et al. 2022) against distribution shift: a second, frozen
+``Linear`` over the frozen columns of the standardised head input (the colour feature and the sentence embedding,
+the inputs the frozen baseline classifies), fitted by the linear probe and never fine-tuned. The logits are then
+``α · log_softmax(head) + (1 − α) · log_softmax(member)``, ``α`` the persistent buffer ``frozen_mix`` (1 = the head
+alone) that the probe chooses on validation.
+
 Shapes: text ``(B, T)`` (T = 1 image-only), patches ``(B, 55, F)``, head input ``(B, H)`` (H = D pooled,
 3D+F wide, 3D+F+S wide with the sentence), logits ``(B, C)``, labels ``(B,)``.
 The label map is the training catalogue's ``labels.json`` (``config.label2id``); an item whose label is missing from
@@ -66,6 +73,14 @@ class KaleidoBertForClassification(KaleidoBertPreTrainedModel):
         if self.head_type == "wide":  # standardisation of the head input, saved with the weights
             self.register_buffer("feature_mean", torch.zeros(self.head_size))
             self.register_buffer("feature_std", torch.ones(self.head_size))
+        self.frozen_member = bool(getattr(config, "classifier_frozen_member", False))
+        if self.frozen_member:
+            if self.head_type != "wide":
+                raise KaleidoError("the frozen member (finetune.probe_mix below 1) reads the wide head's frozen "
+                                   "columns: set finetune.head=wide")
+            self.frozen_classifier = nn.Linear(self.head_size - self.frozen_start, config.num_labels)
+            self.frozen_classifier.requires_grad_(False)
+            self.register_buffer("frozen_mix", torch.ones(()))  # α: the head's weight in the ensemble
         # per-class loss weights (C,) set by fine-tuning (finetune.class_weights); not saved with the weights
         self.register_buffer("class_weight", None, persistent=False)
         self.post_init()
@@ -92,14 +107,21 @@ class KaleidoBertForClassification(KaleidoBertPreTrainedModel):
         sentence = 0 if self.sentence is None else self.sentence.config.hidden_size
         return 3 * d + self.config.patch_feature_size + sentence
 
+    @property
+    def frozen_start(self) -> int:
+        """The first frozen column of the wide head input (3D): the colour feature, then the sentence embedding."""
+        return 3 * self.config.hidden_size
+
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """As the encoder's; transformers' loading makes parameters trainable again, so the sentence encoder is
-        frozen once more."""
+        """As the encoder's; transformers' loading makes parameters trainable again, so the sentence encoder and
+        the frozen member are frozen once more."""
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, info) with output_loading_info
         if model.sentence is not None:
             model.sentence.requires_grad_(False)
+        if model.frozen_member:
+            model.frozen_classifier.requires_grad_(False)
         return loaded
 
     def train(self, mode: bool = True) -> KaleidoBertForClassification:
@@ -140,6 +162,8 @@ class KaleidoBertForClassification(KaleidoBertPreTrainedModel):
             with torch.no_grad():
                 self.feature_mean.zero_()
                 self.feature_std.fill_(1.0)
+                if self.frozen_member:
+                    self.frozen_mix.fill_(1.0)
 
     def head_input(self, batch: dict[str, Tensor]) -> Tensor:
         """The encoder's features the head reads, ``(B, H)``, before standardisation."""
@@ -162,7 +186,12 @@ class KaleidoBertForClassification(KaleidoBertPreTrainedModel):
         """Logits ``(B, C)`` of head inputs ``(B, H)`` (standardised first by the wide head)."""
         if self.head_type == "wide":
             features = (features - self.feature_mean) / self.feature_std
-        return self.classifier(self.dropout(features))
+        logits = self.classifier(self.dropout(features))
+        if not self.frozen_member:
+            return logits
+        member = self.frozen_classifier(features[:, self.frozen_start:])
+        mix = self.frozen_mix
+        return mix * F.log_softmax(logits.float(), -1) + (1 - mix) * F.log_softmax(member.float(), -1)
 
     @torch.no_grad()
     def load_linear(self, weight: Tensor, bias: Tensor, mean: Tensor, std: Tensor) -> None:
@@ -177,6 +206,22 @@ class KaleidoBertForClassification(KaleidoBertPreTrainedModel):
             bias = bias - weight @ mean
         self.classifier.weight.copy_(weight)
         self.classifier.bias.copy_(bias)
+
+    @torch.no_grad()
+    def load_frozen_member(self, weight: Tensor, bias: Tensor, mix: float) -> None:
+        """Install the frozen member ``weight (C, H − 3D) · z[:, 3D:] + bias (C,)`` (``z`` the head input
+        standardised by the buffers :meth:`load_linear` set) and its ensemble weight ``1 − mix``.
+
+        Raises:
+            KaleidoError: a model without the frozen member, or ``mix`` outside (0, 1].
+        """
+        if not self.frozen_member:
+            raise KaleidoError("this classifier has no frozen member (config.classifier_frozen_member is unset)")
+        if not 0 < mix <= 1:
+            raise KaleidoError(f"the head's ensemble weight {mix} must be in (0, 1]")
+        self.frozen_classifier.weight.copy_(weight)
+        self.frozen_classifier.bias.copy_(bias)
+        self.frozen_mix.fill_(float(mix))
 
     def forward(self, batch: dict[str, Tensor]) -> ClassificationOutput:
         logits = self.head_logits(self.head_input(batch))

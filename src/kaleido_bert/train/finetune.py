@@ -91,6 +91,8 @@ def build_task(task: str, config: RunConfig, checkpoint: Path, tokenizer, *, ima
 
         label2id = label_map(catalogue.labels, task)
         head = {"classifier_head": "wide"} if config.finetune.head == "wide" else {}  # pooled: config.json as ever
+        if config.finetune.frozen_member:
+            head["classifier_frozen_member"] = True
         # the frozen text initialisation (kept in config.json to rebuild it); an image-only input has no text
         sentence_dir = resolve_bert_dir(config.model.init) if config.finetune.sentence and not image_only else None
         if sentence_dir is not None:
@@ -188,9 +190,11 @@ def probe_head(model, train_set, val_set, collate_fn, config: RunConfig, out_dir
         return json.loads(record.read_text()) if record.is_file() else None
     probe = fit_probe(model, train_set, val_set, collate_fn, batch_size=config.eval.batch_size,
                       device=dist.device(), class_weight=model.class_weight, c_values=config.finetune.probe_c,
+                      mixes=config.finetune.probe_mix,
                       progress=progress and dist.is_main(), num_workers=config.data.num_workers)
     if progress and dist.is_main():
-        tqdm.write(f"[probe] {probe['items']} items, C {probe['c']}, train accuracy {probe['train_accuracy']}, "
+        member = f", head weight α {probe['mix']} (member C {probe['frozen_c']})" if "mix" in probe else ""
+        tqdm.write(f"[probe] {probe['items']} items, C {probe['c']}{member}, train accuracy {probe['train_accuracy']}, "
                    f"val accuracy {probe['val_accuracy']}, {probe['seconds']} s")
     if dist.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)

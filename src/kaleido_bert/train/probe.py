@@ -11,6 +11,11 @@ validation split) and installs it with
 standardisation as its buffers, the pooled head folds it into its ``Linear``). Classes absent from the training
 split get a zero weight row and the bias :data:`ABSENT_BIAS`, so they are never predicted.
 
+With ``mixes`` below 1 (``finetune.probe_mix``) and a model that carries the frozen member, a second logistic
+regression is fitted on the frozen columns alone (the colour feature and the sentence embedding; same C grid), and
+every (head C, member C, α) is scored on validation with the ensemble's predictions; α = 1 (the head alone) is
+scored once and comes first, so a tie keeps the plain head.
+
 Shapes: head inputs ``X (N, H)`` float64, labels ``y (N,)``, mean / std ``(H,)``, weight ``(C, H)``, bias ``(C,)``.
 """
 
@@ -102,22 +107,36 @@ def head_predictions(model: KaleidoBertForClassification, x: np.ndarray) -> np.n
     return logits.argmax(-1).cpu().numpy()
 
 
+def log_probs(x: np.ndarray, fitted: tuple) -> np.ndarray:
+    """Log-probabilities ``(N, C)`` of a :func:`fit_linear` classifier on its (unstandardised) inputs ``x``."""
+    weight, bias, mean, std = fitted[:4]
+    z = ((x - mean) / std) @ weight.T + bias
+    z -= z.max(1, keepdims=True)
+    return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+
 def fit_probe(model: KaleidoBertForClassification, train_set: Dataset, val_set: Dataset | None,
               collate_fn: Callable, *, batch_size: int, device: torch.device, class_weight: Tensor | None = None,
-              c_values: Sequence[float] = (PROBE_C,), progress: bool = True, num_workers: int = 0
-              ) -> dict[str, Any]:
+              c_values: Sequence[float] = (PROBE_C,), mixes: Sequence[float] = (1.0,), progress: bool = True,
+              num_workers: int = 0) -> dict[str, Any]:
     """Fit ``model``'s head by a linear probe on the frozen encoder's features of ``train_set``, in place; with
-    several ``c_values`` the one that scores best on ``val_set`` (accuracy + macro-F1) is installed.
+    several ``c_values`` (and ``mixes``, for a model with the frozen member) the one that scores best on
+    ``val_set`` (accuracy + macro-F1) is installed.
 
     Returns:
         ``{"c", "train_accuracy", "val_accuracy" (None without a validation split), "val_macro_f1", "items",
-        "converged", "seconds", "grid"}`` (``grid``: each C's validation accuracy and macro-F1), accuracies and
-        F1 as fractions, as the installed head predicts.
+        "converged", "seconds", "grid"}`` (``grid``: each setting's validation accuracy and macro-F1), accuracies
+        and F1 as fractions, as the installed head predicts; with the frozen member also ``"mix"`` (α) and
+        ``"frozen_c"`` (None at α = 1).
 
     Raises:
-        KaleidoError: an empty training split.
+        KaleidoError: an empty training split, or ``mixes`` below 1 for a model without the frozen member.
     """
     started = time.perf_counter()
+    member_mixes = [float(m) for m in mixes if m < 1]
+    if member_mixes and not model.frozen_member:
+        raise KaleidoError("finetune.probe_mix below 1 needs the classifier's frozen member "
+                           "(config.classifier_frozen_member)")
     if len(train_set) == 0:
         raise KaleidoError("the linear probe (finetune.probe) needs training items: the train split has none "
                            "with features")
@@ -127,26 +146,43 @@ def fit_probe(model: KaleidoBertForClassification, train_set: Dataset, val_set: 
     if val_set is not None and len(val_set) > 0:
         vx, vy = head_features(model, val_set, collate_fn, batch_size=batch_size, device=device,
                                progress=progress, num_workers=num_workers, desc="probe val")
-    best: tuple[float, int, Any] | None = None
+    num_labels, start = model.config.num_labels, model.frozen_start if model.frozen_member else 0
+    fits = [fit_linear(x, y, num_labels, class_weight=class_weight, c=float(c))
+            for c in tqdm(list(c_values), desc="probe C", unit="fit", disable=not progress, leave=False)]
+    members = [fit_linear(x[:, start:], y, num_labels, class_weight=class_weight, c=float(c))
+               for c in tqdm(list(c_values) if member_mixes else [], desc="probe member C", unit="fit",
+                             disable=not progress, leave=False)]
+    settings = [(i, None, 1.0) for i in range(len(fits))]  # (head fit, member fit, α): the head alone first
+    settings += [(i, j, m) for m in member_mixes for i in range(len(fits)) for j in range(len(members))]
+    heads = [log_probs(vx, f) for f in fits] if vx is not None else []
+    tails = [log_probs(vx[:, start:], f) for f in members] if vx is not None else []
+    best: tuple[float, int] | None = None
     grid = []
-    for rank, c in enumerate(tqdm(list(c_values), desc="probe C", unit="fit", disable=not progress, leave=False)):
-        fitted = fit_linear(x, y, model.config.num_labels, class_weight=class_weight, c=float(c))
-        model.load_linear(*(torch.from_numpy(a).float() for a in fitted[:4]))
-        score, entry = 0.0, {"c": float(c), "val_accuracy": None, "val_macro_f1": None}
+    for rank, (i, j, mix) in enumerate(settings):
+        entry: dict[str, Any] = {"c": float(c_values[i]), "val_accuracy": None, "val_macro_f1": None}
+        if model.frozen_member:
+            entry.update(mix=mix, frozen_c=None if j is None else float(c_values[j]))
+        score = 0.0
         if vx is not None:
-            scores = classification_metrics(vy, head_predictions(model, vx), model.config.num_labels)
+            logp = heads[i] if j is None else mix * heads[i] + (1 - mix) * tails[j]
+            scores = classification_metrics(vy, logp.argmax(1), num_labels)
             entry["val_accuracy"] = round(scores["accuracy"], 5)
             entry["val_macro_f1"] = round(scores["macro_f1"], 5)
             score = entry["val_accuracy"] + entry["val_macro_f1"]
         grid.append(entry)
         if best is None or score > best[0]:
-            best = (score, rank, fitted)
+            best = (score, rank)
     assert best is not None  # c_values is non-empty (the config refuses an empty list)
-    _, rank, (weight, bias, mean, std, converged) = best
+    rank = best[1]
+    i, j, mix = settings[rank]
+    weight, bias, mean, std, converged = fits[i]
     model.load_linear(*(torch.from_numpy(a).float() for a in (weight, bias, mean, std)))
-    result: dict[str, Any] = {"c": grid[rank]["c"],
+    if model.frozen_member:
+        member = members[j] if j is not None else (np.zeros((num_labels, x.shape[1] - start)), np.zeros(num_labels))
+        model.load_frozen_member(torch.from_numpy(member[0]).float(), torch.from_numpy(member[1]).float(), mix)
+        converged = converged and (j is None or members[j][4])
+    result: dict[str, Any] = {**grid[rank],
                               "train_accuracy": round(float(np.mean(head_predictions(model, x) == y)), 5),
-                              "val_accuracy": grid[rank]["val_accuracy"], "val_macro_f1": grid[rank]["val_macro_f1"],
                               "items": len(y), "converged": converged, "grid": grid}
     result["seconds"] = round(time.perf_counter() - started, 2)
     return result
