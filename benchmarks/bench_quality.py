@@ -324,6 +324,7 @@ def stage_report(work: Path, config) -> dict:
         comparison_rows,
         format_interval,
         load_baseline,
+        resolved_sign,
     )
 
     report = work / "run" / "report"
@@ -373,8 +374,8 @@ def stage_report(work: Path, config) -> dict:
                      f"{'–' if win is None else 'yes' if win else '**no**'} | {format_interval(intervals.get(label))} |")
     losing = [label for label, win in wins if win is False]
     decided = [label for label, win in wins if win is not None]
-    resolved_below = [label for label in losing if label in intervals and intervals[label]["high"] < 0]
-    resolved_above = [label for label, win in wins if win and label in intervals and intervals[label]["low"] > 0]
+    resolved_below = [label for label in losing if label in intervals and resolved_sign(intervals[label]) < 0]
+    resolved_above = [label for label, win in wins if win and label in intervals and resolved_sign(intervals[label]) > 0]
     feats = _features_summary(work)
     feature_line = (f"Feature extraction (reported apart, not part of the recipe's budget): {feats['done']:,} images "
                     f"in {feats['seconds']:.0f} s ({feats['images_per_s']:.2f} images/s, EfficientNet-Lite0 roi)."

@@ -84,3 +84,7 @@ def test_a_reranked_gallery_pairs_with_a_plain_one_and_missing_keys_are_refused(
         paired_bootstrap(plain, model, "tir_gallery/mean_recall")
     with pytest.raises(KaleidoError, match="no 'cr/image' classifier"):
         paired_bootstrap(plain, model, "cr/image/accuracy")
+    plain["classifiers"]["sub/image+text"]["ids"] = [f"i{k}" for k in range(53)]
+    model["classifiers"]["sub/image+text"]["ids"] = [f"i{k}" for k in range(1, 54)]
+    with pytest.raises(KaleidoError, match="classified different items"):
+        paired_bootstrap(plain, model, "sub/image+text/accuracy")

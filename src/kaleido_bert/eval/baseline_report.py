@@ -83,14 +83,10 @@ def baseline_intervals(out: str | Path, metrics: dict[str, Any], *, resamples: i
         shown = next((k for k in model_keys if k in metrics), None)
         if shown is None or shown not in have_model or key not in have_base:
             continue
-        classifier = shown.rpartition("/")[0]
-        if classifier in model.get("classifiers", {}) and \
-                model["classifiers"][classifier].get("ids") != base["classifiers"][classifier].get("ids"):
-            continue
         scale = 100.0 if key.endswith("macro_f1") else 1.0
         try:
             result = paired_bootstrap(base, model, key, metric_b=shown, resamples=resamples)
-        except KaleidoError:  # another candidate draw or test split: not the same units
+        except KaleidoError:  # another candidate draw or test split: not the same units or items
             continue
         found[label] = {name: result[name] * scale for name in ("diff", "low", "high")}
     return found
@@ -134,13 +130,17 @@ INTERVAL_NOTE = ("paired bootstrap (2,000 resamples) over the same test queries 
 """How the model − baseline intervals are made (one owner: the report and the quality benchmark print it)."""
 
 
+def resolved_sign(found: dict[str, float]) -> int:
+    """+1 when the interval lies above 0, −1 below, 0 when it spans 0."""
+    return 1 if found["low"] > 0 else -1 if found["high"] < 0 else 0
+
+
 def format_interval(found: dict[str, float] | None) -> str:
-    """``+1.2 [-0.3, +2.6]`` (``resolved`` marks an interval that excludes 0); ``–`` without one."""
+    """``+1.2 [-0.3, +2.6]``, in bold when the interval excludes 0; ``–`` without one."""
     if found is None:
         return "–"
-    resolved = found["low"] > 0 or found["high"] < 0
     text = f"{found['diff']:+.1f} [{found['low']:+.1f}, {found['high']:+.1f}]"
-    return f"**{text}**" if resolved else text
+    return f"**{text}**" if resolved_sign(found) else text
 
 
 def load_baseline(out: str | Path) -> dict[str, Any] | None:

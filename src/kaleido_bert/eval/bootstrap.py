@@ -117,13 +117,19 @@ def paired_bootstrap(a: dict[str, Any], b: dict[str, Any], metric: str, *, metri
         97.5 percentiles of the resampled differences and the share of draws where ``b`` is not above ``a``.
 
     Raises:
-        KaleidoError: the two outcome sets cover different numbers of units (not the same candidates or items).
+        KaleidoError: the two outcome sets cover different numbers of units (not the same candidates or items),
+            or classified items with different ids.
     """
     metric_b = metric_b or metric
     units, units_b = _units(metric, a), _units(metric_b, b)
     if units != units_b:
         raise KaleidoError(f"{metric_b}: the two evaluations cover different units ({units} vs {units_b}); "
                            "evaluate both on the same candidates and items")
+    for key in units:  # classified items: the same ids in the same order where both record them
+        ids_a, ids_b = (d.get("classifiers", {}).get(key, {}).get("ids") for d in (a, b))
+        if ids_a is not None and ids_b is not None and ids_a != ids_b:
+            raise KaleidoError(f"{metric_b}: the two evaluations classified different items; evaluate both on the "
+                               "same test split")
     full = {k: np.arange(n) for k, n in units.items()}
     point_a, point_b = _statistic(metric, a, full), _statistic(metric_b, b, full)
     rng = np.random.default_rng(seed)

@@ -14,7 +14,8 @@ split get a zero weight row and the bias :data:`ABSENT_BIAS`, so they are never 
 With ``mixes`` below 1 (``finetune.probe_mix``) and a model that carries the frozen member, a second logistic
 regression is fitted on the frozen columns alone (the colour feature and the sentence embedding; same C grid), and
 every (head C, member C, α) is scored on validation with the ensemble's predictions; α = 1 (the head alone) is
-scored once and comes first, so a tie keeps the plain head.
+scored once and comes first, so a tie keeps the plain head (without a validation split nothing can choose the
+member, so it is not fitted and α stays 1).
 
 Shapes: head inputs ``X (N, H)`` float64, labels ``y (N,)``, mean / std ``(H,)``, weight ``(C, H)``, bias ``(C,)``.
 """
@@ -109,10 +110,10 @@ def head_predictions(model: KaleidoBertForClassification, x: np.ndarray) -> np.n
 
 def log_probs(x: np.ndarray, fitted: tuple) -> np.ndarray:
     """Log-probabilities ``(N, C)`` of a :func:`fit_linear` classifier on its (unstandardised) inputs ``x``."""
+    from scipy.special import log_softmax
+
     weight, bias, mean, std = fitted[:4]
-    z = ((x - mean) / std) @ weight.T + bias
-    z -= z.max(1, keepdims=True)
-    return z - np.log(np.exp(z).sum(1, keepdims=True))
+    return log_softmax(((x - mean) / std) @ weight.T + bias, axis=1)
 
 
 def fit_probe(model: KaleidoBertForClassification, train_set: Dataset, val_set: Dataset | None,
@@ -149,9 +150,9 @@ def fit_probe(model: KaleidoBertForClassification, train_set: Dataset, val_set: 
     num_labels, start = model.config.num_labels, model.frozen_start if model.frozen_member else 0
     fits = [fit_linear(x, y, num_labels, class_weight=class_weight, c=float(c))
             for c in tqdm(list(c_values), desc="probe C", unit="fit", disable=not progress, leave=False)]
+    member_cs = list(c_values) if member_mixes and vx is not None else []  # only validation can choose a member
     members = [fit_linear(x[:, start:], y, num_labels, class_weight=class_weight, c=float(c))
-               for c in tqdm(list(c_values) if member_mixes else [], desc="probe member C", unit="fit",
-                             disable=not progress, leave=False)]
+               for c in tqdm(member_cs, desc="probe member C", unit="fit", disable=not progress, leave=False)]
     settings = [(i, None, 1.0) for i in range(len(fits))]  # (head fit, member fit, α): the head alone first
     settings += [(i, j, m) for m in member_mixes for i in range(len(fits)) for j in range(len(members))]
     heads = [log_probs(vx, f) for f in fits] if vx is not None else []
