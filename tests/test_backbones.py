@@ -15,6 +15,7 @@ from kaleido_bert.patches.backbones import (
     available_backbones,
     build_backbone,
     convert_efficientnet_pytorch_state_dict,
+    fold_batch_norms,
 )
 
 HAS_TIMM = "efficientnet_lite0" in available_backbones()
@@ -32,7 +33,7 @@ def _lite0_package_file() -> str:
 @pytest.fixture(scope="module")
 def resnet():
     torch.manual_seed(0)
-    return build_backbone("resnet50", "none")
+    return build_backbone("resnet50", "none", fold_norms=False)  # its state dict is written as a weights file
 
 
 @pytest.mark.parametrize("name", ["resnet50", pytest.param("efficientnet_lite0", marks=needs_timm)])
@@ -63,7 +64,7 @@ def test_rejects_non_image_input(resnet):
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_local_resnet_weights_round_trip(tmp_path, resnet, suffix):
-    state = {f"module.{key}": value.clone() for key, value in resnet.net.state_dict().items()}
+    state = {f"module.{key}": value.contiguous() for key, value in resnet.net.state_dict().items()}  # NHWC weights
     path = tmp_path / f"resnet50{suffix}"
     if suffix == ".safetensors":
         from safetensors.torch import save_file
@@ -72,7 +73,7 @@ def test_local_resnet_weights_round_trip(tmp_path, resnet, suffix):
     else:
         torch.save({"state_dict": state, "epoch": 3}, path)
     torch.manual_seed(123)
-    loaded = build_backbone("resnet50", str(path))
+    loaded = build_backbone("resnet50", str(path), fold_norms=False)
     images = torch.rand(2, 3, 64, 64)
     with torch.inference_mode():
         torch.testing.assert_close(loaded.pooled(images), resnet.pooled(images), rtol=0, atol=0)
@@ -107,7 +108,7 @@ def test_resnet_imagenet_offline_asks_for_local_file(tmp_path, monkeypatch):
 @needs_timm
 def test_efficientnet_lite0_imagenet_uses_every_key():
     source = torch.load(_lite0_package_file(), map_location="cpu", weights_only=True)
-    backbone = build_backbone("efficientnet_lite0", "imagenet")
+    backbone = build_backbone("efficientnet_lite0", "imagenet", fold_norms=False)
     assert backbone.mean == TF_LITE_MEAN and backbone.std == TF_LITE_STD
     loaded = backbone.net.state_dict()
     assert len(loaded) == len(source) - 2  # everything but the _fc classifier
@@ -128,13 +129,14 @@ def test_efficientnet_lite0_imagenet_uses_every_key():
 @needs_timm
 def test_efficientnet_lite0_local_file_either_layout(tmp_path):
     package_file = _lite0_package_file()
-    reference = build_backbone("efficientnet_lite0", "imagenet")
+    reference = build_backbone("efficientnet_lite0", "imagenet", fold_norms=False)
     torch.save({f"module.{k}": v for k, v in reference.net.state_dict().items()}, tmp_path / "timm.pth")
     images = torch.rand(2, 3, 64, 64)
     with torch.inference_mode():
         expected = reference.pooled(images)
         for path in (str(tmp_path / "timm.pth"), package_file):
-            torch.testing.assert_close(build_backbone("efficientnet_lite0", path).pooled(images), expected)
+            loaded = build_backbone("efficientnet_lite0", path, fold_norms=False)
+            torch.testing.assert_close(loaded.pooled(images), expected)
 
 
 @needs_timm
@@ -183,3 +185,51 @@ def test_unknown_backbone_lists_available():
     with pytest.raises(KaleidoError, match="resnet50") as err:
         build_backbone("vgg16")
     assert "vgg16" in str(err.value) and "efficientnet_lite0" in str(err.value)
+
+
+def _with_random_norm_statistics(backbone, seed: int):
+    """Running statistics and affine parameters far from the init's identity, so a wrong fold shows."""
+    g = torch.Generator().manual_seed(seed)
+    for m in backbone.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
+            m.running_var.copy_(torch.rand(n, generator=g) * 2 + 0.2)
+            m.weight.data.copy_(torch.randn(n, generator=g) * 0.5 + 1)
+            m.bias.data.copy_(torch.randn(n, generator=g) * 0.2)
+    return backbone
+
+
+@pytest.mark.parametrize("name", ["resnet18", pytest.param("efficientnet_lite0", marks=needs_timm)])
+def test_folded_norms_give_the_same_features(name):
+    """build_backbone folds every batch norm into its convolution; the features stay those of the plain network."""
+    import copy
+
+    torch.manual_seed(3)
+    plain = _with_random_norm_statistics(build_backbone(name, "none", fold_norms=False), 5)
+    folded = copy.deepcopy(plain)
+    count = sum(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules())
+    assert fold_batch_norms(folded.net) == count > 0
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    images = torch.rand(3, 3, 70, 45)
+    with torch.inference_mode():
+        expected, got = plain.feature_map(images), folded.feature_map(images)
+    assert expected.abs().max() > 1  # the statistics matter: features are not near zero
+    # float rounding through a deep net: ~1e-5 of the features' scale; a wrong fold is off by O(1)
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max()))
+    assert got.is_contiguous(memory_format=torch.channels_last)  # NHWC end to end (MEMORY_FORMAT)
+
+
+def test_fold_leaves_norms_it_cannot_fold():
+    """A norm after a non-convolution, a norm in training mode and a convolution with a mismatched norm stay."""
+    net = torch.nn.Sequential(torch.nn.Identity(), torch.nn.BatchNorm2d(4))
+    trained = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).train()
+    frozen = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    assert fold_batch_norms(net.eval()) == 0 and isinstance(net[1], torch.nn.BatchNorm2d)
+    assert fold_batch_norms(trained) == 0 and isinstance(trained[1], torch.nn.BatchNorm2d)
+    frozen[1].running_mean.fill_(2.0)
+    x = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        expected = frozen(x)
+        assert fold_batch_norms(frozen) == 1 and isinstance(frozen[1], torch.nn.Identity)
+        torch.testing.assert_close(frozen(x), expected)
