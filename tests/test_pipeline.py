@@ -216,6 +216,34 @@ def test_missing_parts_are_one_line_errors(run_root, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- kaleido index
+def test_a_run_without_a_caption_model_captions_by_retrieval(run_root, tmp_path):
+    """With eval.caption_retrieval_k (the real recipe) a run with no caption model captions by retrieval: the
+    consensus of the k indexed descriptions nearest the photo, as brute force over every description finds it."""
+    from kaleido_bert.eval.caption_retrieval import consensus_rows
+    from kaleido_bert.runs import resolve_checkpoint
+    from kaleido_bert.serve.pipeline import KaleidoBertPipeline
+
+    run = tmp_path / "retrieval-captions"
+    checkpoint = resolve_checkpoint(run_root / "run" / "pretrain")
+    copy = shutil.copytree(checkpoint, run / "pretrain" / checkpoint.name)
+    text = (copy / "run.yaml").read_text()
+    assert "caption_retrieval_k: 0" in text
+    (copy / "run.yaml").write_text(text.replace("caption_retrieval_k: 0", "caption_retrieval_k: 3"))
+    pipe = KaleidoBertPipeline.from_pretrained(run, device="cpu", progress=False)
+    assert pipe.caption_method == "retrieval" and pipe.info()["models"]["caption"].startswith("retrieval")
+    pids = pipe.index.texts.ids
+    texts = [pipe.descriptions[p] for p in pids]
+    gallery = pipe.encode_text(texts)
+    nearest_differs = False
+    for index in range(0, len(pipe.data.catalogue.items), 3):
+        _, image = _photo(pipe, index)
+        query = pipe.encode_image([image])
+        expected = texts[int(consensus_rows(query, gallery, texts, 3)[0])]
+        assert pipe.caption(image) == expected
+        nearest_differs |= expected != texts[int(np.argmax(gallery @ query[0]))]
+    assert nearest_differs  # the consensus is at work, not just the nearest description
+
+
 def _grown_catalogue(run_root: Path, out: Path) -> list[str]:
     """The run's catalogue plus two new products (category GIFTS) and its feature store; returns the new ids."""
     from kaleido_bert.data.catalogue import load_catalogue, write_catalogue

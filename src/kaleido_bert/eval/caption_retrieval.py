@@ -130,12 +130,18 @@ def consensus_rows(query_emb: np.ndarray, gallery_emb: np.ndarray, texts: list[s
     if neighbours.shape[1] == 1:
         return neighbours[:, 0].copy()
     similarity = NgramSimilarity(texts)
-    chosen = np.empty(len(neighbours), np.int64)
-    for q, rows in enumerate(neighbours):
-        sims = similarity.pairwise(rows)
-        score = (sims.sum(1) - np.diag(sims)) / (len(rows) - 1)  # mean similarity to the other candidates
-        chosen[q] = rows[int(np.flatnonzero(score >= score.max() - TIE_TOLERANCE)[0])]
-    return chosen
+    return np.array([consensus_pick(rows, similarity) for rows in neighbours], np.int64)
+
+
+def consensus_pick(rows: np.ndarray, similarity: NgramSimilarity) -> int:
+    """The consensus among one query's neighbours ``rows`` ``(k,)``, nearest first: the row whose text has the
+    highest mean similarity to the other k − 1 (ties → the nearer); a single row is itself."""
+    rows = np.asarray(rows, np.int64)
+    if len(rows) == 1:
+        return int(rows[0])
+    sims = similarity.pairwise(rows)
+    score = (sims.sum(1) - np.diag(sims)) / (len(rows) - 1)  # mean similarity to the other candidates
+    return int(rows[int(np.flatnonzero(score >= score.max() - TIE_TOLERANCE)[0])])
 
 
 def consensus_descriptions(query_emb: np.ndarray, gallery_emb: np.ndarray, texts: list[str], k: int) -> list[str]:
