@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 from kaleido_bert.config import load_config
 from kaleido_bert.data.catalogue import Item, load_catalogue, write_catalogue
 from kaleido_bert.patches.backbones import build_backbone
-from kaleido_bert.patches.extraction import extract_features
+from kaleido_bert.patches.extraction import MAX_SIDE, downscale, extract_features
 from kaleido_bert.patches.features import FEATURES_PER_IMAGE, PatchEncoder
 from kaleido_bert.patches.grid import crop_and_resize, kaleido_boxes
 from kaleido_bert.patches.store import FeatureStore, StoreError
@@ -200,3 +200,52 @@ def test_a_subset_catalogue_passes_the_identity_check_and_a_changed_image_does_n
     write_catalogue(few, cat.items[:4])
     with pytest.raises(StoreError, match="another image than .* for item item2"):
         open_inputs(few, store)
+
+
+def test_max_side_encodes_big_images_as_their_downscaled_copies(catalogue, tmp_path):
+    """features.max_side: a store built with it holds what the default builds from the images downscaled first
+    (the same resize), records the setting, and refuses to be resumed without it; a bad value is one line."""
+    small = tmp_path / "small"
+    (small / "images").mkdir(parents=True)
+    cat = load_catalogue(catalogue)
+    for it in cat.items:
+        image, scale = downscale(Image.open(cat.image_path(it)).convert("RGB"), 40)
+        assert max(image.size) == 40 and scale < 1
+        image.save(small / it.image)
+    write_catalogue(small, cat.items)
+    extract_features(catalogue, tmp_path / "capped", features_config(max_side=40), num_workers=0, progress=False)
+    extract_features(small, tmp_path / "plain", features_config(), num_workers=0, progress=False)
+    capped, plain = FeatureStore(tmp_path / "capped"), FeatureStore(tmp_path / "plain")
+    assert capped.manifest["max_side"] == 40 and plain.manifest["max_side"] == MAX_SIDE
+    for it in cat.items:
+        torch.testing.assert_close(capped[it.id]["colour"], plain[it.id]["colour"], rtol=0, atol=0)
+        torch.testing.assert_close(capped[it.id]["positions"], plain[it.id]["positions"], rtol=0, atol=0)
+    with pytest.raises(StoreError, match="max_side=40, but max_side=1024"):  # not resumed with another max_side
+        extract_features(catalogue, tmp_path / "capped", features_config(), num_workers=0, progress=False)
+    # a store from before the setting (no max_side in its manifest) was built with the default and still matches
+    manifest = json.loads((tmp_path / "plain" / "manifest.json").read_text())
+    del manifest["max_side"]
+    (tmp_path / "plain" / "manifest.json").write_text(json.dumps(manifest))
+    assert extract_features(small, tmp_path / "plain", features_config(), num_workers=0, progress=False)["processed"] == 0
+    with pytest.raises(StoreError, match="max_side=1024, but max_side=40"):
+        extract_features(small, tmp_path / "plain", features_config(max_side=40), num_workers=0, progress=False)
+    with pytest.raises(Exception, match=r"features\.max_side=0 must be at least 1"):
+        features_config(max_side=0)
+    assert MAX_SIDE == load_config("tiny").features.max_side == 1024
+
+
+def test_uploaded_photos_are_downscaled_as_the_store_was(catalogue, tmp_path):
+    """The service's patch generator reads max_side from the store's manifest: an uploaded catalogue image gets
+    the store's own row (so a 60×80-matched store compares like with like)."""
+    pytest.importorskip("faiss", reason="faiss-cpu (the serve extra) is not installed")
+    from kaleido_bert.serve.pipeline import PatchGenerator
+
+    extract_features(catalogue, tmp_path / "capped", features_config(max_side=40), num_workers=0, progress=False)
+    store = FeatureStore(tmp_path / "capped")
+    generator = PatchGenerator(store.manifest, batch_size=16)
+    assert generator.max_side == 40 and generator.settings["max_side"] == 40
+    cat = load_catalogue(catalogue)
+    feats, pos = generator([Image.open(cat.image_path(it)).convert("RGB") for it in cat.items[:3]])
+    for j, it in enumerate(cat.items[:3]):
+        torch.testing.assert_close(feats[j].half().float(), store[it.id]["colour"], rtol=0, atol=0)
+        torch.testing.assert_close(pos[j], store[it.id]["positions"])

@@ -151,9 +151,14 @@ class FeaturesConfig:
     """Trained U-Net checkpoint directory for ``saliency: unet``."""
     batch_size: int = 64
     """Backbone inputs per forward pass."""
+    max_side: int = 1024
+    """Images are downscaled (aspect kept) to at most this longer side before the saliency box and the patches, in
+    the store and for uploaded photos alike. The default keeps detail; the longer side of most training images (80
+    for 60×80 thumbnails) makes bigger photos look like them, for catalogues whose training images are all small
+    (README, "Run it on your catalogue")."""
 
     def __post_init__(self) -> None:
-        _check_ranges("features", self, at_least_one=("patch_size", "image_size", "batch_size"))
+        _check_ranges("features", self, at_least_one=("patch_size", "image_size", "batch_size", "max_side"))
         if self.mode not in ("crop", "roi"):
             raise ConfigError(f"features.mode={self.mode!r} must be 'crop' or 'roi'")
         if self.saliency not in ("threshold", "opencv", "unet", "none"):

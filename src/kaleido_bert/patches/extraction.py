@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -43,8 +44,9 @@ from kaleido_bert.patches.shards import ShardWriter
 from kaleido_bert.patches.store import RowWriter, StoreWriter
 from kaleido_bert.patches.store_files import FAILED, TODO, load_status, shard_files
 
-MAX_SIDE = 1024
-"""Images are downscaled to at most this side before saliency and cropping (patches are ≤ 224 px anyway)."""
+MAX_SIDE = FeaturesConfig.max_side
+"""The default ``features.max_side``: images are downscaled to at most this side before saliency and cropping
+(patches are ≤ 224 px anyway); a store's manifest records its value (one without it was built with this)."""
 IMAGES_PER_BATCH = 8
 """Images per encoder call; batch b of a store is always rows 8b … 8b+7."""
 FLUSH_SECONDS = 1.0
@@ -61,9 +63,9 @@ class _ImageDataset(Dataset):
     """Decode an image and find its saliency box; a problem is returned, not raised, so the run continues."""
 
     def __init__(self, paths: list[Path], rows: list[int], saliency: str, checkpoint: str | None,
-                 hashes: list[str]) -> None:
+                 hashes: list[str], max_side: int = MAX_SIDE) -> None:
         self.paths, self.rows, self.hashes = paths, rows, hashes
-        self.saliency, self.checkpoint = saliency, checkpoint
+        self.saliency, self.checkpoint, self.max_side = saliency, checkpoint, max_side
         self._detector = None
 
     def __len__(self) -> int:
@@ -72,10 +74,7 @@ class _ImageDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         row = self.rows[i]
         try:
-            image = load_rgb(self.paths[row], sha256=self.hashes[row] or None)
-            scale = min(1.0, MAX_SIDE / max(image.size))
-            if scale < 1.0:
-                image = image.resize((round(image.width * scale), round(image.height * scale)))
+            image, scale = downscale(load_rgb(self.paths[row], sha256=self.hashes[row] or None), self.max_side)
             pixels = np.asarray(image)
             if self._detector is None:
                 self._detector = build_saliency(self.saliency, checkpoint=self.checkpoint)
@@ -88,6 +87,14 @@ class _ImageDataset(Dataset):
         return {"row": row, "image": tensor, "box": found.box, "fallback": found.fallback, "scale": scale}
 
 
+def downscale(image: Image.Image, max_side: int = MAX_SIDE) -> tuple[Image.Image, float]:
+    """The image with its longer side at most ``max_side`` (aspect kept, PIL's default filter) and the scale."""
+    scale = min(1.0, max_side / max(image.size))
+    if scale < 1.0:
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
+    return image, scale
+
+
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
@@ -97,7 +104,8 @@ def store_manifest(config: FeaturesConfig, *, feature_size: int, catalogue_hash:
     return {
         "backbone": config.backbone, "weights": config.weights, "seed": seed if config.weights == "none" else None,
         "mode": config.mode, "patch_size": config.patch_size, "image_size": config.image_size,
-        "saliency": config.saliency, "levels": 5, "feature_size": feature_size, "catalogue_hash": catalogue_hash,
+        "saliency": config.saliency, "max_side": config.max_side, "levels": 5, "feature_size": feature_size,
+        "catalogue_hash": catalogue_hash,
     }
 
 
@@ -252,7 +260,7 @@ def _encode_batches(cat, writer: RowWriter, encoder: PatchEncoder, config: Featu
     ends = np.cumsum([len(batch) for batch in batches]).tolist()
     sampler = [list(range(end - len(batch), end)) for batch, end in zip(batches, ends, strict=True)]
     dataset = _ImageDataset([cat.image_path(it) for it in cat.items], order, config.saliency,
-                            config.saliency_checkpoint, hashes)
+                            config.saliency_checkpoint, hashes, max_side=config.max_side)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=list,
                         worker_init_fn=_worker_init if num_workers else None)
     last_flush = float("-inf")  # the first batch is committed at once, then about every FLUSH_SECONDS

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from kaleido_bert.atomic import atomic_path, atomic_write_json, atomic_write_text, one_line_os_errors
+from kaleido_bert.config import FeaturesConfig
 from kaleido_bert.patches.features import FEATURE_LAYOUT, FEATURES_PER_IMAGE, GREYED, NUM_COLOUR, ROTATED
 from kaleido_bert.patches.store_files import (
     DONE,
@@ -70,9 +71,11 @@ if TYPE_CHECKING:
 STORE_VERSION = 2
 """2 added ``images.json`` (per-row image content hashes)."""
 ARRAYS = ("features", "boxes", "positions", "saliency", "sizes")
-MATCH_KEYS = ("backbone", "weights", "seed", "mode", "patch_size", "image_size", "saliency", "levels",
+MATCH_KEYS = ("backbone", "weights", "seed", "mode", "patch_size", "image_size", "saliency", "max_side", "levels",
               "feature_size", "catalogue_hash")
 """Manifest fields that must agree before a store is resumed or used."""
+MANIFEST_DEFAULTS = {"max_side": FeaturesConfig.max_side}
+"""What a store whose manifest lacks a field was built with (it predates the field: ``max_side``)."""
 RESUME_KEYS = tuple(key for key in MATCH_KEYS if key != "catalogue_hash")
 """Fields a resumed store must share; a new catalogue hash instead redoes the rows whose image changed."""
 __all__ = ["DONE", "FAILED", "TODO", "FeatureStore", "NpyHeader", "RowWriter", "StoreError", "StoreWriter",
@@ -83,8 +86,9 @@ def describe_mismatch(found: dict[str, Any], wanted: dict[str, Any], where: str,
                       keys: tuple[str, ...] = MATCH_KEYS) -> str | None:
     """One line naming the first manifest field that differs, or None when they agree."""
     for key in keys:
-        if key in wanted and found.get(key) != wanted[key]:
-            return f"feature store {where} was built with {key}={found.get(key)!r}, but {key}={wanted[key]!r} was asked for"
+        have = found.get(key, MANIFEST_DEFAULTS.get(key))
+        if key in wanted and have != wanted[key]:
+            return f"feature store {where} was built with {key}={have!r}, but {key}={wanted[key]!r} was asked for"
     return None
 
 

@@ -67,7 +67,7 @@ def _require_utf8(text: str, what: str) -> str:
 class PatchGenerator:
     """The Kaleido Patch Generator of a feature store, applied to new images (paper §3.2).
 
-    Per image, as ``kaleido patches``: downscale to at most ``extraction.MAX_SIDE``, saliency box, the 55 Kaleido
+    Per image, as ``kaleido patches``: downscale to at most the store's ``max_side``, saliency box, the 55 Kaleido
     boxes, the backbone's patch features (colour rows) and the 5-d positions.
 
     Args:
@@ -92,21 +92,21 @@ class PatchGenerator:
         self.encoder = PatchEncoder(backbone, mode=manifest["mode"], patch_size=int(manifest["patch_size"]),
                                     image_size=int(manifest["image_size"]), batch_size=batch_size)
         self.detector = build_saliency(manifest["saliency"], checkpoint=saliency_checkpoint, device=str(device))
+        from kaleido_bert.patches.store import MANIFEST_DEFAULTS
+
+        self.max_side = int(manifest.get("max_side", MANIFEST_DEFAULTS["max_side"]))
         self.settings = {k: manifest.get(k) for k in ("backbone", "weights", "mode", "patch_size", "image_size",
-                                                      "saliency")}
+                                                      "saliency")} | {"max_side": self.max_side}
 
     def __call__(self, images: list[Image.Image]) -> tuple[Tensor, Tensor]:
         """RGB images → colour patch features ``(B, P, F)`` and positions ``(B, P, 5)``, float32 on the CPU."""
-        from kaleido_bert.patches.extraction import MAX_SIDE
+        from kaleido_bert.patches.extraction import downscale
         from kaleido_bert.patches.features import NUM_COLOUR
         from kaleido_bert.patches.grid import kaleido_boxes, positions
 
         tensors, boxes, places = [], [], []
         for image in images:
-            image = image.convert("RGB")
-            scale = min(1.0, MAX_SIDE / max(image.size))
-            if scale < 1.0:
-                image = image.resize((round(image.width * scale), round(image.height * scale)))
+            image, _ = downscale(image.convert("RGB"), self.max_side)
             pixels = np.asarray(image)
             box = kaleido_boxes(self.detector(pixels).box)
             tensor = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255.0)  # (3, H, W)
