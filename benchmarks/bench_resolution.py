@@ -3,7 +3,8 @@
 The Myntra training data is 90% 60×80 thumbnails; the benchmark's test photos are 240×320 (paper §3.2's patches of
 an image, but a different source). This measures, on the **non-test** photos only (the test split is never read),
 what frozen probes trained on the store's features score on photos whose features were extracted at their own size
-(``max_side`` 1024, the default) or downscaled to the thumbnails' longer side (``max_side`` 80), two settings:
+(``max_side`` 1024, the default) or downscaled to the thumbnails' longer side (``max_side`` 80), or both views
+(:data:`ARMS`), in two settings:
 
 * ``thumbnails only``: probes trained on the train split's thumbnails, scored on all non-test photos (a catalogue
   whose training images are all of another kind than its queries);
@@ -87,6 +88,18 @@ def mean_recall(sim: np.ndarray) -> np.ndarray:
     return np.stack([ranks < k for k in (1, 5, 10)], 1).mean(1)
 
 
+ARMS = {  # arm → (views of the training photos, views of a scored photo, averaged)
+    "native": (("native",), ("native",)),
+    "thumbnail-sized": (("thumbnail-sized",), ("thumbnail-sized",)),
+    "both views scored": (("native",), ("native", "thumbnail-sized")),
+    "both views trained": (("native", "thumbnail-sized"), ("native",)),
+    "both trained and scored": (("native", "thumbnail-sized"), ("native", "thumbnail-sized")),
+}
+"""Arms of the measurement. A photo scored in two views gets the mean of the two views' class probabilities or
+image embeddings; a training photo in two views is two training rows. Without training photos (``thumbnails
+only``) the last two arms are the first and third, and are left out."""
+
+
 def main() -> None:
     from sklearn.linear_model import LogisticRegression
 
@@ -111,72 +124,93 @@ def main() -> None:
     half = rng.permutation(len(ids)) % 2
     settings = {"thumbnails only": [(np.zeros(0, int), np.arange(len(ids)))],
                 "thumbnails + photos": [(np.flatnonzero(half != k), np.flatnonzero(half == k)) for k in (0, 1)]}
+    fields = {"category": "CR", "subcategory": "SUB"}
     results: dict[str, dict] = {}
     for setting, folds in settings.items():
-        correct: dict[tuple[str, str], np.ndarray] = {}
-        recalls: dict[tuple[str, str], np.ndarray] = {}
-        for name in SIDES:
+        arms = [a for a in ARMS if setting != "thumbnails only" or len(ARMS[a][0]) == 1]
+        predictions: dict[tuple[str, str], np.ndarray] = {}  # (arm, "SUB, image") → (N,) predicted label
+        recalls: dict[tuple[str, str], np.ndarray] = {}  # (arm, "ITR") → (N,) mean of R@1/5/10 over 3 seeds
+        for arm in arms:
+            train_views, scored_views = ARMS[arm]
             for train_rows, test_rows in folds:
-                x_tr = np.concatenate([x_thumbs, x_photos[name][train_rows]])
-                t_tr = np.concatenate([t_thumbs, t_photos[train_rows]])
+                x_tr = np.concatenate([x_thumbs, *(x_photos[v][train_rows] for v in train_views)])
+                t_tr = np.concatenate([t_thumbs, *(t_photos[train_rows] for _ in train_views)])
+                labelled = thumbs + [photos[i] for i in train_rows] * len(train_views)
                 (mu, sd), (tmu, tsd) = standardiser(x_tr), standardiser(t_tr)
                 x_tr, t_tr = (x_tr - mu) / sd, (t_tr - tmu) / tsd
-                x_te, t_te = (x_photos[name][test_rows] - mu) / sd, (t_photos[test_rows] - tmu) / tsd
-                labelled = thumbs + [photos[i] for i in train_rows]
-                for field, short in (("category", "CR"), ("subcategory", "SUB")):
+                x_te = [(x_photos[v][test_rows] - mu) / sd for v in scored_views]
+                t_te = (t_photos[test_rows] - tmu) / tsd
+                for field, short in fields.items():
                     label2id = label_map(catalogue.labels, field)
                     y = np.array([label2id[getattr(it, field)] for it in labelled])
-                    gold = np.array([label2id[getattr(photos[i], field)] for i in test_rows])
                     for source in ("image", "image + text"):
-                        f_tr = x_tr if source == "image" else np.concatenate([x_tr, t_tr], 1)
-                        f_te = x_te if source == "image" else np.concatenate([x_te, t_te], 1)
-                        pred = LogisticRegression(C=1.0, max_iter=300).fit(f_tr, y).predict(f_te)
-                        key = (name, f"{short} ACC, {source}")
-                        correct.setdefault(key, np.zeros(len(ids)))[test_rows] = pred == gold
-                        f1 = classification_metrics(gold, pred, len(label2id))["macro_f1"]
-                        results.setdefault(setting, {}).setdefault(f"{short} macro-F1, {source}", {}).setdefault(
-                            name, []).append(round(100 * f1, 2))
+                        clf = LogisticRegression(C=1.0, max_iter=300).fit(inputs(source, x_tr, t_tr), y)
+                        probs = np.mean([clf.predict_proba(inputs(source, x, t_te)) for x in x_te], 0)
+                        key = (arm, f"{short}, {source}")
+                        predictions.setdefault(key, np.zeros(len(ids), int))[test_rows] = clf.classes_[probs.argmax(1)]
                 for seed in (0, 1, 2):
                     model, _ = train_projection(x_tr, t_tr, seed=seed)
                     with torch.no_grad():
-                        img = model.embed(torch.from_numpy(x_te).float(), "image").numpy()
+                        img = np.mean([model.embed(torch.from_numpy(x).float(), "image").numpy() for x in x_te], 0)
                         txt = model.embed(torch.from_numpy(t_te).float(), "text").numpy()
                     for direction, sim in (("ITR", img @ txt.T), ("TIR", txt @ img.T)):
-                        key = (name, f"{direction} mean recall (gallery of the scored photos)")
-                        recalls.setdefault(key, np.zeros(len(ids)))[test_rows] += mean_recall(sim) / 3
-            print(f"[resolution] {setting}: {name} done", flush=True)
-        for outcomes in (correct, recalls):
-            for metric in dict.fromkeys(m for _, m in outcomes):
-                a, b = outcomes[("native", metric)], outcomes[("thumbnail-sized", metric)]
-                results[setting][metric] = {"native": round(100 * float(a.mean()), 2),
-                                            "thumbnail-sized": round(100 * float(b.mean()), 2),
-                                            "delta": interval(b - a, boot)}
-    payload = {"machine": machine(), "photos": len(ids), "thumbnails": len(thumbs), "results": results}
+                        recalls.setdefault((arm, direction), np.zeros(len(ids)))[test_rows] += mean_recall(sim) / 3
+            print(f"[resolution] {setting}: {arm} done", flush=True)
+        rows: dict[str, dict] = {}
+        for field, short in fields.items():
+            label2id = label_map(catalogue.labels, field)
+            gold = np.array([label2id[getattr(it, field)] for it in photos])
+            for source in ("image", "image + text"):
+                base = predictions[("native", f"{short}, {source}")] == gold
+                for arm in arms:
+                    pred = predictions[(arm, f"{short}, {source}")]
+                    rows.setdefault(f"{short} ACC, {source}", {})[arm] = cell(pred == gold, base, boot)
+                    rows.setdefault(f"{short} macro-F1, {source}", {})[arm] = {
+                        "value": round(classification_metrics(gold, pred, len(label2id))["macro_f1"] * 100, 2)}
+        for direction in ("ITR", "TIR"):
+            for arm in arms:
+                rows.setdefault(f"{direction} mean recall", {})[arm] = cell(
+                    recalls[(arm, direction)], recalls[("native", direction)], boot)
+        results[setting] = rows
+    payload = {"machine": machine(), "photos": len(ids), "thumbnails": len(thumbs), "arms": list(ARMS),
+               "results": results}
     write_result("resolution", payload, render(payload))
 
 
+def inputs(source: str, image: np.ndarray, text: np.ndarray) -> np.ndarray:
+    """A classifier's input rows: the image features, or the image and text features side by side."""
+    return image if source == "image" else np.concatenate([image, text], 1)
+
+
+def cell(outcome: np.ndarray, base: np.ndarray, boot: np.ndarray) -> dict:
+    """An arm's per-photo outcomes ``(N,)``: its mean and its paired difference to the native arm, in points."""
+    outcome, base = outcome.astype(np.float64), base.astype(np.float64)
+    return {"value": round(100 * float(outcome.mean()), 2), "delta": interval(outcome - base, boot)}
+
+
 def render(payload: dict) -> str:
-    """The markdown of a result: per setting, accuracies and recalls with intervals, then the macro-F1s."""
-    results = payload["results"]
-    lines = ["# Photos against thumbnails: features at the photos' own size or the thumbnails' (`features.max_side`)",
+    """The markdown of a result: per setting, one row per metric and one column per arm."""
+    lines = ["# Photos against thumbnails: the photos' own size, the thumbnails' (`features.max_side`), or both",
              "", f"{payload['photos']} non-test Myntra photos (240×320), scored by frozen probes trained on "
-             f"{payload['thumbnails']:,} "
-             "train-split thumbnails (60×80), alone or with the other half of the photos (2-fold); the photos' "
-             "features extracted at max_side 1024 (their own size) or 80 (the thumbnails' longer side). Δ = "
-             "thumbnail-sized − native, in points, with a paired bootstrap 95% interval over the photos "
-             f"({RESAMPLES:,} resamples). Macro-F1 is per fold over the label map (no interval). No test photo is read.",
-             ""]
-    for setting, metrics in results.items():
-        lines += [f"## Trained on {setting}", "", "| metric | native | thumbnail-sized | Δ [95% interval] |",
-                  "|---|---|---|---|"]
-        for metric, row in sorted(metrics.items(), key=lambda kv: "delta" not in kv[1]):
-            if "delta" in row:
-                d = row["delta"]
-                lines.append(f"| {metric} | {row['native']:.1f} | {row['thumbnail-sized']:.1f} | "
-                             f"{d[0]:+.1f} [{d[1]:+.1f}, {d[2]:+.1f}] |")
-            else:
-                lines.append(f"| {metric} | {' / '.join(f'{v:.1f}' for v in row['native'])} | "
-                             f"{' / '.join(f'{v:.1f}' for v in row['thumbnail-sized'])} | – |")
+             f"{payload['thumbnails']:,} train-split thumbnails (60×80), alone or with the other half of the photos "
+             "(2-fold); a photo's features extracted at max_side 1024 (its own size, *native*) or 80 (the thumbnails' "
+             "longer side, *thumbnail-sized*). Two views scored: the mean of their class probabilities or image "
+             "embeddings; two views trained: each training photo is two rows. Each cell: the value, then Δ to "
+             f"*native* with a paired bootstrap 95% interval over the photos ({RESAMPLES:,} resamples); macro-F1 "
+             "(over the label map, both folds' predictions pooled) has no interval. Recall: mean of R@1/5/10 in a "
+             "gallery of the scored photos, 3 projection seeds. No test photo is read.", ""]
+    for setting, rows in payload["results"].items():
+        arms = list(next(iter(rows.values())))
+        lines += [f"## Trained on {setting}", "", "| metric | " + " | ".join(arms) + " |",
+                  "|---|" + "---|" * len(arms)]
+        for metric, cells in rows.items():
+            texts = []
+            for arm in arms:
+                c = cells[arm]
+                d = c.get("delta")
+                texts.append(f"{c['value']:.1f}" if d is None or arm == "native" else
+                             f"{c['value']:.1f} ({d[0]:+.1f} [{d[1]:+.1f}, {d[2]:+.1f}])")
+            lines.append(f"| {metric} | " + " | ".join(texts) + " |")
         lines.append("")
     lines.append("Reproduce: `python benchmarks/bench_quality.py --stages data`, then "
                  "`python benchmarks/bench_resolution.py` (`--render-only` rewrites this file from the JSON).")
