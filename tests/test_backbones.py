@@ -221,12 +221,15 @@ def test_folded_norms_give_the_same_features(name):
 
 
 def test_fold_leaves_norms_it_cannot_fold():
-    """A norm after a non-convolution, a norm in training mode and a convolution with a mismatched norm stay."""
+    """A norm after a non-convolution, a norm in training mode and a norm of another width than the convolution
+    before it stay; an eval-mode pair folds to the same outputs."""
     net = torch.nn.Sequential(torch.nn.Identity(), torch.nn.BatchNorm2d(4))
     trained = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).train()
+    mismatched = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(5)).eval()
     frozen = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
     assert fold_batch_norms(net.eval()) == 0 and isinstance(net[1], torch.nn.BatchNorm2d)
     assert fold_batch_norms(trained) == 0 and isinstance(trained[1], torch.nn.BatchNorm2d)
+    assert fold_batch_norms(mismatched) == 0 and isinstance(mismatched[1], torch.nn.BatchNorm2d)
     frozen[1].running_mean.fill_(2.0)
     x = torch.rand(1, 3, 8, 8)
     with torch.no_grad():

@@ -18,10 +18,10 @@ from PIL import Image, ImageDraw
 from kaleido_bert.config import load_config
 from kaleido_bert.data.catalogue import Item, load_catalogue, write_catalogue
 from kaleido_bert.patches.backbones import build_backbone
-from kaleido_bert.patches.extraction import MAX_SIDE, downscale, extract_features
+from kaleido_bert.patches.extraction import downscale, extract_features
 from kaleido_bert.patches.features import FEATURES_PER_IMAGE, PatchEncoder
 from kaleido_bert.patches.grid import crop_and_resize, kaleido_boxes
-from kaleido_bert.patches.store import FeatureStore, StoreError
+from kaleido_bert.patches.store import MANIFEST_DEFAULTS, FeatureStore, StoreError
 
 
 def make_catalogue(root: Path, n: int = 7, size: tuple[int, int] = (71, 53)) -> Path:
@@ -216,7 +216,7 @@ def test_max_side_encodes_big_images_as_their_downscaled_copies(catalogue, tmp_p
     extract_features(catalogue, tmp_path / "capped", features_config(max_side=40), num_workers=0, progress=False)
     extract_features(small, tmp_path / "plain", features_config(), num_workers=0, progress=False)
     capped, plain = FeatureStore(tmp_path / "capped"), FeatureStore(tmp_path / "plain")
-    assert capped.manifest["max_side"] == 40 and plain.manifest["max_side"] == MAX_SIDE
+    assert capped.manifest["max_side"] == 40 and plain.manifest["max_side"] == MANIFEST_DEFAULTS["max_side"]
     for it in cat.items:
         torch.testing.assert_close(capped[it.id]["colour"], plain[it.id]["colour"], rtol=0, atol=0)
         torch.testing.assert_close(capped[it.id]["positions"], plain[it.id]["positions"], rtol=0, atol=0)
@@ -231,7 +231,7 @@ def test_max_side_encodes_big_images_as_their_downscaled_copies(catalogue, tmp_p
         extract_features(small, tmp_path / "plain", features_config(max_side=40), num_workers=0, progress=False)
     with pytest.raises(Exception, match=r"features\.max_side=0 must be at least 1"):
         features_config(max_side=0)
-    assert MAX_SIDE == load_config("tiny").features.max_side == 1024
+    assert MANIFEST_DEFAULTS["max_side"] == load_config("tiny").features.max_side == 1024
 
 
 def test_uploaded_photos_are_downscaled_as_the_store_was(catalogue, tmp_path):

@@ -44,9 +44,6 @@ from kaleido_bert.patches.shards import ShardWriter
 from kaleido_bert.patches.store import RowWriter, StoreWriter
 from kaleido_bert.patches.store_files import FAILED, TODO, load_status, shard_files
 
-MAX_SIDE = FeaturesConfig.max_side
-"""The default ``features.max_side``: images are downscaled to at most this side before saliency and cropping
-(patches are ≤ 224 px anyway); a store's manifest records its value (one without it was built with this)."""
 IMAGES_PER_BATCH = 8
 """Images per encoder call; batch b of a store is always rows 8b … 8b+7."""
 FLUSH_SECONDS = 1.0
@@ -63,7 +60,7 @@ class _ImageDataset(Dataset):
     """Decode an image and find its saliency box; a problem is returned, not raised, so the run continues."""
 
     def __init__(self, paths: list[Path], rows: list[int], saliency: str, checkpoint: str | None,
-                 hashes: list[str], max_side: int = MAX_SIDE) -> None:
+                 hashes: list[str], max_side: int) -> None:
         self.paths, self.rows, self.hashes = paths, rows, hashes
         self.saliency, self.checkpoint, self.max_side = saliency, checkpoint, max_side
         self._detector = None
@@ -87,7 +84,7 @@ class _ImageDataset(Dataset):
         return {"row": row, "image": tensor, "box": found.box, "fallback": found.fallback, "scale": scale}
 
 
-def downscale(image: Image.Image, max_side: int = MAX_SIDE) -> tuple[Image.Image, float]:
+def downscale(image: Image.Image, max_side: int) -> tuple[Image.Image, float]:
     """The image with its longer side at most ``max_side`` (aspect kept, PIL's default filter) and the scale."""
     scale = min(1.0, max_side / max(image.size))
     if scale < 1.0:
