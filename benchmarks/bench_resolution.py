@@ -40,6 +40,7 @@ from common import RESULTS, machine, write_result  # noqa: E402
 from kaleido_bert.config import load_config  # noqa: E402
 from kaleido_bert.data.catalogue import label_map, load_catalogue  # noqa: E402
 from kaleido_bert.data.label_scores import classification_metrics  # noqa: E402
+from kaleido_bert.eval.metrics import rank_hits  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "benchmarks" / ".cache" / "quality"
@@ -82,10 +83,12 @@ def interval(delta: np.ndarray, boot: np.ndarray) -> list[float]:
 
 
 def mean_recall(sim: np.ndarray) -> np.ndarray:
-    """Per query (row) of a square similarity matrix whose diagonal holds the match: mean of R@1/5/10 ``(Q,)``."""
-    diag = np.diag(sim)[:, None]
-    ranks = (sim > diag).sum(1) + 0.5 * ((sim == diag).sum(1) - 1)  # ties at their expected rank
-    return np.stack([ranks < k for k in (1, 5, 10)], 1).mean(1)
+    """Per query (row) of a square similarity matrix whose diagonal holds the match: the mean of P(rank ≤ K) over
+    K = 1, 5, 10 ``(Q,)`` (the evaluation's :func:`~kaleido_bert.eval.metrics.rank_hits`, ties at their expected
+    rank)."""
+    per_query: list[np.ndarray] = []
+    rank_hits(sim, np.eye(len(sim), dtype=bool), (1, 5, 10), per_query_out=per_query)
+    return per_query[0].mean(1)
 
 
 ARMS = {  # arm → (views of the training photos, views of a scored photo, averaged)
