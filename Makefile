@@ -2,6 +2,9 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
+# pytest-xdist workers for `make test`: one per core, at most 4 (each test file runs whole on one worker, so its
+# module fixtures are built once); TEST_WORKERS=0 runs the suite in this process.
+TEST_WORKERS ?= auto
 STAMP  := $(VENV)/.kaleido-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -24,7 +27,7 @@ demo: $(STAMP)
 	$(VENV)/bin/kaleido demo --out runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

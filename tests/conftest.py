@@ -13,7 +13,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+"""pytest-xdist workers sharing this machine (``make test`` runs ``pytest -n auto``); 1 without xdist."""
+THREADS = max(1, (os.cpu_count() or 1) // WORKERS)
+"""Each worker's share of the cores: torch in the worker and the CLI subprocesses it starts use this many threads,
+so two workers on 2 cores do not oversubscribe them (OpenMP threads spinning on a busy core are 20-100x slower)."""
+if WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def pytest_configure(config):
+    if WORKERS > 1:
+        import torch
+
+        torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(autouse=True)
