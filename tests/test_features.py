@@ -17,8 +17,9 @@ from PIL import Image, ImageDraw
 
 from kaleido_bert.config import load_config
 from kaleido_bert.data.catalogue import Item, load_catalogue, write_catalogue
+from kaleido_bert.data.images import downscale
 from kaleido_bert.patches.backbones import build_backbone
-from kaleido_bert.patches.extraction import downscale, extract_features
+from kaleido_bert.patches.extraction import extract_features
 from kaleido_bert.patches.features import FEATURES_PER_IMAGE, PatchEncoder
 from kaleido_bert.patches.grid import crop_and_resize, kaleido_boxes
 from kaleido_bert.patches.store import MANIFEST_DEFAULTS, FeatureStore, StoreError

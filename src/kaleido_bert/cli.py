@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     fg.add_argument("--overwrite", action="store_true")
     fg.set_defaults(func=commands.cmd_data_import_fashiongen)
 
+    views = data.add_parser("views", help="add a downscaled view of each large training image (mixed resolutions)")
+    views.add_argument("catalogue")
+    views.add_argument("--max-side", type=int, required=True,
+                       help="longer side of the views: the catalogue's small images' (80 for Myntra thumbnails)")
+    views.set_defaults(func=commands.cmd_data_views)
+
     check = data.add_parser("check", help="validate a catalogue and print its statistics")
     check.add_argument("catalogue")
     check.add_argument("--no-images", action="store_true", help="skip opening the image files")

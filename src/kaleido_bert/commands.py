@@ -58,6 +58,15 @@ def print_check(root: str | Path, images: bool = True) -> bool:
     return report.ok
 
 
+def cmd_data_views(args: argparse.Namespace) -> None:
+    import json
+
+    from kaleido_bert.data.views import add_views
+
+    print(json.dumps(add_views(args.catalogue, args.max_side), indent=2))
+    print_check(args.catalogue, images=False)
+
+
 def cmd_data_check(args: argparse.Namespace) -> None:
     if not print_check(args.catalogue, images=not args.no_images):
         raise SystemExit(1)

@@ -276,6 +276,18 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def downscale(image: Image.Image, max_side: int) -> tuple[Image.Image, float]:
+    """The image with its longer side at most ``max_side`` (aspect kept, PIL's default filter) and the scale.
+
+    The one resize of ``features.max_side``: feature extraction, uploaded photos and the catalogue's
+    scaled views (:mod:`kaleido_bert.data.views`) all go through it, so a view's features are the original's
+    extracted at that ``max_side``."""
+    scale = min(1.0, max_side / max(image.size))
+    if scale < 1.0:
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
+    return image, scale
+
+
 def _decode_rgb(img: Image.Image, label: str) -> Image.Image:
     try:
         img.load()

@@ -27,14 +27,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from kaleido_bert import distributed as dist
 from kaleido_bert.config import FeaturesConfig
 from kaleido_bert.data.catalogue import load_catalogue
-from kaleido_bert.data.images import load_rgb
+from kaleido_bert.data.images import downscale, load_rgb
 from kaleido_bert.errors import KaleidoError
 from kaleido_bert.patches.backbones import build_backbone
 from kaleido_bert.patches.features import PatchEncoder
@@ -82,14 +81,6 @@ class _ImageDataset(Dataset):
             return {"row": row, "problem": f"{type(err).__name__}: {err}"}
         tensor = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255.0)  # (3, H, W)
         return {"row": row, "image": tensor, "box": found.box, "fallback": found.fallback, "scale": scale}
-
-
-def downscale(image: Image.Image, max_side: int) -> tuple[Image.Image, float]:
-    """The image with its longer side at most ``max_side`` (aspect kept, PIL's default filter) and the scale."""
-    scale = min(1.0, max_side / max(image.size))
-    if scale < 1.0:
-        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
-    return image, scale
 
 
 def _worker_init(_: int) -> None:

@@ -37,6 +37,7 @@ from kaleido_bert import distributed as dist
 from kaleido_bert.atomic import atomic_directory, atomic_write_json
 from kaleido_bert.config import RunConfig, load_config
 from kaleido_bert.data.catalogue import Catalogue, Item, load_catalogue
+from kaleido_bert.data.views import is_view
 from kaleido_bert.errors import KaleidoError
 from kaleido_bert.model.dual_encoder import DualEncoder, product_descriptions, store_patches
 from kaleido_bert.patches.store import FeatureStore
@@ -61,8 +62,9 @@ class RunData:
     store: FeatureStore
 
     def items(self) -> list[Item]:
-        """Catalogue items with features, in catalogue order."""
-        return [it for it in self.catalogue.items if it.id in self.store]
+        """Catalogue items with features, in catalogue order; scaled training views are left out (a search
+        result is a catalogue image, not its downscaled copy)."""
+        return [it for it in self.catalogue.items if it.id in self.store and not is_view(it)]
 
     def config_hash(self) -> str:
         return config_hash(self.checkpoint, self.store.manifest)

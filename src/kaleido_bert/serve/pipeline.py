@@ -99,7 +99,7 @@ class PatchGenerator:
 
     def __call__(self, images: list[Image.Image]) -> tuple[Tensor, Tensor]:
         """RGB images → colour patch features ``(B, P, F)`` and positions ``(B, P, 5)``, float32 on the CPU."""
-        from kaleido_bert.patches.extraction import downscale
+        from kaleido_bert.data.images import downscale
         from kaleido_bert.patches.features import NUM_COLOUR
         from kaleido_bert.patches.grid import kaleido_boxes, positions
 

@@ -1,0 +1,115 @@
+"""Scaled training views (``kaleido data views``): which items get one, what a view is, its features, refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from kaleido_bert.cli import main
+from kaleido_bert.config import load_config
+from kaleido_bert.data.catalogue import CatalogueError, Item, load_catalogue, write_catalogue
+from kaleido_bert.data.images import ImageProblem
+from kaleido_bert.data.views import VIEW_OF, add_views, is_view, view_id
+from kaleido_bert.patches.extraction import extract_features
+from kaleido_bert.patches.store import FeatureStore
+from kaleido_bert.serve.catalogue_index import RunData
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SIZES = {  # item → (split, image size): photos larger than the views' 37 px, and small thumbnails
+    "p0": ("train", (83, 111)), "p1": ("train", (97, 61)), "p2": ("train", (37, 29)), "p3": ("train", (30, 36)),
+    "p4": ("val", (83, 111)), "p5": ("test", (97, 61)),
+}
+
+
+def make_catalogue(root: Path) -> Path:
+    (root / "images").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    items = []
+    for i, (item_id, (split, size)) in enumerate(SIZES.items()):
+        img = Image.new("RGB", size, (250, 250, 250))
+        w, h = size
+        colour = tuple(int(c) for c in rng.integers(0, 200, 3))
+        ImageDraw.Draw(img).rectangle([w // 5, h // 6, w * 3 // 4, h * 4 // 5], fill=colour)
+        img.save(root / "images" / f"{item_id}.jpg", quality=90)
+        items.append(Item(id=item_id, product_id=f"prod{i}", image=f"images/{item_id}.jpg", title="a top",
+                          description=f"a top number {i}", category="TOPS", subcategory=f"sub{i % 2}", split=split,
+                          extra={"colour": str(colour)}))
+    write_catalogue(root, items)
+    return root
+
+
+def test_views_go_to_the_large_training_images_only_and_adding_them_again_changes_nothing(tmp_path):
+    root = make_catalogue(tmp_path / "cat")
+    before = {it.id: it for it in load_catalogue(root).items}
+    summary = add_views(root, 37, progress=False)
+    assert summary == {"added": 2, "kept": 0, "too_small": 2, "views": 2, "max_side": 37}
+    cat = load_catalogue(root)
+    views = [it for it in cat.items if is_view(it)]
+    assert [it.id for it in views] == [view_id("p0", 37), view_id("p1", 37)] == ["p0@s37", "p1@s37"]
+    assert [it.id for it in cat.items if not is_view(it)] == list(SIZES)  # the originals, as they were
+    for view in views:
+        original = before[view.extra[VIEW_OF]]
+        assert (view.product_id, view.split, view.description, view.title, view.category, view.subcategory) == (
+            original.product_id, "train", original.description, original.title, original.category,
+            original.subcategory)
+        assert view.extra == {**original.extra, VIEW_OF: original.id, "max_side": 37}
+        with Image.open(cat.image_path(view)) as image, Image.open(cat.image_path(original)) as big:
+            assert image.format == "PNG" and max(image.size) == 37
+            assert abs(image.width / image.height - big.width / big.height) < 0.05  # aspect kept
+        assert view.sha256  # recorded, so a changed view file is caught like any image
+    again = add_views(root, 37, progress=False)
+    assert again == {"added": 0, "kept": 2, "too_small": 2, "views": 2, "max_side": 37}
+    assert [it.id for it in load_catalogue(root).items] == [it.id for it in cat.items]
+    # views of another size are added beside the first, never views of views
+    assert add_views(root, 29, progress=False)["added"] == 4  # every training original exceeds 29 px
+    assert not any(it.id.count("@s") > 1 for it in load_catalogue(root).items)
+
+
+def test_a_views_features_are_the_originals_extracted_at_that_max_side(tmp_path):
+    """A view's store rows equal, bit for bit, its original's in a store built with features.max_side = N."""
+    root = make_catalogue(tmp_path / "cat")
+    original = load_catalogue(root)
+    extract_features(root, tmp_path / "capped", load_config("tiny", ["features.max_side=37"]).features,
+                     num_workers=0, progress=False)
+    add_views(root, 37, progress=False)
+    extract_features(root, tmp_path / "views", load_config("tiny").features, num_workers=0, progress=False)
+    capped, views = FeatureStore(tmp_path / "capped"), FeatureStore(tmp_path / "views")
+    for item in original.items:
+        if item.split == "train" and max(SIZES[item.id][1]) > 37:
+            for key in ("colour", "positions"):
+                torch.testing.assert_close(views[view_id(item.id, 37)][key], capped[item.id][key], rtol=0, atol=0)
+    # the originals keep their own (native-size) rows
+    assert not torch.equal(views["p0"]["colour"], capped["p0"]["colour"])
+    # a search index over the catalogue leaves the views out
+    data = RunData(run=tmp_path, parts={}, checkpoint=tmp_path, config=load_config("tiny"),
+                   catalogue=load_catalogue(root), store=views)
+    assert [it.id for it in data.items()] == list(SIZES)
+
+
+def test_bad_views_are_one_line_and_leave_the_catalogue_as_it_was(tmp_path, capsys):
+    root = make_catalogue(tmp_path / "cat")
+    rows = (root / "catalogue.jsonl").read_bytes()
+    with pytest.raises(CatalogueError, match="max_side >= 16"):
+        add_views(root, 8, progress=False)
+    (root / "images" / "p1.jpg").write_bytes((root / "images" / "p1.jpg").read_bytes()[:-40] + b"\0" * 40)
+    with pytest.raises(ImageProblem, match=r"p1\.jpg"):
+        add_views(root, 37, progress=False)
+    assert (root / "catalogue.jsonl").read_bytes() == rows
+    assert main(["data", "views", str(root), "--max-side", "37"]) == 2  # the CLI: one line, exit status 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len([line for line in err.splitlines() if "p1.jpg" in line]) == 1
+
+
+def test_cli_adds_views_and_prints_the_summary(tmp_path, capsys):
+    root = make_catalogue(tmp_path / "cat")
+    assert main(["data", "views", str(root), "--max-side", "40"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out[: out.index("}") + 1])
+    assert summary["added"] == 2 and summary["views"] == 2
+    assert sum(is_view(it) for it in load_catalogue(root).items) == 2
