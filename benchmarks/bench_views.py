@@ -77,7 +77,8 @@ def baseline(arm: str, catalogue: Path, features: Path, candidates: Path | None)
 
 
 def _spread(std: float) -> str:
-    return f" ± {std:.1f}" if std else ""
+    """The seeds' spread where there is one (the classifiers are deterministic: std 0 up to rounding)."""
+    return f" ± {std:.1f}" if std >= 0.05 else ""
 
 
 def render(payload: dict) -> str:
@@ -86,10 +87,11 @@ def render(payload: dict) -> str:
         d = payload["diffs"].get(metric)
         if d is None:
             continue
-        a, b = payload["without"]["mean"][metric], payload["with"]["mean"][metric]
-        sa, sb = payload["without"]["std"][metric], payload["with"]["std"][metric]
-        rows.append(f"| {label} | {a:.1f}{_spread(sa)} | {b:.1f}{_spread(sb)} | "
-                    f"{d['diff']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}] |")
+        scale = 100.0 if metric.endswith("macro_f1") else 1.0  # macro-F1 is a fraction; shown in %, as quality.md
+        a, b = (scale * payload[arm]["mean"][metric] for arm in ("without", "with"))
+        sa, sb = (scale * payload[arm]["std"][metric] for arm in ("without", "with"))
+        low, diff, high = (scale * d[k] for k in ("low", "diff", "high"))
+        rows.append(f"| {label} | {a:.1f}{_spread(sa)} | {b:.1f}{_spread(sb)} | {diff:+.1f} [{low:+.1f}, {high:+.1f}] |")
     cap = "fc/nearest/sum_cap"
     if cap in payload["without"]["mean"]:
         rows.append(f"| captions SumCAP, nearest training description | {payload['without']['mean'][cap]:.1f} ± "
