@@ -7,8 +7,8 @@ the photo downscaled to the thumbnails' size. The decision to offer it was made 
 same test items and candidates with and without the views. Each difference has a paired bootstrap 95% interval
 over the test queries and items (the seeds' mean outcome per query, as ``quality.md``).
 
-Needs ``bench_quality.py --stages data`` first; copies its catalogue, adds the views and extracts the copy's store
-(every image again: a store holds exactly its catalogue's item ids).
+Needs ``bench_quality.py --stages data`` first; copies its catalogue, adds the views and extracts the copy's own
+store (every image, so the benchmark's store stays as it is).
 
     python benchmarks/bench_views.py [--max-side 80] [--render-only]
 """
@@ -45,8 +45,7 @@ LABELS = {
 
 
 def prepare(max_side: int) -> dict:
-    """A copy of the benchmark's catalogue (images hard-linked) with the views added, and its store (a store holds
-    the item ids of the catalogue it was built from, so the views' catalogue gets its own; resumes)."""
+    """A copy of the benchmark's catalogue (images hard-linked) with the views added, and its own store (resumes)."""
     from kaleido_bert.config import load_config
     from kaleido_bert.data.views import add_views
     from kaleido_bert.patches.extraction import extract_features

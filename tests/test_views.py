@@ -16,7 +16,7 @@ from kaleido_bert.data.catalogue import CatalogueError, Item, load_catalogue, wr
 from kaleido_bert.data.images import ImageProblem
 from kaleido_bert.data.views import VIEW_OF, add_views, is_view, view_id
 from kaleido_bert.patches.extraction import extract_features
-from kaleido_bert.patches.store import FeatureStore
+from kaleido_bert.patches.store import FeatureStore, StoreError
 from kaleido_bert.serve.catalogue_index import RunData
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -113,3 +113,74 @@ def test_cli_adds_views_and_prints_the_summary(tmp_path, capsys):
     summary = json.loads(out[: out.index("}") + 1])
     assert summary["added"] == 2 and summary["views"] == 2
     assert sum(is_view(it) for it in load_catalogue(root).items) == 2
+
+
+# ---------------------------------------------------------------------------------------------- a store that grows
+def _store_files(root: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(root.iterdir()) if p.is_file()}
+
+
+def test_a_store_grows_with_its_catalogue_and_equals_one_built_from_scratch(tmp_path):
+    """Views (or any new items) added to a catalogue: re-running extraction on its store extracts only the new
+    rows, keeps the old ones bit for bit, and gives the store a fresh build of the grown catalogue gives."""
+    root = make_catalogue(tmp_path / "cat")
+    config = load_config("tiny").features
+    extract_features(root, tmp_path / "store", config, num_workers=0, progress=False)
+    before = FeatureStore(tmp_path / "store")
+    old = {item: {k: before[item][k].clone() for k in ("colour", "positions")} for item in SIZES}
+    (tmp_path / "store" / "run.yaml").write_text("kept: true\n")  # what `kaleido patches` writes beside the rows
+    add_views(root, 37, progress=False)
+    summary = extract_features(root, tmp_path / "store", config, num_workers=0, progress=False)
+    assert (summary["added"], summary["processed"], summary["changed"], summary["done"]) == (2, 2, 0, 8)
+    assert summary["complete"]
+    grown = FeatureStore(tmp_path / "store")
+    grown.require_catalogue(load_catalogue(root))
+    for item in SIZES:
+        for key in ("colour", "positions"):
+            torch.testing.assert_close(grown[item][key], old[item][key], rtol=0, atol=0)
+    extract_features(root, tmp_path / "fresh", config, num_workers=0, progress=False)
+    files, fresh = _store_files(tmp_path / "store"), _store_files(tmp_path / "fresh")
+    assert files.pop("run.yaml") == b"kept: true\n"
+    assert files.keys() == fresh.keys()
+    for name in files:
+        if name != "manifest.json":
+            assert files[name] == fresh[name], name
+    manifests = [json.loads(d["manifest.json"]) for d in (files, fresh)]
+    assert manifests[0] == manifests[1]
+    again = extract_features(root, tmp_path / "store", config, num_workers=0, progress=False)
+    assert (again["added"], again["processed"]) == (0, 0)
+
+
+def test_a_grow_killed_before_its_swap_leaves_the_old_store_and_a_rerun_finishes(tmp_path, monkeypatch):
+    from kaleido_bert.patches import store as store_module
+
+    root = make_catalogue(tmp_path / "cat")
+    config = load_config("tiny").features
+    extract_features(root, tmp_path / "store", config, num_workers=0, progress=False)
+    files = _store_files(tmp_path / "store")
+    add_views(root, 37, progress=False)
+    real = store_module.atomic_write_json
+
+    def full_disk(path, obj):
+        if Path(path).name == "ids.json":
+            raise OSError(28, "No space left on device", str(path))
+        return real(path, obj)
+
+    monkeypatch.setattr(store_module, "atomic_write_json", full_disk)
+    with pytest.raises(StoreError, match="No space left on device"):  # one line, naming the file
+        extract_features(root, tmp_path / "store", config, num_workers=0, progress=False)
+    assert _store_files(tmp_path / "store") == files  # untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cat", "store"]  # no partial copy left behind
+    monkeypatch.setattr(store_module, "atomic_write_json", real)
+    summary = extract_features(root, tmp_path / "store", config, num_workers=0, progress=False)
+    assert (summary["added"], summary["processed"], summary["complete"]) == (2, 2, True)
+
+
+def test_a_store_is_not_grown_for_a_catalogue_that_lost_items(tmp_path):
+    root = make_catalogue(tmp_path / "cat")
+    config = load_config("tiny").features
+    extract_features(root, tmp_path / "store", config, num_workers=0, progress=False)
+    cat = load_catalogue(root)
+    write_catalogue(root, [it for it in cat.items if it.id != "p2"])
+    with pytest.raises(StoreError, match="holds other item ids than the catalogue"):
+        extract_features(root, tmp_path / "store", config, num_workers=0, progress=False)

@@ -14,9 +14,9 @@ losslessly, so its features are exactly the original's extracted at ``features.m
 images whose longer side exceeds ``N`` get one; evaluation splits never do (a view there would be a second
 copy of a test product in every gallery). Search indexes leave views out (:func:`is_view`).
 
-Adding views rewrites ``catalogue.jsonl`` (its hash and item ids change), so the catalogue needs a store of its
-own: ``kaleido patches CAT --out NEW_STORE`` (a store holds exactly the item ids of the catalogue it was built
-from; the old one refuses the new catalogue). Adding views again with the same ``max_side`` changes nothing.
+Adding views rewrites ``catalogue.jsonl`` (its hash changes and it gains items): ``kaleido patches CAT --out
+STORE`` on the catalogue's store then grows it and extracts only the views
+(:func:`kaleido_bert.patches.store.grow_rows`). Adding views again with the same ``max_side`` changes nothing.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ Per image: decode (DataLoader workers) → saliency box → 55 Kaleido boxes and
 image next to the same images as one uninterrupted process does, and writes the same bytes. Resumable: rows
 already marked done are skipped, so a killed run re-run with the same arguments only does the rest; a bad image
 is recorded and the run goes on. Each image is checked against the content hash the catalogue recorded, and a
-re-run after the catalogue changed extracts the images whose content changed again
-(:class:`~kaleido_bert.patches.store.StoreWriter`).
+re-run after the catalogue changed extracts the images whose content changed again, and the items it gained
+(the store grows: :func:`~kaleido_bert.patches.store.grow_rows`; :class:`~kaleido_bert.patches.store.StoreWriter`).
 
 Under ``torchrun`` (``RANK``/``WORLD_SIZE``, :mod:`kaleido_bert.distributed`) batch b goes to rank b mod W.
 Rank 0 projects the store's size, creates or resumes the store and merges what an earlier run's shards committed;
@@ -122,9 +122,10 @@ def rank_rows(n: int, world_size: int, rank: int) -> np.ndarray:
 
 
 def _open_store(out: Path, manifest: dict[str, Any], ids: list[str], hashes: list[str], *,
-                progress: bool) -> tuple[RowWriter, list[int]]:
+                progress: bool) -> tuple[RowWriter, list[int], int]:
     """Rank 0 creates or resumes the store (merging old shards); under ``torchrun`` every rank then opens its
-    shard. Returns the writer and the rows whose image changed since the store was built."""
+    shard. Returns the writer, the rows whose image changed since the store was built and how many rows the
+    store gained (items the catalogue gained since)."""
     rank, world = dist.rank(), dist.world_size()
     writer, refusal = None, None
     if rank == 0:
@@ -138,7 +139,7 @@ def _open_store(out: Path, manifest: dict[str, Any], ids: list[str], hashes: lis
             if progress:
                 print(writer.projection, file=sys.stderr, flush=True)
     if world == 1:
-        return writer, writer.changed
+        return writer, writer.changed, writer.added
     reasons = dist.all_gather_object(str(refusal) if refusal else None)  # also the barrier: the store exists
     # The only collective of the run: the ranks leave the group together now, so ranks that finish hours apart
     # never wait in a collective (its timeout) nor in NCCL's collective teardown; rank 0 then waits on disk.
@@ -147,11 +148,11 @@ def _open_store(out: Path, manifest: dict[str, Any], ids: list[str], hashes: lis
         raise refusal
     if reasons[0]:
         raise RankZeroRefused(reasons[0])
-    changed = writer.changed if writer else []
+    changed, added = (writer.changed, writer.added) if writer else ([], 0)
     if writer:
         writer.close()
     shard = ShardWriter(out, manifest, ids, rank=rank, world_size=world, owned=rank_rows(len(ids), world, rank))
-    return shard, changed
+    return shard, changed, added
 
 
 def _wait_for_ranks(out: Path, plans: list[tuple[list[list[int]], set[int]]], n: int, *, progress: bool) -> None:
@@ -207,7 +208,7 @@ def extract_features(
     manifest = store_manifest(config, feature_size=backbone.feature_size, catalogue_hash=cat.hash(), seed=seed)
     manifest["catalogue"] = str(Path(catalogue).resolve())
     out, ids, hashes = Path(out), [it.id for it in cat.items], cat.image_hashes()
-    writer, changed = _open_store(out, manifest, ids, hashes, progress=progress)
+    writer, changed, added = _open_store(out, manifest, ids, hashes, progress=progress)
     before = writer.status.copy()
     plans = [batch_plan(before, world_size=world, rank=r, limit=limit) for r in range(world)]
     batches, writes = plans[rank]
@@ -231,7 +232,7 @@ def extract_features(
     processed = sum(r["processed"] for r in ranks)
     return {
         "store": str(out), "items": len(cat.items), "processes": world, "processed": processed,
-        "changed": len(changed), "done": writer.manifest["done"], "failed": writer.manifest["failed"],
+        "changed": len(changed), "added": added, "done": writer.manifest["done"], "failed": writer.manifest["failed"],
         "fallback_boxes": writer.manifest["fallback_boxes"], "complete": writer.manifest["complete"],
         "seconds": round(seconds, 2), "images_per_s": round(processed / seconds, 2) if seconds > 0 else None,
         "gflops_per_image": round(encoder.flops_per_image() / 1e9, 3), "ranks": ranks,

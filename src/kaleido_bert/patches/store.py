@@ -26,19 +26,28 @@ the next :class:`StoreWriter` merges, whatever number of processes opens it. ``m
 ``complete: false`` until every row is done or failed; readers refuse an incomplete store, and a writer refuses
 to append to a store whose manifest does not match. A store built for an earlier version of the same catalogue
 (same ids, another catalogue hash) is brought up to date: rows whose image content changed are extracted again
-(:meth:`StoreWriter.pending`). :meth:`FeatureStore.require_catalogue` is the one check that a store belongs to
+(:meth:`StoreWriter.pending`). A catalogue that gained items (new products, scaled views) grows its store: the
+old rows move to their ids' new places and only the new ones are extracted (:func:`grow_rows`, built beside the
+old store and swapped in, so a kill leaves one or the other); a catalogue that lost items needs a new store. :meth:`FeatureStore.require_catalogue` is the one check that a store belongs to
 a catalogue.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from kaleido_bert.atomic import atomic_path, atomic_write_json, atomic_write_text, one_line_os_errors
+from kaleido_bert.atomic import (
+    atomic_directory,
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    one_line_os_errors,
+)
 from kaleido_bert.config import FeaturesConfig
 from kaleido_bert.patches.features import FEATURE_LAYOUT, FEATURES_PER_IMAGE, GREYED, NUM_COLOUR, ROTATED
 from kaleido_bert.patches.store_files import (
@@ -71,6 +80,8 @@ if TYPE_CHECKING:
 STORE_VERSION = 2
 """2 added ``images.json`` (per-row image content hashes)."""
 ARRAYS = ("features", "boxes", "positions", "saliency", "sizes")
+GROW_CHUNK = 1024
+"""Rows copied at a time when a store grows (about 190 MB of a 1280-d store's features)."""
 MATCH_KEYS = ("backbone", "weights", "seed", "mode", "patch_size", "image_size", "saliency", "max_side", "levels",
               "feature_size", "catalogue_hash")
 """Manifest fields that must agree before a store is resumed or used."""
@@ -192,7 +203,8 @@ class StoreWriter(RowWriter):
         manifest: the fields the store is built with (:data:`MATCH_KEYS`, ``feature_size`` required).
         ids: item ids in row order.
         image_hashes: each row's image content hash (the catalogue's); when given, a store built for another
-            version of the catalogue with the same ids is updated: rows whose hash changed are done again.
+            version of the catalogue is updated: rows whose hash changed are done again, and when the catalogue
+            gained items (every stored id is still in ``ids``) the store grows to ``ids`` first (:func:`grow_rows`).
 
     Raises:
         StoreError: a store that does not match, is corrupt (any file whose size or header is wrong), a
@@ -207,6 +219,9 @@ class StoreWriter(RowWriter):
         """Rows reset to do because their image changed since the store was built."""
         self.merged: list[str] = []
         """The shard files of a sharded run merged into ``status.npy`` when the store was opened."""
+        self.added = 0
+        """Rows added because the catalogue gained items since the store was built (:func:`grow_rows`)."""
+        self._added_rows: set[int] = set()
         if image_hashes is not None and len(image_hashes) != len(ids):
             raise StoreError(f"{len(image_hashes)} image hashes for {len(ids)} ids")
         with one_line_os_errors(f"feature store {self.root}", StoreError):
@@ -254,8 +269,14 @@ class StoreWriter(RowWriter):
         problem = describe_mismatch(found, manifest, str(self.root), RESUME_KEYS)
         if problem:
             raise StoreError(problem + rebuild)
-        if read_store_json(self.root / IDS, list, "a list of item ids") != ids:
-            raise StoreError(f"feature store {self.root} holds other item ids than the catalogue{rebuild}")
+        stored = read_store_json(self.root / IDS, list, "a list of item ids")
+        if stored != ids:
+            if image_hashes is None or len(set(stored)) != len(stored) or not set(stored) <= set(ids):
+                raise StoreError(f"feature store {self.root} holds other item ids than the catalogue{rebuild}")
+            self.added = grow_rows(self.root, stored, ids, self.specs)
+            kept = set(stored)
+            self._added_rows = {row for row, item in enumerate(ids) if item not in kept}
+            found = read_store_json(self.root / MANIFEST, dict, "a store manifest (a JSON object)")
         n = len(ids)
         self.status = load_status(self.root, n)
         self.problems = read_problems(self.root, n=n)
@@ -288,10 +309,11 @@ class StoreWriter(RowWriter):
         old = read_store_json(path, list, "a list of image hashes") if path.is_file() else [None] * len(image_hashes)
         if len(old) != len(image_hashes):
             raise StoreError(f"{path} holds {len(old)} hashes for {len(image_hashes)} items (corrupt store: {REBUILD})")
-        self.changed = [i for i, (a, b) in enumerate(zip(old, image_hashes, strict=True)) if a != b]
-        changed = set(self.changed)
-        self.status[self.changed] = TODO
-        self.problems = [p for p in self.problems if p["row"] not in changed]
+        redo = [i for i, (a, b) in enumerate(zip(old, image_hashes, strict=True)) if a != b]
+        self.changed = [i for i in redo if i not in self._added_rows]  # the new rows are not changed ones
+        self.status[redo] = TODO
+        redone = set(redo)
+        self.problems = [p for p in self.problems if p["row"] not in redone]
         self._write_status()
         atomic_write_json(path, image_hashes)
         self.manifest.update(catalogue_hash=manifest["catalogue_hash"], version=STORE_VERSION,
@@ -319,6 +341,58 @@ class StoreWriter(RowWriter):
             self.manifest["failed"] = int((self.status == FAILED).sum())
             self.manifest["fallback_boxes"] = int(self.arrays["saliency"][self.status == DONE, 4].sum())
             atomic_write_json(self.root / MANIFEST, self.manifest)
+
+
+def grow_rows(root: Path, stored: list[str], ids: list[str],
+              specs: dict[str, tuple[tuple[int, ...], np.dtype]]) -> int:
+    """Rebuild the store at ``root`` for ``ids``, a catalogue that gained items: each stored row moves to its id's
+    new place with its status, problems and image hash, the new rows are to do; returns how many were added.
+
+    The grown store is built beside the old one and swapped in (:func:`~kaleido_bert.atomic.atomic_directory`):
+    a kill before the swap leaves the old store as it was, and the next run grows it again. Its content hash
+    stays the old catalogue's, so :meth:`StoreWriter._update_catalogue` then finds the new rows (no hash yet) and
+    the rows whose image changed, and adopts the new catalogue.
+
+    Raises:
+        StoreError: shard files of an interrupted sharded run (finish it with the catalogue it began with first),
+            a disk that cannot hold the grown copy beside the old, or a corrupt file.
+    """
+    n_old = len(stored)
+    if read_shards(root, n_old)[2]:
+        raise StoreError(f"feature store {root} holds the shards of an interrupted sharded run: finish it with the "
+                         "catalogue it began with, then add items")
+    place = {item: row for row, item in enumerate(ids)}
+    rows = np.array([place[item] for item in stored], dtype=np.int64)
+    status = np.full(len(ids), TODO, np.uint8)
+    status[rows] = load_status(root, n_old)
+    problems = [{**p, "row": int(rows[p["row"]])} for p in read_problems(root, n=n_old)]
+    manifest = read_store_json(root / MANIFEST, dict, "a store manifest (a JSON object)")
+    old_specs = array_specs(n_old, specs["features"][0][2])
+    with atomic_directory(root, overwrite=True) as tmp:
+        require_disk_space(tmp, specs)
+        for name, (shape, dtype) in specs.items():
+            check_npy(root / f"{name}.npy", old_specs[name][0], dtype)
+            old = np.load(root / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+            new = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
+            for start in range(0, n_old, GROW_CHUNK):
+                new[rows[start:start + GROW_CHUNK]] = old[start:start + GROW_CHUNK]
+            new.flush()
+            del new, old
+        with open(tmp / STATUS, "wb") as fh:
+            np.save(fh, status)
+        atomic_write_text(tmp / PROBLEMS, problem_lines(problems, status))
+        if (root / IMAGES).is_file():
+            hashes = [""] * len(ids)  # no image extracted yet: differs from any content hash
+            for row, content in zip(rows, read_store_json(root / IMAGES, list, "a list of image hashes"), strict=True):
+                hashes[row] = content
+            atomic_write_json(tmp / IMAGES, hashes)
+        atomic_write_json(tmp / IDS, ids)
+        known = {MANIFEST, IDS, IMAGES, STATUS, PROBLEMS, *(f"{name}.npy" for name in specs)}
+        for other in root.iterdir():  # what else lives there (the run.yaml `kaleido patches` writes)
+            if other.is_file() and other.name not in known:
+                shutil.copy2(other, tmp / other.name)
+        atomic_write_json(tmp / MANIFEST, {**manifest, "num_items": len(ids), "complete": False})
+    return len(ids) - n_old
 
 
 # ---------------------------------------------------------------------------------------------- reading
