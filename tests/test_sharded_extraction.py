@@ -1,5 +1,6 @@
 """Sharded feature extraction (issue 14): ``torchrun`` with 2 gloo processes on CPU writes, byte for byte, the store
-one process writes; a killed rank resumes only its own remainder; one process finishes a store two processes left;
+one process writes, also when it grows a store whose catalogue gained items; a killed rank resumes only its own
+remainder; one process finishes a store two processes left;
 the projected store size is printed and a disk that cannot hold it is refused in one line.
 
 The catalogue is generated (64 images of 64 px, two of them truncated: one in rank 0's batches, one in rank 1's);
@@ -151,6 +152,33 @@ def test_two_processes_write_the_store_one_process_writes(catalogue, reference, 
     assert result.stderr.count("rows × 77,785 bytes") == 1  # rank 0 projects the size, once
     assert_same_store(reference, store)
     assert [p["row"] for p in FeatureStore(store).problems] == list(BAD)
+
+
+def test_two_processes_grow_a_store_whose_catalogue_gained_items(catalogue, reference, tmp_path):
+    """A store of the catalogue's first 40 items, grown under torchrun to all 64: rank 0 grows it, each rank
+    extracts only its share of the 24 new rows, and the result is the one-process store of the 64."""
+    grown = tmp_path / "catalogue"
+    shutil.copytree(catalogue, grown, copy_function=os.link)
+    items = load_catalogue(grown).items
+    write_catalogue(grown, items[:40])
+    store = tmp_path / "store"
+    assert main(patches_args(grown, store)) == 0
+    write_catalogue(grown, items)
+    result = subprocess.run(torchrun(*patches_args(grown, store)), env=ENV, capture_output=True, text=True,
+                            timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = summary_of(result.stdout)
+    assert (summary["added"], summary["processed"], summary["changed"], summary["complete"]) == (24, 24, 0, True)
+    assert [(r["rank"], r["processed"]) for r in summary["ranks"]] == [(0, 8), (1, 16)]  # batches 6 | 5 and 7
+    assert sorted(p.name for p in store.iterdir()) == sorted(p.name for p in reference.iterdir())
+    for path in reference.iterdir():
+        if path.name == "manifest.json":  # the same but for the catalogue's path
+            found, expected = (json.loads(p.read_text()) for p in (store / path.name, path))
+            assert {**found, "catalogue": None} == {**expected, "catalogue": None}
+        elif path.name == "problems.jsonl":  # the same records, naming the copy's image files
+            assert (store / path.name).read_text() == path.read_text().replace(str(catalogue), str(grown))
+        elif path.name != "run.yaml":
+            assert (store / path.name).read_bytes() == path.read_bytes(), path.name
 
 
 def test_a_killed_rank_resumes_only_its_own_remainder(catalogue, reference, tmp_path):
