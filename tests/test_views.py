@@ -106,13 +106,17 @@ def test_bad_views_are_one_line_and_leave_the_catalogue_as_it_was(tmp_path, caps
     assert "Traceback" not in err and len([line for line in err.splitlines() if "p1.jpg" in line]) == 1
 
 
-def test_cli_adds_views_and_prints_the_summary(tmp_path, capsys):
+@pytest.mark.parametrize(("side", "expected"), [("40", 40), ("auto", 67)])  # auto: median of 111, 97, 37, 36
+def test_cli_adds_views_and_prints_the_summary(tmp_path, capsys, side, expected):
     root = make_catalogue(tmp_path / "cat")
-    assert main(["data", "views", str(root), "--max-side", "40"]) == 0
+    assert main(["data", "views", str(root), "--max-side", side]) == 0
     out = capsys.readouterr().out
     summary = json.loads(out[: out.index("}") + 1])
-    assert summary["added"] == 2 and summary["views"] == 2
+    assert (summary["added"], summary["views"], summary["max_side"]) == (2, 2, expected)
     assert sum(is_view(it) for it in load_catalogue(root).items) == 2
+    with pytest.raises(SystemExit):
+        main(["data", "views", str(root), "--max-side", "big"])
+    assert "expected a number of pixels or auto, got 'big'" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- a store that grows

@@ -52,6 +52,16 @@ PATCH_COMMANDS = ("extract", "show", "train-saliency")
 
 
 # ---------------------------------------------------------------------------------------------- parser
+def _max_side(value: str) -> int | None:
+    """``kaleido data views --max-side``: pixels, or ``auto`` (None: sized by the training images)."""
+    if value == "auto":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of pixels or auto, got {value!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kaleido", description="Kaleido-BERT: fashion vision-language pre-training")
     parser.add_argument("--version", action="version", version=f"kaleido-bert {__version__}")
@@ -100,8 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     views = data.add_parser("views", help="add a downscaled view of each large training image (mixed resolutions)")
     views.add_argument("catalogue")
-    views.add_argument("--max-side", type=int, required=True,
-                       help="longer side of the views: the catalogue's small images' (80 for Myntra thumbnails)")
+    views.add_argument("--max-side", type=_max_side, required=True,
+                       help="longer side of the views: the catalogue's small images' (80 for Myntra thumbnails), "
+                            "or auto: the training images' median longer side")
     views.set_defaults(func=commands.cmd_data_views)
 
     check = data.add_parser("check", help="validate a catalogue and print its statistics")

@@ -25,11 +25,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from kaleido_bert.atomic import atomic_path, one_line_os_errors
-from kaleido_bert.data.catalogue import CatalogueError, Item, load_catalogue, write_catalogue
-from kaleido_bert.data.images import MIN_SIDE, downscale, load_rgb
+from kaleido_bert.data.catalogue import Catalogue, CatalogueError, Item, load_catalogue, write_catalogue
+from kaleido_bert.data.images import MIN_SIDE, downscale, inspect_image, load_rgb
 
 VIEW_OF = "view_of"
 """The ``extra`` key that marks an item as a scaled view, holding the id of the item it was made from."""
@@ -47,8 +48,21 @@ def view_id(item_id: str, max_side: int) -> str:
     return f"{item_id}@s{max_side}"
 
 
-def add_views(root: str | Path, max_side: int, *, progress: bool = True) -> dict[str, Any]:
-    """Add a ``max_side`` view of every training image larger than it to the catalogue at ``root``.
+def typical_side(catalogue: Catalogue, *, progress: bool = False) -> int:
+    """The median longer side of the training images (read from their headers): ``--max-side auto``."""
+    originals = [it for it in catalogue.items if it.split in VIEW_SPLITS and not is_view(it)]
+    if not originals:
+        raise CatalogueError(f"catalogue {catalogue.root} has no training images to size views by")
+    sides = []
+    for item in tqdm(originals, desc="image sizes", unit="image", disable=not progress):
+        info = inspect_image(catalogue.image_path(item))
+        sides.append(max(info.width, info.height))
+    return int(np.median(sides))
+
+
+def add_views(root: str | Path, max_side: int | None, *, progress: bool = True) -> dict[str, Any]:
+    """Add a ``max_side`` view of every training image larger than it to the catalogue at ``root``; ``None``
+    sizes them by the training images' median longer side (:func:`typical_side`).
 
     Returns:
         ``{"added", "kept", "too_small", "views", "max_side"}``: views written now, views already there, training
@@ -59,10 +73,12 @@ def add_views(root: str | Path, max_side: int, *, progress: bool = True) -> dict
         ImageProblem: an unreadable or changed image (one line naming its file). Either way ``catalogue.jsonl`` is
             left as it was.
     """
+    catalogue = load_catalogue(root)
+    if max_side is None:
+        max_side = typical_side(catalogue, progress=progress)
     if max_side < MIN_SIDE:
         raise CatalogueError(f"views need max_side >= {MIN_SIDE} (the smallest image side a catalogue accepts), "
                              f"got {max_side}")
-    catalogue = load_catalogue(root)
     have = {it.id for it in catalogue.items}
     todo, kept, small = [], 0, 0
     for item in catalogue.items:
