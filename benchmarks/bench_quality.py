@@ -410,8 +410,7 @@ VIEWS: list[int] = []
 
 
 def _views_note(work: Path) -> str:
-    from kaleido_bert.data.catalogue import load_catalogue
-    from kaleido_bert.data.views import is_view
+    from kaleido_bert.data.catalogue import is_view, load_catalogue
 
     views = [it for it in load_catalogue(work / "catalogue").items if is_view(it)]
     if not views:

@@ -12,9 +12,16 @@ from PIL import Image, ImageDraw
 
 from kaleido_bert.cli import main
 from kaleido_bert.config import load_config
-from kaleido_bert.data.catalogue import CatalogueError, Item, load_catalogue, write_catalogue
+from kaleido_bert.data.catalogue import (
+    VIEW_OF,
+    CatalogueError,
+    Item,
+    is_view,
+    load_catalogue,
+    write_catalogue,
+)
 from kaleido_bert.data.images import ImageProblem
-from kaleido_bert.data.views import VIEW_OF, add_views, is_view, view_id
+from kaleido_bert.data.views import add_views, view_id
 from kaleido_bert.patches.extraction import extract_features
 from kaleido_bert.patches.store import FeatureStore, StoreError
 from kaleido_bert.serve.catalogue_index import RunData
@@ -63,6 +70,8 @@ def test_views_go_to_the_large_training_images_only_and_adding_them_again_change
             assert image.format == "PNG" and max(image.size) == 37
             assert abs(image.width / image.height - big.width / big.height) < 0.05  # aspect kept
         assert view.sha256  # recorded, so a changed view file is caught like any image
+    stats = json.loads((root / "stats.json").read_text())
+    assert (stats["items"], stats["products"], stats["views"]) == (8, 6, 2)
     again = add_views(root, 37, progress=False)
     assert again == {"added": 0, "kept": 2, "too_small": 2, "views": 2, "max_side": 37}
     assert [it.id for it in load_catalogue(root).items] == [it.id for it in cat.items]

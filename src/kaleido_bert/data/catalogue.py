@@ -10,7 +10,8 @@ A catalogue is a directory::
     problems.jsonl    (optional) rows an importer skipped or converted, one JSON object each
     images/           the image files (importers copy or write them here)
 
-Several images may belong to one product (Fashion-Gen poses). Splits are by product: every image of a product
+Several images may belong to one product (Fashion-Gen poses, or a scaled training view: ``extra.view_of`` names
+the item it was downscaled from, :mod:`kaleido_bert.data.views`). Splits are by product: every image of a product
 is in the same split, so no product is seen in training and tested on.
 
 The catalogue hash (:meth:`Catalogue.hash`) identifies a catalogue's texts *and* image contents: it is the
@@ -46,6 +47,9 @@ LABEL_FIELDS = ("category", "subcategory")
 REQUIRED = ("id", "product_id", "image", "title", "description", "category", "subcategory", "split")
 OPTIONAL = ("extra", "sha256")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
+VIEW_OF = "view_of"
+"""The ``extra`` key that marks an item as a scaled training view (:mod:`kaleido_bert.data.views`), holding the id
+of the item it was made from."""
 
 
 class CatalogueError(KaleidoError):
@@ -74,6 +78,11 @@ class Item:
             if not data[key]:
                 del data[key]
         return json.dumps(data, ensure_ascii=False)
+
+
+def is_view(item: Item) -> bool:
+    """Whether ``item`` is a scaled training view (left out of search indexes)."""
+    return VIEW_OF in item.extra
 
 
 def file_sha256(path: str | Path) -> str:
@@ -149,6 +158,7 @@ def compute_stats(items: list[Item]) -> dict[str, Any]:
     return {
         "items": len(items),
         "products": len({it.product_id for it in items}),
+        "views": sum(is_view(it) for it in items),
         "categories": len({it.category for it in items}),
         "subcategories": len({it.subcategory for it in items}),
         "splits": {s: by_split.get(s, 0) for s in SPLITS},

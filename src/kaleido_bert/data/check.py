@@ -51,6 +51,8 @@ class CheckReport:
         if "items" in s:
             row("items", f"{s['items']:,}")
             row("products", f"{s['products']:,}")
+            if s.get("views"):
+                row("scaled views", f"{s['views']:,} training rows (kaleido data views)")
             row("categories", f"{s['categories']:,}")
             row("sub-categories", f"{s['subcategories']:,}")
             per_product = s.get("products_per_split", {})

@@ -12,7 +12,8 @@ A view of item ``ID`` is the item ``ID@s<max_side>`` with ``extra = {"view_of": 
 image ``images/views/ID@s<N>.png``: the original through :func:`kaleido_bert.data.images.downscale`, stored
 losslessly, so its features are exactly the original's extracted at ``features.max_side = N``. Only training
 images whose longer side exceeds ``N`` get one; evaluation splits never do (a view there would be a second
-copy of a test product in every gallery). Search indexes leave views out (:func:`is_view`).
+copy of a test product in every gallery). Search indexes leave views out
+(:func:`kaleido_bert.data.catalogue.is_view`).
 
 Adding views rewrites ``catalogue.jsonl`` (its hash changes and it gains items): ``kaleido patches CAT --out
 STORE`` on the catalogue's store then grows it and extracts only the views
@@ -29,19 +30,20 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from kaleido_bert.atomic import atomic_path, one_line_os_errors
-from kaleido_bert.data.catalogue import Catalogue, CatalogueError, Item, load_catalogue, write_catalogue
+from kaleido_bert.data.catalogue import (
+    VIEW_OF,
+    Catalogue,
+    CatalogueError,
+    Item,
+    is_view,
+    load_catalogue,
+    write_catalogue,
+)
 from kaleido_bert.data.images import MIN_SIDE, downscale, inspect_image, load_rgb
 
-VIEW_OF = "view_of"
-"""The ``extra`` key that marks an item as a scaled view, holding the id of the item it was made from."""
 VIEW_DIR = "images/views"
 VIEW_SPLITS = ("train",)
 """The splits that may hold views; validation and test keep one image per item, as users' queries come."""
-
-
-def is_view(item: Item) -> bool:
-    """Whether ``item`` is a scaled view made by :func:`add_views` (left out of search indexes)."""
-    return VIEW_OF in item.extra
 
 
 def view_id(item_id: str, max_side: int) -> str:

@@ -36,8 +36,7 @@ from tqdm.auto import tqdm
 from kaleido_bert import distributed as dist
 from kaleido_bert.atomic import atomic_directory, atomic_write_json
 from kaleido_bert.config import RunConfig, load_config
-from kaleido_bert.data.catalogue import Catalogue, Item, load_catalogue
-from kaleido_bert.data.views import is_view
+from kaleido_bert.data.catalogue import Catalogue, Item, is_view, load_catalogue
 from kaleido_bert.errors import KaleidoError
 from kaleido_bert.model.dual_encoder import DualEncoder, product_descriptions, store_patches
 from kaleido_bert.patches.store import FeatureStore
