@@ -28,8 +28,8 @@ to append to a store whose manifest does not match. A store built for an earlier
 (same ids, another catalogue hash) is brought up to date: rows whose image content changed are extracted again
 (:meth:`StoreWriter.pending`). A catalogue that gained items (new products, scaled views) grows its store: the
 old rows move to their ids' new places and only the new ones are extracted (:func:`grow_rows`, built beside the
-old store and swapped in, so a kill leaves one or the other); a catalogue that lost items needs a new store. :meth:`FeatureStore.require_catalogue` is the one check that a store belongs to
-a catalogue.
+old store and swapped in, so a kill leaves one or the other); a catalogue that lost items needs a new store.
+:meth:`FeatureStore.require_catalogue` is the one check that a store belongs to a catalogue.
 """
 
 from __future__ import annotations
@@ -378,7 +378,7 @@ def grow_rows(root: Path, stored: list[str], ids: list[str],
                 new[rows[start:start + GROW_CHUNK]] = old[start:start + GROW_CHUNK]
             new.flush()
             del new, old
-        with open(tmp / STATUS, "wb") as fh:
+        with atomic_path(tmp / STATUS) as path, open(path, "wb") as fh:
             np.save(fh, status)
         atomic_write_text(tmp / PROBLEMS, problem_lines(problems, status))
         if (root / IMAGES).is_file():
