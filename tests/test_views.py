@@ -197,3 +197,28 @@ def test_a_store_is_not_grown_for_a_catalogue_that_lost_items(tmp_path):
     write_catalogue(root, [it for it in cat.items if it.id != "p2"])
     with pytest.raises(StoreError, match="holds other item ids than the catalogue"):
         extract_features(root, tmp_path / "store", config, num_workers=0, progress=False)
+
+
+def test_a_store_grows_when_new_items_arrive_between_the_old_ones_in_another_order(tmp_path):
+    """Old rows move to their ids' new places bit for bit; the new rows are what a fresh build computes."""
+    root = make_catalogue(tmp_path / "cat")
+    config = load_config("tiny").features
+    full = load_catalogue(root).items
+    by_id = {it.id: it for it in full}
+    write_catalogue(root, [by_id["p5"], by_id["p2"], by_id["p0"]])  # an older, shorter catalogue, another order
+    extract_features(root, tmp_path / "store", config, num_workers=0, progress=False)
+    before = FeatureStore(tmp_path / "store")
+    old = {item: before[item]["colour"].clone() for item in ("p5", "p2", "p0")}
+    write_catalogue(root, full)  # p0 … p5: three new items in between
+    summary = extract_features(root, tmp_path / "store", config, num_workers=0, progress=False)
+    assert (summary["added"], summary["processed"], summary["changed"]) == (3, 3, 0)
+    extract_features(root, tmp_path / "fresh", config, num_workers=0, progress=False)
+    grown, fresh = FeatureStore(tmp_path / "store"), FeatureStore(tmp_path / "fresh")
+    assert json.loads((tmp_path / "store" / "ids.json").read_text()) == list(SIZES)
+    for name in ("ids.json", "images.json", "status.npy"):
+        assert (tmp_path / "store" / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes(), name
+    for item, colour in old.items():
+        torch.testing.assert_close(grown[item]["colour"], colour, rtol=0, atol=0)
+    for item in ("p1", "p3", "p4"):
+        for key in ("colour", "positions"):
+            torch.testing.assert_close(grown[item][key], fresh[item][key], rtol=0, atol=0)
