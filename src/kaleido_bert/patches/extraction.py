@@ -139,7 +139,7 @@ def _open_store(out: Path, manifest: dict[str, Any], ids: list[str], hashes: lis
             if progress:
                 print(writer.projection, file=sys.stderr, flush=True)
     if world == 1:
-        return writer, writer.changed, writer.added
+        return writer, writer.changed, len(writer.added)
     reasons = dist.all_gather_object(str(refusal) if refusal else None)  # also the barrier: the store exists
     # The only collective of the run: the ranks leave the group together now, so ranks that finish hours apart
     # never wait in a collective (its timeout) nor in NCCL's collective teardown; rank 0 then waits on disk.
@@ -148,7 +148,7 @@ def _open_store(out: Path, manifest: dict[str, Any], ids: list[str], hashes: lis
         raise refusal
     if reasons[0]:
         raise RankZeroRefused(reasons[0])
-    changed, added = (writer.changed, writer.added) if writer else ([], 0)
+    changed, added = (writer.changed, len(writer.added)) if writer else ([], 0)
     if writer:
         writer.close()
     shard = ShardWriter(out, manifest, ids, rank=rank, world_size=world, owned=rank_rows(len(ids), world, rank))

@@ -90,14 +90,19 @@ MANIFEST_DEFAULTS = {"max_side": FeaturesConfig.max_side}
 RESUME_KEYS = tuple(key for key in MATCH_KEYS if key != "catalogue_hash")
 """Fields a resumed store must share; a new catalogue hash instead redoes the rows whose image changed."""
 __all__ = ["DONE", "FAILED", "TODO", "FeatureStore", "NpyHeader", "RowWriter", "StoreError", "StoreWriter",
-           "array_specs", "check_npy", "describe_mismatch"]
+           "array_specs", "check_npy", "describe_mismatch", "manifest_value"]
+
+
+def manifest_value(manifest: dict[str, Any], key: str) -> Any:
+    """A manifest field, or what a store that predates the field was built with (:data:`MANIFEST_DEFAULTS`)."""
+    return manifest.get(key, MANIFEST_DEFAULTS.get(key))
 
 
 def describe_mismatch(found: dict[str, Any], wanted: dict[str, Any], where: str,
                       keys: tuple[str, ...] = MATCH_KEYS) -> str | None:
     """One line naming the first manifest field that differs, or None when they agree."""
     for key in keys:
-        have = found.get(key, MANIFEST_DEFAULTS.get(key))
+        have = manifest_value(found, key)
         if key in wanted and have != wanted[key]:
             return f"feature store {where} was built with {key}={have!r}, but {key}={wanted[key]!r} was asked for"
     return None
@@ -219,9 +224,8 @@ class StoreWriter(RowWriter):
         """Rows reset to do because their image changed since the store was built."""
         self.merged: list[str] = []
         """The shard files of a sharded run merged into ``status.npy`` when the store was opened."""
-        self.added = 0
+        self.added: list[int] = []
         """Rows added because the catalogue gained items since the store was built (:func:`grow_rows`)."""
-        self._added_rows: set[int] = set()
         if image_hashes is not None and len(image_hashes) != len(ids):
             raise StoreError(f"{len(image_hashes)} image hashes for {len(ids)} ids")
         with one_line_os_errors(f"feature store {self.root}", StoreError):
@@ -274,8 +278,6 @@ class StoreWriter(RowWriter):
             if image_hashes is None or len(set(stored)) != len(stored) or not set(stored) <= set(ids):
                 raise StoreError(f"feature store {self.root} holds other item ids than the catalogue{rebuild}")
             self.added = grow_rows(self.root, stored, ids, self.specs)
-            kept = set(stored)
-            self._added_rows = {row for row, item in enumerate(ids) if item not in kept}
             found = read_store_json(self.root / MANIFEST, dict, "a store manifest (a JSON object)")
         n = len(ids)
         self.status = load_status(self.root, n)
@@ -310,7 +312,8 @@ class StoreWriter(RowWriter):
         if len(old) != len(image_hashes):
             raise StoreError(f"{path} holds {len(old)} hashes for {len(image_hashes)} items (corrupt store: {REBUILD})")
         redo = [i for i, (a, b) in enumerate(zip(old, image_hashes, strict=True)) if a != b]
-        self.changed = [i for i in redo if i not in self._added_rows]  # the new rows are not changed ones
+        added = set(self.added)
+        self.changed = [i for i in redo if i not in added]  # the new rows are not changed ones
         self.status[redo] = TODO
         redone = set(redo)
         self.problems = [p for p in self.problems if p["row"] not in redone]
@@ -344,9 +347,9 @@ class StoreWriter(RowWriter):
 
 
 def grow_rows(root: Path, stored: list[str], ids: list[str],
-              specs: dict[str, tuple[tuple[int, ...], np.dtype]]) -> int:
+              specs: dict[str, tuple[tuple[int, ...], np.dtype]]) -> list[int]:
     """Rebuild the store at ``root`` for ``ids``, a catalogue that gained items: each stored row moves to its id's
-    new place with its status, problems and image hash, the new rows are to do; returns how many were added.
+    new place with its status, problems and image hash, the new rows are to do; returns the new rows.
 
     The grown store is built beside the old one and swapped in (:func:`~kaleido_bert.atomic.atomic_directory`):
     a kill before the swap leaves the old store as it was, and the next run grows it again. Its content hash
@@ -392,7 +395,9 @@ def grow_rows(root: Path, stored: list[str], ids: list[str],
             if other.is_file() and other.name not in known:
                 shutil.copy2(other, tmp / other.name)
         atomic_write_json(tmp / MANIFEST, {**manifest, "num_items": len(ids), "complete": False})
-    return len(ids) - n_old
+    new_rows = np.ones(len(ids), bool)
+    new_rows[rows] = False
+    return np.flatnonzero(new_rows).tolist()
 
 
 # ---------------------------------------------------------------------------------------------- reading

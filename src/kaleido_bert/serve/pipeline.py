@@ -82,7 +82,7 @@ class PatchGenerator:
         from kaleido_bert.patches.backbones import build_backbone
         from kaleido_bert.patches.features import PatchEncoder
         from kaleido_bert.patches.saliency import build_saliency
-        from kaleido_bert.patches.store import MANIFEST_DEFAULTS
+        from kaleido_bert.patches.store import manifest_value
 
         with torch.random.fork_rng(devices=[]):  # a random-init backbone is seeded as extraction seeded it
             torch.manual_seed(int(manifest.get("seed") or 0))
@@ -93,7 +93,7 @@ class PatchGenerator:
         self.encoder = PatchEncoder(backbone, mode=manifest["mode"], patch_size=int(manifest["patch_size"]),
                                     image_size=int(manifest["image_size"]), batch_size=batch_size)
         self.detector = build_saliency(manifest["saliency"], checkpoint=saliency_checkpoint, device=str(device))
-        self.max_side = int(manifest.get("max_side", MANIFEST_DEFAULTS["max_side"]))
+        self.max_side = int(manifest_value(manifest, "max_side"))
         self.settings = {k: manifest.get(k) for k in ("backbone", "weights", "mode", "patch_size", "image_size",
                                                       "saliency")} | {"max_side": self.max_side}
 
