@@ -408,6 +408,9 @@ CLI_OVERRIDES: list[str] = []
 VIEWS: list[int] = []
 """``--views N``: the data stage gives each training photo a view downscaled to N px (`kaleido data views`)."""
 
+CONTRAST_RUN_ARMS: list[str] = []
+"""The arms ``--arms`` names (empty: all of :data:`CONTRAST_ARMS`)."""
+
 
 def _views_note(work: Path) -> str:
     from kaleido_bert.data.catalogue import is_view, load_catalogue
@@ -419,8 +422,6 @@ def _views_note(work: Path) -> str:
     return (f" Scaled training views (`kaleido data views --max-side {', '.join(map(str, sides))}`): {len(views):,} "
             "training photos have a second row, the photo downscaled to the thumbnails' size; recipe and baseline "
             "both train on them.")
-CONTRAST_RUN_ARMS: list[str] = []
-"""The arms ``--arms`` names (empty: all of :data:`CONTRAST_ARMS`)."""
 
 
 def _probe_choices(work: Path) -> str:
