@@ -156,6 +156,39 @@ def test_sample100_ranks_match_brute_force(pipeline):
         sum(metrics[f"{d}_sample100/R@{k}"] for d in ("itr", "tir") for k in (1, 5, 10)))
 
 
+@pytest.mark.parametrize("pair_score", ["itm", "itm+itc"])
+def test_sample100_shortlist_scores_only_the_dual_encoders_top_k(pipeline, pair_score):
+    """eval.sample100_shortlist: each query's top k by cosine are ranked by the pair score, the rest after them by
+    cosine; a shortlist as wide as the candidate list is the full protocol, exactly."""
+    from kaleido_bert.eval.retrieval import PairScorer, build_candidates, evaluate_sample100
+
+    base, catalogue, store, texts = _scorer(pipeline)
+    scorer = PairScorer(base.encoder, store, texts, pair_score=pair_score)
+    cands = build_candidates(catalogue, set(store.available_ids()), num_queries=6, num_negatives=6, seed=4)
+    k = 3
+    metrics = evaluate_sample100(scorer, cands, progress=False, shortlist=k)["metrics"]
+    assert metrics["sample100/shortlist"] == k
+    for direction in ("itr", "tir"):
+        hits = {1: [], 5: []}
+        for q in cands[direction]:
+            pairs = [(q["query"], c) if direction == "itr" else (c, q["query"]) for c in q["candidates"]]
+            cosine, full = scorer.cosines(pairs), scorer.itm_logits(pairs, progress=False)
+            top = set(np.argsort(-cosine, kind="stable")[:k].tolist())
+            if 0 in top:  # the positive is shortlisted: beaten only by shortlisted pairs with a higher pair score
+                rank = 1 + sum(full[j] > full[0] for j in top - {0})
+            else:  # after the whole shortlist, then by cosine
+                rank = 1 + k + sum(cosine[j] > cosine[0] for j in set(range(len(pairs))) - top)
+            for at in hits:
+                hits[at].append(rank <= at)
+        for at in hits:
+            assert metrics[f"{direction}_sample100/R@{at}"] == pytest.approx(100 * np.mean(hits[at]))
+    wide = evaluate_sample100(scorer, cands, progress=False, shortlist=7)["metrics"]
+    full = evaluate_sample100(scorer, cands, progress=False)["metrics"]
+    assert full["sample100/shortlist"] == 0
+    assert all(wide[f"{d}_sample100/R@{at}"] == pytest.approx(full[f"{d}_sample100/R@{at}"])
+               for d in ("itr", "tir") for at in (1, 5, 10))
+
+
 def test_gallery_recall_matches_brute_force(pipeline):
     from kaleido_bert.eval.metrics import gallery_recall, ranked_recall
     from kaleido_bert.eval.retrieval import evaluate_gallery

@@ -355,6 +355,9 @@ class EvalConfig:
     pair_score: str = "itm"
     """What ranks an (image, text) pair in sample-100 and re-ranking: ``itm`` (the ITM logit, the paper) or
     ``itm+itc`` (the ITM log-odds plus the ITC logit of the pair, as BLIP scores its re-ranked candidates)."""
+    sample100_shortlist: int = 0
+    """Sample-100 with an ITC head: only each query's top k candidates by the dual encoder go through the
+    cross-encoder, the rest follow in dual-encoder order (0 = every candidate, the paper's protocol)."""
     caption_retrieval_k: int = 0
     """When > 0, also caption by retrieval in the model's dual-encoder space: the nearest training description
     (``fc/nearest``) and the consensus of the k nearest (``fc/consensus``, Devlin et al. 2015)."""
@@ -362,7 +365,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         _check_ranges("eval", self, at_least_one=("num_queries", "num_negatives", "beam_size", "max_caption_len",
                                                   "batch_size"), non_negative=("seed", "rerank_k", "caption_items",
-                                                                              "caption_retrieval_k"))
+                                                                              "caption_retrieval_k",
+                                                                              "sample100_shortlist"))
         if self.split not in ("train", "val", "test"):
             raise ConfigError(f"eval.split={self.split!r} must be train, val or test")
         if self.pair_score not in PAIR_SCORES:

@@ -68,7 +68,7 @@ def evaluate_retrieval(checkpoint: Path, config: RunConfig, *, candidates_in: st
         save_candidates(candidates, out / "candidates.json")
     encoder = DualEncoder.from_checkpoint(checkpoint, batch_size=config.eval.batch_size, device=dist.device())
     scorer = PairScorer(encoder, store, product_descriptions(catalogue.items), pair_score=config.eval.pair_score)
-    result = evaluate_sample100(scorer, candidates, progress=progress)
+    result = evaluate_sample100(scorer, candidates, progress=progress, shortlist=config.eval.sample100_shortlist)
     result["metrics"]["sample100/sources"] = candidates["sources"]
     result["candidates"] = candidates
     result["outcomes"] = {"sample100": result["outcomes"]}

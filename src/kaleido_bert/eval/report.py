@@ -171,6 +171,13 @@ def draw_caption_examples(captions: dict[str, dict[str, str]], catalogue, out: P
     return save_figure(fig, out)
 
 
+def _shortlist_note(metrics: dict[str, Any]) -> str:
+    """How many of each query's candidates the cross-encoder scored (``eval.sample100_shortlist``)."""
+    k = metrics.get("sample100/shortlist") or 0
+    return (f"; only each query's top {k} by the dual encoder are scored by the cross-encoder, the rest follow in "
+            f"dual-encoder order (ALBEF/BLIP re-ranking)") if k else ""
+
+
 def write_report(metrics: dict[str, Any], extras: dict[str, Any], config, out: str | Path) -> Path:
     """Write ``report.md`` (and its pictures) into ``out``; returns the report path."""
     from kaleido_bert.data.catalogue import load_catalogue
@@ -184,7 +191,7 @@ def write_report(metrics: dict[str, Any], extras: dict[str, Any], config, out: s
              f"measured on **{dataset}**, so they are not directly comparable.", "",
              "## Table 2: image↔text retrieval, sample-100 protocol", "",
              f"Each query ranks 1 positive + {n - 1} negatives (same sub-category first) by the ITM logit of the "
-             f"pre-trained model, no retrieval fine-tuning (as the original). Queries: "
+             f"pre-trained model, no retrieval fine-tuning (as the original){_shortlist_note(metrics)}. Queries: "
              f"{metrics.get('sample100/queries')}. Chance: R@1 = {100 / n:.2f}%, R@5 = {500 / n:.2f}%, "
              f"R@10 = {1000 / n:.2f}%, SumR = {metrics.get('sample100/chance_SumR', 3200 / n):.1f}.", "", *table2(metrics, dataset), ""]
     baseline = load_baseline(out)

@@ -179,16 +179,24 @@ class PairScorer:
         parts = dist.map_chunks(n, self.encoder.batch_size, fn, desc=desc, progress=progress)
         return np.concatenate([empty, *parts])
 
-    def itm_logits(self, pairs: list[tuple[str, str]], *, desc: str = "ITM", progress: bool = True) -> np.ndarray:
+    def cosines(self, pairs: list[tuple[str, str]]) -> np.ndarray:
+        """The dual-encoder cosine of each ``(image id, product id)`` pair, each image and text embedded once:
+        ``(N,)`` float64."""
+        if not pairs:
+            return np.zeros(0)
+        images, pids = sorted({i for i, _ in pairs}), sorted({p for _, p in pairs})
+        image_emb = dict(zip(images, self.embed_images(images, progress=False), strict=True))
+        text_emb = dict(zip(pids, self.embed_texts(pids, progress=False), strict=True))
+        return np.array([float(image_emb[i] @ text_emb[p]) for i, p in pairs])
+
+    def itm_logits(self, pairs: list[tuple[str, str]], *, desc: str = "ITM", progress: bool = True,
+                   cosine: np.ndarray | None = None) -> np.ndarray:
         """The pair scores of ``(image id, product id)`` pairs, in order: ``(N,)`` float64. ``pair_score = "itm"``:
         the raw class-1 ITM logit; ``"itm+itc"`` (with an ITC head): the ITM log-odds plus the ITC logit
-        (scale · cosine of the pair's embeddings, each image and text embedded once)."""
-        cosine = np.zeros(len(pairs))
-        if self.pair_score == "itm+itc" and self.encoder.has_itc and pairs:
-            images, pids = sorted({i for i, _ in pairs}), sorted({p for _, p in pairs})
-            image_emb = dict(zip(images, self.embed_images(images, progress=False), strict=True))
-            text_emb = dict(zip(pids, self.embed_texts(pids, progress=False), strict=True))
-            cosine = np.array([float(image_emb[i] @ text_emb[p]) for i, p in pairs])
+        (scale · the pairs' :meth:`cosines`, or ``cosine`` when given)."""
+        if cosine is None:
+            fused = self.pair_score == "itm+itc" and self.encoder.has_itc
+            cosine = self.cosines(pairs) if fused else np.zeros(len(pairs))
 
         def score(start: int, stop: int) -> np.ndarray:
             chunk = pairs[start:stop]
@@ -212,9 +220,34 @@ class PairScorer:
 
 
 # ---------------------------------------------------------------------------------------------- protocols
+SHORTLIST_OFFSET = 1e6
+"""What a candidate outside the shortlist loses: more than any pair score (ITM log-odds + a logit ≤ 100) spans."""
+
+
+def shortlist_scores(scorer: PairScorer, pairs: list[tuple[str, str]], widths: list[int], shortlist: int, *,
+                     desc: str, progress: bool) -> np.ndarray:
+    """Pair scores of consecutive candidate lists (``widths``: each query's count) where only each list's top
+    ``shortlist`` by dual-encoder cosine go through the cross-encoder (ALBEF/BLIP's re-ranking); the rest score
+    ``cosine − 1e6``, below every shortlisted pair and in their cosine order. ``(N,)`` float64."""
+    cosine = scorer.cosines(pairs)
+    keep, start = [], 0
+    for n in widths:
+        keep.extend(start + np.argsort(-cosine[start:start + n], kind="stable")[:shortlist])
+        start += n
+    keep = np.sort(np.asarray(keep, dtype=np.int64))
+    scores = cosine - SHORTLIST_OFFSET
+    scores[keep] = scorer.itm_logits([pairs[i] for i in keep], cosine=cosine[keep], desc=desc, progress=progress)
+    return scores
+
+
 def evaluate_sample100(scorer: PairScorer, candidates: dict[str, Any], *, progress: bool = True,
-                       ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, Any]:
-    """Rank@K of both directions and SumR, keys named by protocol (``itr_sample100/R@1`` …), in %."""
+                       ks: tuple[int, ...] = (1, 5, 10), shortlist: int = 0) -> dict[str, Any]:
+    """Rank@K of both directions and SumR, keys named by protocol (``itr_sample100/R@1`` …), in %.
+
+    ``shortlist`` > 0 (``eval.sample100_shortlist``, with an ITC head): each query's candidates are ranked by the
+    dual encoder and only its top ``shortlist`` are scored by the cross-encoder (:func:`shortlist_scores`); 0
+    scores every candidate, the paper's protocol."""
+    shortlist = shortlist if scorer.encoder.has_itc else 0
     metrics: dict[str, Any] = {}
     ranked: dict[str, Any] = {}
     outcomes: dict[str, list] = {}  # per query: P(rank ≤ K) for each K, what a paired bootstrap resamples
@@ -225,7 +258,12 @@ def evaluate_sample100(scorer: PairScorer, candidates: dict[str, Any], *, progre
             pairs = [(q["query"], c) for q in queries for c in q["candidates"]]
         else:
             pairs = [(c, q["query"]) for q in queries for c in q["candidates"]]
-        flat = scorer.itm_logits(pairs, desc=f"{direction.upper()} sample-100", progress=progress)
+        desc = f"{direction.upper()} sample-100"
+        if shortlist:
+            flat = shortlist_scores(scorer, pairs, [len(q["candidates"]) for q in queries], shortlist, desc=desc,
+                                    progress=progress)
+        else:
+            flat = scorer.itm_logits(pairs, desc=desc, progress=progress)
         width = max(len(q["candidates"]) for q in queries)
         scores = np.full((len(queries), width), -np.inf)
         positive = np.zeros((len(queries), width), dtype=bool)
@@ -248,6 +286,7 @@ def evaluate_sample100(scorer: PairScorer, candidates: dict[str, Any], *, progre
     metrics["sample100/queries"] = {d: len(candidates[d]) for d in ("itr", "tir")}
     width = 1 + int(candidates["num_negatives"])
     metrics["sample100/candidates_per_query"] = width
+    metrics["sample100/shortlist"] = shortlist
     chance = {k: expected_rank_chance(width, k) for k in ks}
     metrics["sample100/chance_SumR"] = sum_r(chance, chance)
     return {"metrics": metrics, "ranked": ranked, "outcomes": outcomes}
