@@ -12,6 +12,7 @@ protocols on the test split), ``baseline`` (3 seeds, the same candidates) and th
 ``benchmarks/results/quality.md``.
 
     python benchmarks/bench_quality.py [--work DIR] [--set train.max_steps=…] [--stages data,...] [--views 80]
+                                       [--result quality]
 """
 
 from __future__ import annotations
@@ -343,6 +344,9 @@ def stage_report(work: Path, config) -> dict:
     def fmt(v) -> str:
         return "–" if v is None else f"{v:.1f}"
 
+    shortlist = (f" on each sample-100 list's top {run.eval.sample100_shortlist} by the dual encoder (the rest in its "
+                 "order, eval.sample100_shortlist)") if run.eval.sample100_shortlist else ""
+
     lines = ["# Quality on held-out real products: the `real` recipe vs a frozen dual-encoder baseline", "",
              f"Catalogue: the Myntra samples of `../shared/data` ({stats['products']:,} products, "
              f"{stats['categories']} categories, {stats['subcategories']} sub-categories); splits by product "
@@ -359,7 +363,8 @@ def stage_report(work: Path, config) -> dict:
              f"chosen on validation: {_probe_choices(work)}) then {run.finetune.max_steps} steps × "
              f"{run.finetune.batch_size} "
              f"(finetune.epochs={run.finetune.epochs}, lr {run.finetune.lr:g}); fine-tuned parts "
-             f"{run.finetune.tasks}; pair score `{run.eval.pair_score}`; captions by retrieval "
+             f"{run.finetune.tasks}; pair score `{run.eval.pair_score}`"
+             f"{shortlist}; captions by retrieval "
              f"(k={run.eval.caption_retrieval_k}); masking random (no alignment stage); "
              f"eval.num_queries={run.eval.num_queries}, caption items={run.eval.caption_items}.", "",
              f"Baseline: image pool `{baseline['image_pool']}` (chosen on validation: "
@@ -400,11 +405,13 @@ def stage_report(work: Path, config) -> dict:
               *_alignment_lines(work),
               "Reproduce: `python benchmarks/bench_quality.py` (stages resume; `--set` overrides the budget; "
               "`--stages contrasts,report` adds Table 4's contrasts).", ""]
-    atomic_write_text(RESULTS / "quality.md", "\n".join(lines))
+    atomic_write_text(RESULTS / f"{RESULT[0]}.md", "\n".join(lines))
     return {"losing_rows": losing}
 
 
 CLI_OVERRIDES: list[str] = []
+RESULT: list[str] = ["quality"]
+"""``--result NAME``: the report is ``benchmarks/results/NAME.md``."""
 VIEWS: list[int] = []
 """``--views N``: the data stage gives each training photo a view downscaled to N px (`kaleido data views`)."""
 
@@ -450,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", default=",".join(STAGES))
     parser.add_argument("--views", type=int, default=0, metavar="N",
                         help="data stage: add scaled training views of N px (`kaleido data views`; 0: none)")
+    parser.add_argument("--result", default="quality", help="the report's name under benchmarks/results/")
     parser.add_argument("--arms", default="", help="contrast arms to train and score (default: all); contrasts "
                                                    "whose two arms are not both scored are listed as not run")
     args = parser.parse_args(argv)
@@ -464,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(args.config, args.overrides)
     CLI_OVERRIDES.extend(f"--set {o}" for o in args.overrides)
     VIEWS.extend([args.views] if args.views else [])
+    RESULT[:] = [args.result]
     timings_path = work / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
     for stage in args.stages.split(","):

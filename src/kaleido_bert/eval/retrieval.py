@@ -179,6 +179,11 @@ class PairScorer:
         parts = dist.map_chunks(n, self.encoder.batch_size, fn, desc=desc, progress=progress)
         return np.concatenate([empty, *parts])
 
+    @property
+    def has_itc(self) -> bool:
+        """Whether the encoder has ITC projections (a dual-encoder space that can shortlist candidates)."""
+        return self.encoder.has_itc
+
     def cosines(self, pairs: list[tuple[str, str]]) -> np.ndarray:
         """The dual-encoder cosine of each ``(image id, product id)`` pair, each image and text embedded once:
         ``(N,)`` float64."""
@@ -247,7 +252,7 @@ def evaluate_sample100(scorer: PairScorer, candidates: dict[str, Any], *, progre
     ``shortlist`` > 0 (``eval.sample100_shortlist``, with an ITC head): each query's candidates are ranked by the
     dual encoder and only its top ``shortlist`` are scored by the cross-encoder (:func:`shortlist_scores`); 0
     scores every candidate, the paper's protocol."""
-    shortlist = shortlist if scorer.encoder.has_itc else 0
+    shortlist = shortlist if shortlist and scorer.has_itc else 0
     metrics: dict[str, Any] = {}
     ranked: dict[str, Any] = {}
     outcomes: dict[str, list] = {}  # per query: P(rank ≤ K) for each K, what a paired bootstrap resamples
