@@ -34,9 +34,6 @@ import time
 from functools import partial
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 

@@ -1,13 +1,22 @@
-"""Shared benchmark helpers: the machine's measured fp32 matmul peak and result writing."""
+"""Shared benchmark helpers: the offline environment, the machine's measured fp32 matmul peak and result writing.
+
+Every benchmark imports this module before anything from ``kaleido_bert`` or ``transformers``, so the model hubs
+are never asked (the machines have no route to them) and tokenizers do not fork threads under the CLI's workers.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from pathlib import Path
 
 import torch
+
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+for _key, _value in OFFLINE_ENV.items():
+    os.environ.setdefault(_key, _value)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
