@@ -95,8 +95,8 @@ def render(p: dict) -> str:
         r = p["recall"][m]
         cells = [" / ".join(f"{100 * r[d][k]:.1f}" for k in ("1", "5", "10"))
                  for d in ("itr", "tir")]
-        label = {"full": "every candidate (the paper's protocol)", "cosine": "dual encoder alone"}.get(
-            m, f"top {m.split('-')[1]} by the dual encoder")
+        label = ({"full": "every candidate (the paper's protocol)", "cosine": "the dual encoder alone"}[m]
+                 if width in (101, 0) else f"top {width} by the dual encoder, then the pair score")
         rows.append(f"| {label} | {width} | {cells[0]} | {cells[1]} | {p['sumr'][m]:.1f} | "
                     f"{p['changed_at_10'][m]} of {n} |")
     s = p["seconds"]
