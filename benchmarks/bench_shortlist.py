@@ -32,9 +32,11 @@ KS = (5, 10, 20, 40)
 
 def ranks_with_shortlist(full: np.ndarray, cosine: np.ndarray, k: int) -> np.ndarray:
     """The positive's (column 0) rank per query when only each row's top ``k`` by cosine keep their full score."""
+    from kaleido_bert.eval.retrieval import SHORTLIST_OFFSET
+
     rows = np.arange(full.shape[0])[:, None]
     top = np.argsort(-cosine, axis=1, kind="stable")[:, :k]
-    scores = cosine - 1e6
+    scores = cosine - SHORTLIST_OFFSET
     scores[rows, top] = full[rows, top]
     return 1 + (scores[:, 1:] > scores[:, :1]).sum(axis=1)
 

@@ -4,7 +4,8 @@
 positive and ``num_negatives`` negatives, drawn from the same sub-category first, then the same category, then
 anywhere in the split, then (only when the split is too small) from the other splits; every tier used is counted.
 A negative never shares the positive's description (ITR) or image file (TIR), since real catalogues repeat titles.
-Candidates are ranked by the raw class-1 ITM logit of the cross-encoder, as the original.
+Candidates are ranked by the raw class-1 ITM logit of the cross-encoder, as the original (or by ``eval.pair_score``;
+with ``eval.sample100_shortlist`` = k only each query's top k by the dual encoder are scored, ALBEF/BLIP-style).
 
     ITR (image → text): query = an image id, candidates = product ids (their descriptions)
     TIR (text → image): query = a product id (its description), candidates = image ids, one per product
