@@ -26,14 +26,13 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts (common imports it)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS  # noqa: E402  (and the offline environment)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
-RESULTS = ROOT / "benchmarks" / "results"
+DEFAULT_WORK = ROOT / "benchmarks" / ".cache" / "quality"
 STAGES = ("data", "pretrain", "finetune", "evaluate", "baseline", "report")
 CONTRAST_BUDGET = {"train.epochs": 0.5, "finetune.tasks": ["subcategory"], "finetune.inputs": ["image+text"],
                    "eval.caption_retrieval_k": 0, "finetune.sentence": False, "finetune.probe_c": [1.0],
@@ -403,7 +402,7 @@ def stage_report(work: Path, config) -> dict:
               *[f"| evaluate: {k} | {v} |" for k, v in metrics.get("timings", {}).items()], "",
               *_contrast_lines(work),
               *_alignment_lines(work),
-              "Reproduce: `python benchmarks/bench_quality.py` (stages resume; `--set` overrides the budget; "
+              f"Reproduce: `{_command(work)}` (stages resume; `--set` overrides the budget; "
               "`--stages contrasts,report` adds Table 4's contrasts).", ""]
     atomic_write_text(RESULTS / f"{RESULT[0]}.md", "\n".join(lines))
     return {"losing_rows": losing}
@@ -417,6 +416,17 @@ VIEWS: list[int] = []
 
 CONTRAST_RUN_ARMS: list[str] = []
 """The arms ``--arms`` names (empty: all of :data:`CONTRAST_ARMS`)."""
+
+
+def _command(work: Path) -> str:
+    """The command line that makes this report: the options this invocation was given."""
+    parts = ["python benchmarks/bench_quality.py"]
+    if work.resolve() != DEFAULT_WORK.resolve():
+        parts.append(f"--work {work}")
+    parts += [*(f"--views {n}" for n in VIEWS), *CLI_OVERRIDES]
+    if RESULT[0] != "quality":
+        parts.append(f"--result {RESULT[0]}")
+    return " ".join(parts)
 
 
 def _views_note(work: Path) -> str:
@@ -451,7 +461,7 @@ def _features_summary(work: Path) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", default=str(ROOT / "benchmarks" / ".cache" / "quality"))
+    parser.add_argument("--work", default=str(DEFAULT_WORK))
     parser.add_argument("--config", default="real")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--stages", default=",".join(STAGES))

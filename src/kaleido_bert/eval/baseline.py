@@ -42,6 +42,9 @@ from kaleido_bert.patches.store import FeatureStore
 class EmbeddingScorer:
     """The :class:`~kaleido_bert.eval.retrieval.PairScorer` interface over fixed embeddings (cosine = the score)."""
 
+    has_itc = False
+    """Its score is already the cosine, so a sample-100 shortlist by cosine would change nothing."""
+
     def __init__(self, image_emb: dict[str, np.ndarray], text_emb: dict[str, np.ndarray]) -> None:
         self.image_emb, self.text_emb = image_emb, text_emb
 
