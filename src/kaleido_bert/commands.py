@@ -165,8 +165,11 @@ def cmd_align_show(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------- pretrain
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from kaleido_bert.train.pretrain import pretrain
+    from kaleido_bert.workflows.stages import itc_member_stage
 
-    pretrain(run_config(args), args.out, resume=args.resume)
+    config = run_config(args)
+    pretrain(config, args.out, resume=args.resume)
+    itc_member_stage(config, args.out)  # train.probe_mix below 1: the frozen member, chosen on validation
 
 
 # ---------------------------------------------------------------------------------------------- finetune / evaluate

@@ -231,6 +231,11 @@ class TrainConfig:
     probe_init: bool = False
     """Start the ITC projections (``model.itc_pool = mean``) from the frozen linear probe fitted on the training
     split (LP-FT, Kumar et al. 2022): the dual encoder starts where the frozen baseline ends."""
+    probe_mix: list[float] = field(default_factory=lambda: [1.0])
+    """The pre-trained dual encoder's weights α in (0, 1] to try against a frozen member (WiSE-FT's output
+    ensemble, :mod:`kaleido_bert.model.itc_member`): below 1, a linear probe on frozen features (the text
+    initialisation mean-pooled, the mean colour feature) is fitted after pre-training and the α with the best
+    validation full-gallery mean recall is kept in the checkpoint (the first on a tie); ``[1.0]`` = the model alone."""
     new_lr_scale: float = 1.0
     """With ``model.init``: the learning-rate factor of the parameters that checkpoint does not provide (the patch
     embedding and the pre-training heads; the ITC head too unless ``probe_init`` started it), so that the new
@@ -245,6 +250,13 @@ class TrainConfig:
             raise ConfigError(f"train.precision={self.precision!r} must be auto, fp32, bf16 or fp16")
         if self.batch_size < 1 or self.grad_accum < 1 or self.max_steps < 0:
             raise ConfigError("train.batch_size and train.grad_accum must be ≥1 and train.max_steps ≥0")
+        if not self.probe_mix or any(not 0 < m <= 1 for m in self.probe_mix):
+            raise ConfigError(f"train.probe_mix={self.probe_mix} must be a non-empty list of numbers in (0, 1]")
+
+    @property
+    def itc_member(self) -> bool:
+        """Whether pre-training ends by fitting the dual encoder's frozen member (some ``probe_mix`` below 1)."""
+        return any(m < 1 for m in self.probe_mix)
 
 
 @dataclass

@@ -70,6 +70,8 @@ def evaluate_retrieval(checkpoint: Path, config: RunConfig, *, candidates_in: st
     scorer = PairScorer(encoder, store, product_descriptions(catalogue.items), pair_score=config.eval.pair_score)
     result = evaluate_sample100(scorer, candidates, progress=progress, shortlist=config.eval.sample100_shortlist)
     result["metrics"]["sample100/sources"] = candidates["sources"]
+    if encoder.member is not None:  # the dual encoder is the WiSE-FT ensemble with the frozen member
+        result["metrics"]["dual_encoder/member_mix"] = float(encoder.member.mix)
     result["candidates"] = candidates
     result["outcomes"] = {"sample100": result["outcomes"]}
     if gallery:

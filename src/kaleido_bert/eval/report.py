@@ -178,6 +178,16 @@ def _shortlist_note(metrics: dict[str, Any]) -> str:
             f"dual-encoder order (ALBEF/BLIP re-ranking)") if k else ""
 
 
+def _member_note(metrics: dict[str, Any]) -> list[str]:
+    """The dual encoder's frozen member, when the checkpoint has one (``train.probe_mix``)."""
+    mix = metrics.get("dual_encoder/member_mix")
+    if mix is None:
+        return []
+    return [f"The dual encoder (every cosine above and below: the shortlist, the ITC logit, the full gallery, captions "
+            f"by retrieval) is the WiSE-FT output ensemble of the pre-trained model (weight α = {mix:g}, chosen on "
+            f"validation) and its frozen linear-probe member (1 − α).", ""]
+
+
 def write_report(metrics: dict[str, Any], extras: dict[str, Any], config, out: str | Path) -> Path:
     """Write ``report.md`` (and its pictures) into ``out``; returns the report path."""
     from kaleido_bert.data.catalogue import load_catalogue
@@ -194,6 +204,7 @@ def write_report(metrics: dict[str, Any], extras: dict[str, Any], config, out: s
              f"pre-trained model, no retrieval fine-tuning (as the original){_shortlist_note(metrics)}. Queries: "
              f"{metrics.get('sample100/queries')}. Chance: R@1 = {100 / n:.2f}%, R@5 = {500 / n:.2f}%, "
              f"R@10 = {1000 / n:.2f}%, SumR = {metrics.get('sample100/chance_SumR', 3200 / n):.1f}.", "", *table2(metrics, dataset), ""]
+    lines += _member_note(metrics)
     baseline = load_baseline(out)
     if baseline is not None:  # the frozen dual-encoder column (issue 13), before the paper's tables
         at = lines.index("## Table 2: image↔text retrieval, sample-100 protocol")

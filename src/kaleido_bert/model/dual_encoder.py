@@ -1,9 +1,11 @@
 """The dual encoder (beyond the paper; ALBEF/CLIP-style recall): text-only and patch-only ``[CLS]`` embeddings
-through the ITC projections, and ITM logits of (text, image) pairs, on raw strings and patch features.
+through the ITC projections, and ITM logits of (text, image) pairs, on raw strings and patch features. A
+checkpoint with a frozen member (:mod:`kaleido_bert.model.itc_member`, WiSE-FT) embeds into the ensemble space.
 
 Used by full-gallery evaluation (:mod:`kaleido_bert.eval.retrieval`) and by the product index and the search
 service (:mod:`kaleido_bert.serve`). Shapes: texts → ``(N, D')``; patches ``(N, P, F)``, positions ``(N, P, 5)``
-→ ``(N, D')``; D' = the ITC projection size (or D without an ITC head); ITM logits ``(N,)``.
+→ ``(N, D')``; D' = the ITC projection size (or D without an ITC head; twice the projection size with a member);
+ITM logits ``(N,)``.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from tqdm import tqdm
 from kaleido_bert.data.catalogue import Item
 from kaleido_bert.data.tokenizer import load_tokenizer
 from kaleido_bert.errors import KaleidoError
+from kaleido_bert.model.itc_member import ITCMember, ensemble, load_itc_member
 from kaleido_bert.model.loading import load_pretrained
 from kaleido_bert.patches.features import NUM_COLOUR
 from kaleido_bert.patches.store import FeatureStore
+from kaleido_bert.runs import resolve_checkpoint
 
 
 class DualEncoder:
@@ -34,23 +38,28 @@ class DualEncoder:
         max_text_len: T, the model's text length.
         batch_size: texts, images or pairs per forward pass.
         device: where the model runs.
+        member: the frozen member (:class:`~kaleido_bert.model.itc_member.ITCMember`) whose ensemble the
+            embeddings are, or None for the model alone.
     """
 
     def __init__(self, model, tokenizer, *, max_text_len: int, batch_size: int = 64,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", member: ITCMember | None = None) -> None:
         self.device = torch.device(device)
         self.model = model.eval().to(self.device)
+        self.member = None if member is None else member.to(self.device)
         self.tokenizer, self.max_text_len, self.batch_size = tokenizer, max_text_len, batch_size
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str | Path, *, batch_size: int = 64,
-                        device: str | torch.device = "cpu") -> DualEncoder:
-        """Load a pre-training or retrieval checkpoint (weights via safetensors) and its tokenizer."""
+    def from_checkpoint(cls, checkpoint: str | Path, *, batch_size: int = 64, device: str | torch.device = "cpu",
+                        member: bool = True) -> DualEncoder:
+        """Load a pre-training or retrieval checkpoint (weights via safetensors), its tokenizer and (unless
+        ``member`` is False) the frozen member saved beside them."""
         from kaleido_bert.model.heads import KaleidoBertForPreTraining
 
         model = load_pretrained(KaleidoBertForPreTraining, checkpoint)
+        found = load_itc_member(resolve_checkpoint(checkpoint)) if member else None
         return cls(model, load_tokenizer(checkpoint), max_text_len=int(model.config.max_text_len),
-                   batch_size=batch_size, device=device)
+                   batch_size=batch_size, device=device, member=found)
 
     @property
     def has_itm(self) -> bool:
@@ -66,33 +75,54 @@ class DualEncoder:
                              return_tensors="pt")
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
-    @torch.inference_mode()
     def embed_texts(self, texts: list[str], *, progress: bool = False) -> np.ndarray:
-        """Text-only embeddings (the ITC head's pooling and projection, else the normalised ``[CLS]``): ``(N, d)``."""
-        parts = [np.empty((0, self.dim), np.float32)]
+        """Text-only embeddings (the ITC head's pooling and projection, else the normalised ``[CLS]``; the
+        ensemble with the member when there is one): ``(N, D')``."""
+        return self._ensemble(*self.text_parts(texts, progress=progress))
+
+    def embed_patches(self, patch_features: Tensor, patch_positions: Tensor) -> np.ndarray:
+        """Patch-only embeddings (a lone ``[CLS]`` pools the patches; the ensemble with the member when there is
+        one): ``(N, P, F)``, ``(N, P, 5)`` → ``(N, D')``."""
+        return self._ensemble(*self.patch_parts(patch_features, patch_positions))
+
+    def _ensemble(self, fine: np.ndarray, member: np.ndarray | None) -> np.ndarray:
+        return fine if self.member is None else ensemble(fine, member, float(self.member.mix))
+
+    @torch.inference_mode()
+    def text_parts(self, texts: list[str], *, progress: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """The model's text embeddings ``(N, d)`` and the member's (None without one), each L2-normalised."""
+        parts: list[list[np.ndarray]] = [[np.empty((0, self.model_dim), np.float32)], []]
         itc = getattr(self.model.heads, "itc", None)
         for start in tqdm(range(0, len(texts), self.batch_size), desc="embed texts", unit="batch",
                           disable=not progress, leave=False):
             ids, mask = self.tokenize(texts[start:start + self.batch_size])
             out = self.model.bert(text_ids=ids, text_mask=mask)
             emb = itc.text_embedding(out, mask) if itc is not None else F.normalize(out.pooled, dim=-1)
-            parts.append(emb.float().cpu().numpy())
-        return np.concatenate(parts)
+            parts[0].append(emb.float().cpu().numpy())
+            if self.member is not None:
+                parts[1].append(self.member.text_embedding(ids, mask).float().cpu().numpy())
+        return np.concatenate(parts[0]), np.concatenate(parts[1]) if parts[1] else self._no_member(len(texts))
 
     @torch.inference_mode()
-    def embed_patches(self, patch_features: Tensor, patch_positions: Tensor) -> np.ndarray:
-        """Patch-only embeddings (a lone ``[CLS]`` pools the patches): ``(N, P, F)``, ``(N, P, 5)`` → ``(N, d)``."""
-        parts = [np.empty((0, self.dim), np.float32)]
+    def patch_parts(self, patch_features: Tensor, patch_positions: Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """The model's image embeddings ``(N, d)`` and the member's (None without one), each L2-normalised."""
+        parts: list[list[np.ndarray]] = [[np.empty((0, self.model_dim), np.float32)], []]
         itc = getattr(self.model.heads, "itc", None)
+        keep = self.model.bert.patch_embeddings.keep
         for start in range(0, len(patch_features), self.batch_size):
             feats = patch_features[start:start + self.batch_size].to(self.device, torch.float32)
             pos = patch_positions[start:start + self.batch_size].to(self.device, torch.float32)
             cls = torch.full((len(feats), 1), self.tokenizer.cls_token_id, dtype=torch.long, device=self.device)
             out = self.model.bert(text_ids=cls, patch_features=feats, patch_positions=pos)
-            emb = (itc.image_embedding(out, feats, self.model.bert.patch_embeddings.keep) if itc is not None
-                   else F.normalize(out.pooled, dim=-1))
-            parts.append(emb.float().cpu().numpy())
-        return np.concatenate(parts)
+            emb = itc.image_embedding(out, feats, keep) if itc is not None else F.normalize(out.pooled, dim=-1)
+            parts[0].append(emb.float().cpu().numpy())
+            if self.member is not None:
+                parts[1].append(self.member.image_embedding(feats, keep).float().cpu().numpy())
+        return np.concatenate(parts[0]), np.concatenate(parts[1]) if parts[1] else self._no_member(len(patch_features))
+
+    def _no_member(self, n: int) -> np.ndarray | None:
+        """No member: None; a member and no rows: an empty ``(0, d)``."""
+        return None if self.member is None else np.empty((n, self.model_dim), np.float32)
 
     @torch.inference_mode()
     def itm_logits(self, texts: list[str], patch_features: Tensor, patch_positions: Tensor, *,
@@ -144,9 +174,15 @@ class DualEncoder:
         return float(self.model.heads.itc.logit_scale.detach().exp().clamp(max=100))
 
     @property
-    def dim(self) -> int:
+    def model_dim(self) -> int:
+        """d: the model's own embedding size (the ITC projection size, or D without an ITC head)."""
         itc = getattr(self.model.heads, "itc", None)
         return int(itc.text.out_features) if itc is not None else int(self.model.config.hidden_size)
+
+    @property
+    def dim(self) -> int:
+        """D': the size of the embeddings this encoder returns (2d with a member)."""
+        return self.model_dim * (1 if self.member is None else 2)
 
 
 def store_patches(store: FeatureStore, item_ids: list[str]) -> tuple[Tensor, Tensor]:

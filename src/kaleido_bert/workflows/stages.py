@@ -62,14 +62,32 @@ def align(config: RunConfig, catalogue: str | Path, features: str | Path, captio
 
 
 def pretrain_stage(run: RunConfig, root: str | Path, *, progress: bool = True) -> dict[str, Any] | None:
-    """Pre-train into ``root/pretrain`` unless it holds the final step (resumes an earlier checkpoint)."""
+    """Pre-train into ``root/pretrain`` unless it holds the final step (resumes an earlier checkpoint), then fit
+    the dual encoder's frozen member when ``train.probe_mix`` asks for one and the checkpoint lacks it."""
     from kaleido_bert.train.pretrain import pretrain
 
     target = Path(root) / PRETRAIN
     state = training_state(target, run.train.max_steps)
-    if state == "done":
+    summary = None if state == "done" else pretrain(run, target, resume=state == "resume", progress=progress)
+    member = itc_member_stage(run, target, progress=progress)
+    if member is not None:
+        summary = {**(summary or {}), "itc_member": member}
+    return summary
+
+
+def itc_member_stage(run: RunConfig, pretrained: str | Path, *, progress: bool = True) -> dict[str, Any] | None:
+    """Fit the frozen member into the latest checkpoint of ``pretrained`` (:mod:`kaleido_bert.workflows.itc_member`)
+    unless ``train.probe_mix`` is ``[1.0]`` or the checkpoint already has one; its report, else None."""
+    from kaleido_bert.model.itc_member import MEMBER_CONFIG
+    from kaleido_bert.runs import resolve_checkpoint
+    from kaleido_bert.workflows.itc_member import fit_itc_member
+
+    if not run.train.itc_member:
         return None
-    return pretrain(run, target, resume=state == "resume", progress=progress)
+    checkpoint = resolve_checkpoint(pretrained)
+    if (checkpoint / MEMBER_CONFIG).is_file():
+        return None
+    return fit_itc_member(checkpoint, run, progress=progress)
 
 
 def finetune_jobs(run: RunConfig, *, retrieval: bool = True, caption: bool = True,
