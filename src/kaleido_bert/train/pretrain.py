@@ -42,6 +42,8 @@ def build_model(config: RunConfig) -> tuple[KaleidoBertForPreTraining, dict[str,
     torch.manual_seed(config.train.seed)
     model = KaleidoBertForPreTraining(KaleidoBertConfig.from_model_config(config.model))
     model.heads.itm_negatives = config.masking.itm_negatives
+    if hasattr(model.heads, "itc"):
+        model.heads.itc.queue_size = config.train.itc_queue
     report = load_bert_weights(model.bert, config.model.init) if config.model.init else None
     return model, report
 
