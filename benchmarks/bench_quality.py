@@ -165,7 +165,8 @@ def stage_pretrain(work: Path, config) -> dict:
     (work / "run").mkdir(parents=True, exist_ok=True)
     run.save(work / "run" / "run.yaml")  # the run describes itself (`kaleido evaluate RUN` reads it)
     summary = pretrain_stage(run, work / "run", progress=False) or {}
-    return {k: v for k, v in summary.items() if k in ("steps", "seconds", "pairs_per_s", "final_val", "best_val")}
+    return {k: v for k, v in summary.items()
+            if k in ("steps", "seconds", "pairs_per_s", "final_val", "best_val", "itc_member")}
 
 
 def stage_finetune(work: Path, config) -> dict:
@@ -256,10 +257,34 @@ def stage_contrasts(work: Path, config) -> dict:
     return {"seconds": timings}
 
 
+def _member_report(root: Path) -> dict | None:
+    """The dual encoder's frozen member report in a run's pre-trained checkpoint (None without one)."""
+    from kaleido_bert.model.itc_member import read_member_config
+    from kaleido_bert.runs import latest_checkpoint
+
+    checkpoint = latest_checkpoint(root / "pretrain")
+    return None if checkpoint is None else read_member_config(checkpoint)
+
+
+def _member_choice(work: Path, run) -> str:
+    """The recipe line's words on the frozen member (train.probe_mix), as validation chose it."""
+    found = _member_report(work / "run")
+    if not run.train.itc_member or found is None:
+        return ""
+    grid = ", ".join(f"{g['mix']:g}: {g['mean_recall']:.1f}" for g in found["grid"])
+    return (f"; the dual encoder's weight α against its frozen linear-probe member (WiSE-FT, train.probe_mix) = "
+            f"{found['mix']:g}, chosen on validation full-gallery mean recall ({grid}; {found['seconds']:.0f} s)")
+
+
+def _queue_note(run) -> str:
+    return f"; ITC also against the last {run.train.itc_queue} positives, train.itc_queue" if run.train.itc_queue else ""
+
+
 def _arm_seconds(root: Path) -> float:
-    """An arm's wall time from what its stages recorded: pre-training, each classifier's probe and fine-tune,
-    and the evaluation's protocols."""
+    """An arm's wall time from what its stages recorded: pre-training (and its frozen member), each classifier's
+    probe and fine-tune, and the evaluation's protocols."""
     seconds = json.loads((root / "pretrain" / "summary.json").read_text())["seconds"]
+    seconds += (_member_report(root) or {}).get("seconds", 0.0)
     for part in sorted((root / "finetune").glob("*/summary.json")):
         seconds += json.loads(part.read_text())["seconds"]
         probe = part.parent / "probe.json"
@@ -356,7 +381,8 @@ def stage_report(work: Path, config) -> dict:
              f"started from the linear probe (train.probe_init={run.train.probe_init}, model.itc_pool="
              f"{run.model.itc_pool}), pre-training {run.train.max_steps} steps × {run.train.batch_size} pairs "
              f"(train.epochs={run.train.epochs}, lr {run.train.lr:g}; the patch embedding and the new heads at "
-             f"{run.train.new_lr_scale:g}× that, train.new_lr_scale), classifiers {run.finetune.head} head "
+             f"{run.train.new_lr_scale:g}× that, train.new_lr_scale{_queue_note(run)}){_member_choice(work, run)}, "
+             f"classifiers {run.finetune.head} head "
              f"(sentence={run.finetune.sentence}) with probe={run.finetune.probe} (C among {run.finetune.probe_c}, head "
              f"weight α among {run.finetune.probe_mix} against a frozen member, finetune.probe_mix, "
              f"chosen on validation: {_probe_choices(work)}) then {run.finetune.max_steps} steps × "

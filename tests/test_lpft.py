@@ -179,8 +179,8 @@ def test_new_fields_are_validated_and_the_real_preset_uses_them():
 
 def test_demo_on_a_catalogue_runs_the_lpft_recipe_end_to_end(tiny, tmp_path):
     """`kaleido demo --catalogue` with the `real` recipe's switches on the tiny model: probe-started ITC, probe-started
-    wide classifiers, no retrieval/caption fine-tune, captions by retrieval, the ITM+ITC pair score and the
-    baseline column; outcomes for the bootstrap."""
+    wide classifiers, no retrieval/caption fine-tune, captions by retrieval, the ITM+ITC pair score, the dual
+    encoder's frozen member chosen on validation and the baseline column; outcomes for the bootstrap."""
     import json
     import shutil
 
@@ -195,7 +195,8 @@ def test_demo_on_a_catalogue_runs_the_lpft_recipe_end_to_end(tiny, tmp_path):
                 "finetune.probe_c": "[" + ",".join(map(str, real.finetune.probe_c)) + "]",
                 "finetune.tasks": "['subcategory']", "finetune.inputs": "['image+text','image']",
                 "eval.pair_score": real.eval.pair_score, "eval.caption_retrieval_k": "3",
-                "masking.itm_negatives": "mined", "eval.baseline_seeds": "[0]"}
+                "masking.itm_negatives": "mined", "eval.baseline_seeds": "[0]",
+                "train.probe_mix": "[" + ",".join(map(str, real.train.probe_mix)) + "]"}
     args = ["demo", "--catalogue", str(tiny / "catalogue"), "--out", str(tmp_path / "run"), "--config", "tiny",
             "--set", "model.vocab_size=30522", "--set", "model.patch_feature_size=512", "--set", TASKS, "--set", "align.epochs=1", "--set", "finetune.max_steps=2",
             "--set", "finetune.batch_size=8", "--set", "eval.caption_items=4", "--set", "eval.num_queries=5",
@@ -211,6 +212,9 @@ def test_demo_on_a_catalogue_runs_the_lpft_recipe_end_to_end(tiny, tmp_path):
         assert ("classifier_sentence" in config) == (name == "subcategory")  # image only: no text to embed
     metrics = json.loads((run / "report" / "metrics.json").read_text())
     assert "sample100/SumR" in metrics and "sub/image/accuracy" in metrics and "sub/image+text/accuracy" in metrics
+    member = json.loads((resolve_checkpoint(run / "pretrain") / "itc_member.json").read_text())  # WiSE-FT
+    assert [g["mix"] for g in member["grid"]] == real.train.probe_mix and member["mix"] in real.train.probe_mix
+    assert metrics.get("dual_encoder/member_mix", 1.0) == member["mix"]
     if shutil.which("java"):
         assert "fc/consensus/sum_cap" in metrics and "fc/nearest/sum_cap" in metrics
     report = (run / "report" / "report.md").read_text()

@@ -123,7 +123,7 @@ def _choose_mix(encoder: DualEncoder, catalogue, store, mixes: list[float], desc
         scorer = EmbeddingScorer(dict(zip(ids, ensemble(image_fine, image_member, mix), strict=True)),
                                  dict(zip(pids, ensemble(text_fine, text_member, mix), strict=True)))
         found = evaluate_gallery(scorer, catalogue, set(ids), split="val", rerank_k=0, progress=False)["metrics"]
-        grid.append({"mix": float(mix), "mean_recall": 100 * (found["itr_gallery/mean_recall"]
-                                                              + found["tir_gallery/mean_recall"]) / 2})
+        grid.append({"mix": float(mix), "mean_recall": (found["itr_gallery/mean_recall"]  # in %
+                                                        + found["tir_gallery/mean_recall"]) / 2})
     best = max(range(len(grid)), key=lambda j: (grid[j]["mean_recall"], -j))
     return grid, grid[best]["mix"]
