@@ -155,6 +155,27 @@ def folded(linear: nn.Linear, mean: np.ndarray, std: np.ndarray) -> tuple[torch.
     return w.float(), b.float()
 
 
+def fit_into(text_map: nn.Linear, image_map: nn.Linear, text: np.ndarray, images: np.ndarray, *, seed: int,
+             settings: BaselineSettings | None = None) -> tuple[DualProjection, dict[str, Any]]:
+    """Train the probe on matching raw rows (text ``(N, H)``, images ``(N, F)``, standardised with their own
+    statistics) and copy its two maps, the standardisation folded in, into ``text_map`` and ``image_map``.
+
+    Returns:
+        The probe and its training history (:func:`train_projection`).
+    """
+    t_mean, t_std = standardiser(text)
+    i_mean, i_std = standardiser(images)
+    probe, history = train_projection((images - i_mean) / i_std, (text - t_mean) / t_std, seed=seed,
+                                      settings=settings)
+    with torch.no_grad():
+        for target, source, mean, std in ((text_map, probe.text, t_mean, t_std),
+                                          (image_map, probe.image, i_mean, i_std)):
+            w, b = folded(source, mean, std)
+            target.weight.copy_(w.to(target.weight.device))
+            target.bias.copy_(b.to(target.bias.device))
+    return probe, history
+
+
 def init_itc_from_probe(itc: nn.Module, text: np.ndarray, images: np.ndarray, *, seed: int,
                         settings: BaselineSettings | None = None) -> dict[str, Any]:
     """Start an ITC head (``pool = "mean"``) from the linear probe of matching rows (LP-FT, Kumar et al. 2022).
@@ -173,15 +194,8 @@ def init_itc_from_probe(itc: nn.Module, text: np.ndarray, images: np.ndarray, *,
     """
     if not hasattr(itc, "skip"):
         raise KaleidoError("train.probe_init needs the ITC head's mean pooling: set model.itc_pool=mean")
-    t_mean, t_std = standardiser(text)
-    i_mean, i_std = standardiser(images)
-    probe, history = train_projection((images - i_mean) / i_std, (text - t_mean) / t_std, seed=seed,
-                                      settings=settings)
+    probe, history = fit_into(itc.text, itc.skip, text, images, seed=seed, settings=settings)
     with torch.no_grad():
-        for target, source, mean, std in ((itc.text, probe.text, t_mean, t_std), (itc.skip, probe.image, i_mean, i_std)):
-            w, b = folded(source, mean, std)
-            target.weight.copy_(w)
-            target.bias.copy_(b)
         itc.image.weight.zero_()
         itc.image.bias.zero_()
         itc.logit_scale.copy_(probe.logit_scale.detach())

@@ -4,7 +4,8 @@ The member (:mod:`kaleido_bert.model.itc_member`) is the linear probe LP-FT star
 initialisation (``model.init``) mean-pooled over the model's own WordPiece ids ``(N, S)``, and the mean clean colour
 feature over the attended patches ``(N, F)``, standardised with training statistics, two linear maps to ``d``
 trained with symmetric InfoNCE (:func:`~kaleido_bert.model.linear_probe.train_projection`, seeded by
-``train.seed``), the standardisation folded into the maps. Each ``α`` of ``train.probe_mix`` is scored by
+``train.seed``), the standardisation folded into the maps (:func:`~kaleido_bert.model.linear_probe.fit_into`, as
+``train.probe_init`` starts the ITC head). Each ``α`` of ``train.probe_mix`` is scored by
 full-gallery mean recall (ITR and TIR averaged, no re-ranking) on the **validation** split with
 :func:`~kaleido_bert.eval.retrieval.evaluate_gallery`; the best is kept (the first on a tie). With α = 1 the
 checkpoint keeps the model alone and only the report is written.
@@ -17,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from kaleido_bert.config import RunConfig
@@ -28,7 +28,7 @@ from kaleido_bert.eval.retrieval import evaluate_gallery
 from kaleido_bert.inputs.sources import open_data
 from kaleido_bert.model.dual_encoder import DualEncoder, product_descriptions, store_patches
 from kaleido_bert.model.itc_member import ITCMember, ensemble, save_itc_member
-from kaleido_bert.model.linear_probe import folded, image_features, standardiser, train_projection
+from kaleido_bert.model.linear_probe import fit_into, image_features
 from kaleido_bert.runs import resolve_checkpoint
 
 
@@ -73,15 +73,7 @@ def fit_itc_member(checkpoint: str | Path, config: RunConfig, *, progress: bool 
                                                                                            for it in train]]
     keep = encoder.model.bert.patch_embeddings.keep.cpu().numpy().astype(bool)
     images = image_features(store, [it.id for it in train], "mean", keep=keep)
-    t_mean, t_std = standardiser(text)
-    i_mean, i_std = standardiser(images)
-    probe, history = train_projection((images - i_mean) / i_std, (text - t_mean) / t_std, seed=config.train.seed)
-    with torch.no_grad():
-        for target, source, mean, std in ((member.text, probe.text, t_mean, t_std),
-                                          (member.image, probe.image, i_mean, i_std)):
-            w, b = folded(source, mean, std)
-            target.weight.copy_(w.to(target.weight.device))
-            target.bias.copy_(b.to(target.bias.device))
+    _, history = fit_into(member.text, member.image, text, images, seed=config.train.seed)
 
     grid, mix = _choose_mix(encoder, catalogue, store, config.train.probe_mix, descriptions)
     member.mix.fill_(mix)
