@@ -93,10 +93,9 @@ class KaleidoBertForClassification(KaleidoBertPreTrainedModel):
         if self.head_type != "wide":
             raise KaleidoError("the sentence embedding (finetune.sentence) is read by the wide head only: set "
                                "finetune.head=wide")
-        from transformers import BertConfig, BertModel
+        from kaleido_bert.model.loading import frozen_bert
 
-        encoder = BertModel(BertConfig.from_dict(sentence), add_pooling_layer=False)
-        return encoder.requires_grad_(False).eval()
+        return frozen_bert(sentence)
 
     @property
     def head_size(self) -> int:
@@ -140,17 +139,9 @@ class KaleidoBertForClassification(KaleidoBertPreTrainedModel):
         """
         if self.sentence is None:
             raise KaleidoError("this classifier has no sentence encoder (config.classifier_sentence is unset)")
-        from transformers import BertModel
+        from kaleido_bert.model.loading import copy_bert
 
-        from kaleido_bert.model.loading import quiet_transformers
-
-        try:
-            with quiet_transformers():  # the checkpoint's pooler has no place here: no load report for it
-                source = BertModel.from_pretrained(str(bert_dir), add_pooling_layer=False)
-        except (OSError, ValueError) as err:
-            raise KaleidoError(f"sentence encoder: cannot read the BERT checkpoint {bert_dir} "
-                               f"({type(err).__name__})") from None
-        self.sentence.load_state_dict(source.state_dict())
+        copy_bert(self.sentence, bert_dir, "sentence encoder")
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)

@@ -91,7 +91,7 @@ class DualEncoder:
     @torch.inference_mode()
     def text_parts(self, texts: list[str], *, progress: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """The model's text embeddings ``(N, d)`` and the member's (None without one), each L2-normalised."""
-        parts: list[list[np.ndarray]] = [[np.empty((0, self.model_dim), np.float32)], []]
+        parts = [[np.empty((0, self.model_dim), np.float32)] for _ in range(2)]  # the model's, the member's
         itc = getattr(self.model.heads, "itc", None)
         for start in tqdm(range(0, len(texts), self.batch_size), desc="embed texts", unit="batch",
                           disable=not progress, leave=False):
@@ -101,12 +101,12 @@ class DualEncoder:
             parts[0].append(emb.float().cpu().numpy())
             if self.member is not None:
                 parts[1].append(self.member.text_embedding(ids, mask).float().cpu().numpy())
-        return np.concatenate(parts[0]), np.concatenate(parts[1]) if parts[1] else self._no_member(len(texts))
+        return np.concatenate(parts[0]), None if self.member is None else np.concatenate(parts[1])
 
     @torch.inference_mode()
     def patch_parts(self, patch_features: Tensor, patch_positions: Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         """The model's image embeddings ``(N, d)`` and the member's (None without one), each L2-normalised."""
-        parts: list[list[np.ndarray]] = [[np.empty((0, self.model_dim), np.float32)], []]
+        parts = [[np.empty((0, self.model_dim), np.float32)] for _ in range(2)]  # the model's, the member's
         itc = getattr(self.model.heads, "itc", None)
         keep = self.model.bert.patch_embeddings.keep
         for start in range(0, len(patch_features), self.batch_size):
@@ -118,11 +118,7 @@ class DualEncoder:
             parts[0].append(emb.float().cpu().numpy())
             if self.member is not None:
                 parts[1].append(self.member.image_embedding(feats, keep).float().cpu().numpy())
-        return np.concatenate(parts[0]), np.concatenate(parts[1]) if parts[1] else self._no_member(len(patch_features))
-
-    def _no_member(self, n: int) -> np.ndarray | None:
-        """No member: None; a member and no rows: an empty ``(0, d)``."""
-        return None if self.member is None else np.empty((n, self.model_dim), np.float32)
+        return np.concatenate(parts[0]), None if self.member is None else np.concatenate(parts[1])
 
     @torch.inference_mode()
     def itm_logits(self, texts: list[str], patch_features: Tensor, patch_positions: Tensor, *,

@@ -48,9 +48,9 @@ class ITCMember(nn.Module):
 
     def __init__(self, sentence: dict[str, Any], feature_size: int, dim: int) -> None:
         super().__init__()
-        from transformers import BertConfig, BertModel
+        from kaleido_bert.model.loading import frozen_bert
 
-        self.sentence = BertModel(BertConfig.from_dict(sentence), add_pooling_layer=False)
+        self.sentence = frozen_bert(sentence)
         self.text = nn.Linear(self.sentence.config.hidden_size, dim)
         self.image = nn.Linear(feature_size, dim)
         self.register_buffer("mix", torch.ones(()))  # α: the fine-tuned model's weight in the ensemble
@@ -61,24 +61,15 @@ class ITCMember(nn.Module):
         """Always in eval mode: the member is frozen (no dropout)."""
         return super().train(False)
 
-    @torch.no_grad()
     def load_sentence(self, bert_dir: str | Path) -> None:
         """Copy the BERT checkpoint in ``bert_dir`` (the text initialisation) into the sentence encoder.
 
         Raises:
             KaleidoError: a checkpoint transformers cannot read, or one of another shape.
         """
-        from transformers import BertModel
+        from kaleido_bert.model.loading import copy_bert
 
-        from kaleido_bert.model.loading import quiet_transformers
-
-        try:
-            with quiet_transformers():
-                source = BertModel.from_pretrained(str(bert_dir), add_pooling_layer=False)
-            self.sentence.load_state_dict(source.state_dict())
-        except (OSError, ValueError, RuntimeError) as err:
-            raise KaleidoError(f"ITC member: cannot read the BERT checkpoint {bert_dir} "
-                               f"({type(err).__name__})") from None
+        copy_bert(self.sentence, bert_dir, "ITC member")
 
     @torch.no_grad()
     def sentence_features(self, ids: Tensor, mask: Tensor) -> Tensor:

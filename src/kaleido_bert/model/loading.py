@@ -2,7 +2,9 @@
 
 :func:`load_pretrained` is ``cls.from_pretrained`` with transformers' load report silenced, config overrides
 (``tasks``, ``num_labels`` …) and our one-line errors; :func:`require_head` refuses a checkpoint that lacks a
-head a protocol needs, from the safetensors header alone (no tensor is read).
+head a protocol needs, from the safetensors header alone (no tensor is read); :func:`frozen_bert` and
+:func:`copy_bert` build and fill the frozen copies of the text initialisation that the wide classifier head and the
+dual encoder's frozen member read.
 """
 
 from __future__ import annotations
@@ -73,3 +75,27 @@ def load_pretrained(cls: type, checkpoint: str | Path, **overrides: Any) -> nn.M
             return cls.from_pretrained(str(checkpoint), config=config)
         except (OSError, ValueError) as err:
             raise KaleidoError(f"cannot load {checkpoint}: {str(err).splitlines()[0][:200]}") from None
+
+
+def frozen_bert(config: dict[str, Any]) -> nn.Module:
+    """A frozen ``transformers.BertModel`` (no pooler, no gradients, eval mode) of a BERT ``config.json`` dict."""
+    from transformers import BertConfig, BertModel
+
+    return BertModel(BertConfig.from_dict(config), add_pooling_layer=False).requires_grad_(False).eval()
+
+
+def copy_bert(target: nn.Module, bert_dir: str | Path, what: str) -> None:
+    """Copy the BERT checkpoint in ``bert_dir`` into ``target`` (a :func:`frozen_bert`).
+
+    Raises:
+        KaleidoError: a checkpoint transformers cannot read, or one of another shape (``what`` names the reader).
+    """
+    import torch
+    from transformers import BertModel
+
+    try:
+        with quiet_transformers(), torch.no_grad():  # the checkpoint's pooler has no place here: no load report
+            source = BertModel.from_pretrained(str(bert_dir), add_pooling_layer=False)
+            target.load_state_dict(source.state_dict())
+    except (OSError, ValueError, RuntimeError) as err:
+        raise KaleidoError(f"{what}: cannot read the BERT checkpoint {bert_dir} ({type(err).__name__})") from None
