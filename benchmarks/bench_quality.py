@@ -2,7 +2,8 @@
 
 Data: the two Myntra samples of ``../shared/data`` (1,109 full-size photos, 5,598 thumbnails; disjoint ids). Half
 of the photos' products (a seeded hash order) are the **test** split; every other product (the thumbnails and the
-other photos) is train or validation (10% of them). Splits are by product id, so a product that has an image in
+other photos) is train or validation (10% of them; ``--val-photos F`` puts a fraction F of the other photos in
+validation instead, so that the settings chosen there see the photos the test split holds). Splits are by product id, so a product that has an image in
 the test split has none in training. Settings are chosen on the validation split only; the test split is read
 once, by the final evaluation.
 
@@ -12,7 +13,7 @@ protocols on the test split), ``baseline`` (3 seeds, the same candidates) and th
 ``benchmarks/results/quality.md``.
 
     python benchmarks/bench_quality.py [--work DIR] [--set train.max_steps=…] [--stages data,...] [--views 80]
-                                       [--result quality]
+                                       [--val-photos 0.1] [--result quality]
 """
 
 from __future__ import annotations
@@ -69,13 +70,18 @@ CONTRAST_METRICS = ("sample100/SumR", "itr_gallery/mean_recall", "tir_gallery/me
                     "sub/image+text/accuracy", "sub/image+text/macro_f1")
 
 
-def split_of(product_id: str, photo: bool, seed: int = 0) -> str:
-    """Test = half of the photo products; validation = 10% of the rest; both by a seeded hash order."""
+VAL_FRACTION = 0.1
+"""The fraction of the non-test products in validation (of the non-test photos: ``--val-photos``)."""
+
+
+def split_of(product_id: str, photo: bool, seed: int = 0, val_photos: float = VAL_FRACTION) -> str:
+    """Test = half of the photo products; validation = 10% of the thumbnails and ``val_photos`` of the other
+    photos; both by a seeded hash order (the test split does not depend on ``val_photos``)."""
     h = int(hashlib.sha1(f"{seed}:{product_id}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
     if photo and h < 0.5:
         return "test"
     g = int(hashlib.sha1(f"val{seed}:{product_id}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    return "val" if g < 0.1 else "train"
+    return "val" if g < (val_photos if photo else VAL_FRACTION) else "train"
 
 
 def write_combined_csv(out: Path) -> dict[str, int]:
@@ -85,7 +91,7 @@ def write_combined_csv(out: Path) -> dict[str, int]:
         with open(SHARED / folder / "styles.csv", newline="", encoding="utf-8") as fh:
             for row in csv.DictReader(fh):
                 pid = row["id"]
-                split = split_of(pid, photo)
+                split = split_of(pid, photo, val_photos=VAL_PHOTOS[0])
                 # a product id seen in both samples keeps the first split it got (test wins: photos come first)
                 split = split_by_product.setdefault(pid, split)
                 rows.append({**row, "item": f"{folder.split('-')[1]}-{pid}", "product": pid, "split": split,
@@ -375,7 +381,7 @@ def stage_report(work: Path, config) -> dict:
              f"Catalogue: the Myntra samples of `../shared/data` ({stats['products']:,} products, "
              f"{stats['categories']} categories, {stats['subcategories']} sub-categories); splits by product "
              f"{stats['splits']}: test = half of the 1,109 full-size photos, train/val = the 5,598 thumbnails and the "
-             "other photos. No test product has an image in train or val. Test metrics are read once, after "
+             f"other photos{_val_note(work)}. No test product has an image in train or val. Test metrics are read once, after "
              f"training; no setting was chosen on them.{_views_note(work)}", "",
              f"Recipe: config `{config.name}` with `{' '.join(CLI_OVERRIDES) or 'no overrides'}`: the ITC head "
              f"started from the linear probe (train.probe_init={run.train.probe_init}, model.itc_pool="
@@ -437,6 +443,8 @@ def stage_report(work: Path, config) -> dict:
 CLI_OVERRIDES: list[str] = []
 RESULT: list[str] = ["quality"]
 """``--result NAME``: the report is ``benchmarks/results/NAME.md``."""
+VAL_PHOTOS: list[float] = [VAL_FRACTION]
+"""``--val-photos F``: the fraction of the non-test photo products in validation."""
 VIEWS: list[int] = []
 """``--views N``: the data stage gives each training photo a view downscaled to N px (`kaleido data views`)."""
 
@@ -450,9 +458,20 @@ def _command(work: Path) -> str:
     if work.resolve() != DEFAULT_WORK.resolve():
         parts.append(f"--work {work}")
     parts += [*(f"--views {n}" for n in VIEWS), *CLI_OVERRIDES]
+    if VAL_PHOTOS[0] != VAL_FRACTION:
+        parts.append(f"--val-photos {VAL_PHOTOS[0]:g}")
     if RESULT[0] != "quality":
         parts.append(f"--result {RESULT[0]}")
     return " ".join(parts)
+
+
+def _val_note(work: Path) -> str:
+    """How many validation items are photos (the test split's kind), from the catalogue."""
+    from kaleido_bert.data.catalogue import is_view, load_catalogue
+
+    val = [it for it in load_catalogue(work / "catalogue").split("val") if not is_view(it)]
+    photos = sum(it.id.startswith("photos-") for it in val)
+    return f" (validation: {photos:,} photos and {len(val) - photos:,} thumbnails)"
 
 
 def _views_note(work: Path) -> str:
@@ -493,6 +512,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", default=",".join(STAGES))
     parser.add_argument("--views", type=int, default=0, metavar="N",
                         help="data stage: add scaled training views of N px (`kaleido data views`; 0: none)")
+    parser.add_argument("--val-photos", type=float, default=VAL_FRACTION, metavar="F",
+                        help="data stage: the fraction of the non-test photos in validation (thumbnails: 10%%)")
     parser.add_argument("--result", default="quality", help="the report's name under benchmarks/results/")
     parser.add_argument("--arms", default="", help="contrast arms to train and score (default: all); contrasts "
                                                    "whose two arms are not both scored are listed as not run")
@@ -508,6 +529,9 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(args.config, args.overrides)
     CLI_OVERRIDES.extend(f"--set {o}" for o in args.overrides)
     VIEWS.extend([args.views] if args.views else [])
+    if not 0 <= args.val_photos < 1:
+        parser.error(f"--val-photos must be in [0, 1), got {args.val_photos}")
+    VAL_PHOTOS[:] = [args.val_photos]
     RESULT[:] = [args.result]
     timings_path = work / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
