@@ -396,7 +396,7 @@ def stage_report(work: Path, config) -> dict:
              f"(finetune.epochs={run.finetune.epochs}, lr {run.finetune.lr:g}); fine-tuned parts "
              f"{run.finetune.tasks}; pair score `{run.eval.pair_score}`"
              f"{shortlist}; captions by retrieval "
-             f"(k={run.eval.caption_retrieval_k}); masking random (no alignment stage); "
+             f"({_caption_k_note(metrics, run)}); masking random (no alignment stage); "
              f"eval.num_queries={run.eval.num_queries}, caption items={run.eval.caption_items}.", "",
              f"Baseline: image pool `{baseline['image_pool']}` (chosen on validation: "
              f"{ {k: round(v, 1) for k, v in baseline['pool_selection']['mean_recall'].items()} }), text "
@@ -472,6 +472,14 @@ def _val_note(work: Path) -> str:
     val = [it for it in load_catalogue(work / "catalogue").split("val") if not is_view(it)]
     photos = sum(it.id.startswith("photos-") for it in val)
     return f" (validation: {photos:,} photos and {len(val) - photos:,} thumbnails)"
+
+
+def _caption_k_note(metrics: dict, run) -> str:
+    """The consensus k of the captions, and the validation grid it was chosen from (``eval.caption_retrieval_grid``)."""
+    k = metrics.get("fc/consensus/k", run.eval.caption_retrieval_k)
+    if "fc/consensus/k_grid" in metrics:
+        return f"k={k}, chosen on validation SumCAP among k = {metrics['fc/consensus/k_grid']}"
+    return f"k={k}"
 
 
 def _views_note(work: Path) -> str:

@@ -19,7 +19,11 @@ import pytest
 from kaleido_bert.config import load_config
 from kaleido_bert.errors import KaleidoError
 from kaleido_bert.eval.caption_retrieval import (
+    CHOICE,
     NgramSimilarity,
+    caption_choice,
+    caption_k,
+    choose_caption_k,
     consensus_descriptions,
     consensus_rows,
     nearest_descriptions,
@@ -212,3 +216,74 @@ def test_without_java_the_retrieval_captions_are_skipped(pretrained, monkeypatch
     assert not any(k.startswith(("fc/nearest/", "fc/consensus/")) for k in metrics)
     assert "need Java" in metrics["fc/retrieval_skipped"]
     assert "Captions by retrieval (`eval.caption_retrieval_k`) skipped" in (out / "report.md").read_text()
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="caption metrics need Java (pycocoevalcap)")
+def test_caption_k_is_chosen_on_validation_kept_and_read_back(pretrained, tmp_path):
+    from kaleido_bert.data.catalogue import load_catalogue
+    from kaleido_bert.eval.caption_metrics import CaptionScorer, caption_metrics
+    from kaleido_bert.eval.evaluate import evaluate_run
+    from kaleido_bert.eval.retrieval import PairScorer
+    from kaleido_bert.inputs.sources import open_data
+    from kaleido_bert.model.dual_encoder import DualEncoder, product_descriptions
+    from kaleido_bert.runs import resolve_checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(pretrained / "run", run)  # the choice is written into the checkpoint: keep the fixture's clean
+    grid = [1, 2, 4]
+    config = _config(pretrained, "eval.caption_retrieval_k=3", f"eval.caption_retrieval_grid={grid}")
+    checkpoint = resolve_checkpoint(run / "pretrain")
+    assert caption_k(checkpoint, config) == 3  # nothing chosen yet: eval.caption_retrieval_k
+
+    # brute force: every k's validation SumCAP, from the pieces the protocol is made of
+    catalogue, store = open_data(config)
+    val = [it for it in catalogue.split("val") if it.id in store][:5]
+    assert val, "the synthetic catalogue has validation items with features"
+    encoder = DualEncoder.from_checkpoint(checkpoint, batch_size=4)
+    gallery = product_descriptions(it for it in catalogue.split("train") if it.id in store)
+    pids = sorted(gallery)
+    scorer = PairScorer(encoder, store, gallery)
+    texts_emb, images_emb = scorer.embed_texts(pids, progress=False), scorer.embed_images([i.id for i in val],
+                                                                                          progress=False)
+    expected = []
+    with CaptionScorer() as captions:
+        for k in grid:
+            rows = _ref_consensus(images_emb, texts_emb, [gallery[p] for p in pids], k)
+            hyps = {it.id: gallery[pids[j]] for it, j in zip(val, rows, strict=True)}
+            expected.append(caption_metrics({it.id: [it.description] for it in val}, hyps,
+                                            scorer=captions)["sum_cap"])
+        found = choose_caption_k(checkpoint, config, scorer=captions, progress=False)
+    assert [g["k"] for g in found["grid"]] == grid and found["items"] == len(val)
+    assert [g["sum_cap"] for g in found["grid"]] == pytest.approx(expected)
+    assert found["k"] == grid[int(np.argmax(expected))]  # the first k on a tie
+    assert json.loads((checkpoint / CHOICE).read_text())["k"] == found["k"] == caption_k(checkpoint, config)
+
+    # the evaluation reads the kept choice (no second grid) and reports it
+    metrics = evaluate_run(run, config, tmp_path / "report", progress=False, gallery=False, baseline_seeds=())
+    assert metrics["fc/consensus/k"] == found["k"] and "caption_k" not in metrics["timings"]
+    assert metrics["fc/consensus/k_grid"] == ", ".join(f"{g['k']}: {g['sum_cap']:.1f}" for g in found["grid"])
+    assert "k chosen on validation SumCAP" in (tmp_path / "report" / "report.md").read_text()
+    # without a grid the k as set wins; another grid is a new choice
+    assert caption_k(checkpoint, _config(pretrained, "eval.caption_retrieval_k=3")) == 3
+    assert caption_choice(checkpoint, _config(pretrained, "eval.caption_retrieval_grid=[1,2]")) is None
+    assert len(load_catalogue(pretrained / "catalogue").split("test")) > 0
+
+
+def test_a_corrupt_caption_choice_is_a_one_line_error(tmp_path):
+    config = load_config("tiny", ["eval.caption_retrieval_k=3", "eval.caption_retrieval_grid=[1,3]"])
+    assert caption_k(tmp_path, config) == 3
+    (tmp_path / CHOICE).write_text('{"k": 3, "gri')
+    with pytest.raises(KaleidoError, match="caption_retrieval.json is unreadable") as err:
+        caption_k(tmp_path, config)
+    assert "\n" not in str(err.value)
+    (tmp_path / CHOICE).write_text('{"k": 0, "grid": []}')
+    with pytest.raises(KaleidoError, match="k must be a positive integer"):
+        caption_k(tmp_path, config)
+
+
+@pytest.mark.parametrize("grid", ["[0, 3]", "[3, 3]", "[true]"])
+def test_the_caption_grid_is_validated(grid):
+    from kaleido_bert.config import ConfigError
+
+    with pytest.raises(ConfigError, match="caption_retrieval_grid"):
+        load_config("tiny", [f"eval.caption_retrieval_grid={grid}"])

@@ -376,6 +376,9 @@ class EvalConfig:
     caption_retrieval_k: int = 0
     """When > 0, also caption by retrieval in the model's dual-encoder space: the nearest training description
     (``fc/nearest``) and the consensus of the k nearest (``fc/consensus``, Devlin et al. 2015)."""
+    caption_retrieval_grid: list[int] = field(default_factory=list)
+    """With ``caption_retrieval_k`` > 0: the k values to choose among by validation SumCAP (1 = the nearest), kept
+    in the retrieval model's checkpoint; empty = ``caption_retrieval_k`` as set."""
 
     def __post_init__(self) -> None:
         _check_ranges("eval", self, at_least_one=("num_queries", "num_negatives", "beam_size", "max_caption_len",
@@ -384,6 +387,10 @@ class EvalConfig:
                                                                               "sample100_shortlist"))
         if self.split not in ("train", "val", "test"):
             raise ConfigError(f"eval.split={self.split!r} must be train, val or test")
+        bad = [k for k in self.caption_retrieval_grid if isinstance(k, bool) or not isinstance(k, int) or k < 1]
+        if bad or len(set(self.caption_retrieval_grid)) != len(self.caption_retrieval_grid):
+            raise ConfigError(f"eval.caption_retrieval_grid={self.caption_retrieval_grid!r} must list distinct "
+                              f"positive integers")
         if self.pair_score not in PAIR_SCORES:
             raise ConfigError(f"eval.pair_score={self.pair_score!r} must be one of {', '.join(PAIR_SCORES)}")
 

@@ -12,6 +12,11 @@ the frozen baseline's), embedded by the text side; queries: the FC protocol's it
   :data:`TIE_TOLERANCE` of the best count as ties and go to the nearer neighbour; k = 1 (or a gallery of one) is
   ``nearest``; k is capped at G.
 
+With ``eval.caption_retrieval_grid`` (a list of k), k is chosen on the **validation** split instead: each k's
+SumCAP on the first ``eval.caption_items`` validation images (k = 1 is ``nearest``; the first k on a tie), kept in
+the retrieval model's checkpoint as :data:`CHOICE` so the evaluation and the service read the same k
+(:func:`caption_k`; ``eval.caption_retrieval_k`` when the checkpoint has no choice).
+
 Shapes: query embeddings ``(Q, D)``, gallery embeddings ``(G, D)``, neighbour indices ``(Q, k)``, chosen ``(Q,)``.
 :func:`evaluate_caption_retrieval` scores both methods with :func:`~kaleido_bert.eval.caption_metrics.caption_metrics`
 on a run's retrieval model (``eval.caption_retrieval_k``); :class:`~kaleido_bert.eval.baseline.FrozenBaseline`'s
@@ -37,6 +42,8 @@ if TYPE_CHECKING:
     from kaleido_bert.eval.caption_metrics import CaptionScorer
     from kaleido_bert.patches.store import FeatureStore
 
+CHOICE = "caption_retrieval.json"
+"""The caption k chosen on validation, in the retrieval model's checkpoint: ``{"k", "grid", "split", "items"}``."""
 MAX_N = 4
 """The longest n-gram of the consensus similarity."""
 TIE_TOLERANCE = 1e-9
@@ -170,29 +177,12 @@ def evaluate_caption_retrieval(checkpoint: Path, config: RunConfig, *, k: int, s
     Raises:
         KaleidoError: no training product or no FC item has features.
     """
-    from kaleido_bert import distributed as dist
     from kaleido_bert.eval.caption_metrics import caption_metrics
-    from kaleido_bert.eval.retrieval import PairScorer
-    from kaleido_bert.inputs.downstream import CaptionDataset
-    from kaleido_bert.inputs.sources import open_data
-    from kaleido_bert.model.dual_encoder import DualEncoder, product_descriptions
 
     start = time.perf_counter()
-    catalogue, store = data or open_data(config)
-    encoder = DualEncoder.from_checkpoint(checkpoint, batch_size=config.eval.batch_size, device=dist.device())
-    gallery = product_descriptions(it for it in catalogue.split("train") if it.id in store)
-    if not gallery:
-        raise KaleidoError("caption retrieval needs training products with features: the train split has none")
-    pids = sorted(gallery)
-    texts = [gallery[p] for p in pids]
-    dataset = CaptionDataset(catalogue, store, encoder.tokenizer, split=config.eval.split,
-                             max_text_len=encoder.max_text_len)
-    items = dataset.items[:config.eval.caption_items or None]
+    texts, gallery_emb, items, query_emb = _embedded(checkpoint, config, config.eval.split, data, progress)
     if not items:
         raise KaleidoError(f"caption retrieval: the {config.eval.split} split has no items with features")
-    pair_scorer = PairScorer(encoder, store, gallery)
-    gallery_emb = pair_scorer.embed_texts(pids, progress=progress)
-    query_emb = pair_scorer.embed_images([it.id for it in items], progress=progress)
     references = {it.id: [it.description] for it in items}
     out: dict[str, Any] = {"items": len(items), "examples": {}}
     for name, choose in (("nearest", lambda: nearest_descriptions(query_emb, gallery_emb, texts)),
@@ -207,3 +197,89 @@ def evaluate_caption_retrieval(checkpoint: Path, config: RunConfig, *, k: int, s
     out["consensus"]["k"] = min(k, len(texts))
     out["examples"]["reference"] = {key: references[key][0] for key in list(references)[:8]}
     return out
+
+
+def _embedded(checkpoint: Path, config: RunConfig, split: str, data: tuple[Catalogue, FeatureStore] | None,
+              progress: bool) -> tuple[list[str], np.ndarray, list[Any], np.ndarray]:
+    """The gallery's texts ``(G,)`` and embeddings ``(G, D)``, and the first ``eval.caption_items`` captioned
+    items of ``split`` with their image embeddings ``(Q, D)`` (no items: nothing is embedded)."""
+    from kaleido_bert import distributed as dist
+    from kaleido_bert.eval.retrieval import PairScorer
+    from kaleido_bert.inputs.downstream import CaptionDataset
+    from kaleido_bert.inputs.sources import open_data
+    from kaleido_bert.model.dual_encoder import DualEncoder, product_descriptions
+
+    catalogue, store = data or open_data(config)
+    encoder = DualEncoder.from_checkpoint(checkpoint, batch_size=config.eval.batch_size, device=dist.device())
+    gallery = product_descriptions(it for it in catalogue.split("train") if it.id in store)
+    if not gallery:
+        raise KaleidoError("caption retrieval needs training products with features: the train split has none")
+    pids = sorted(gallery)
+    texts = [gallery[p] for p in pids]
+    dataset = CaptionDataset(catalogue, store, encoder.tokenizer, split=split, max_text_len=encoder.max_text_len)
+    items = dataset.items[:config.eval.caption_items or None]
+    if not items:
+        return texts, np.empty((0, 0)), [], np.empty((0, 0))
+    pair_scorer = PairScorer(encoder, store, gallery)
+    gallery_emb = pair_scorer.embed_texts(pids, progress=progress)
+    query_emb = pair_scorer.embed_images([it.id for it in items], progress=progress)
+    return texts, gallery_emb, items, query_emb
+
+
+def choose_caption_k(checkpoint: str | Path, config: RunConfig, *, scorer: CaptionScorer, progress: bool,
+                     data: tuple[Catalogue, FeatureStore] | None = None) -> dict[str, Any]:
+    """Choose k among ``eval.caption_retrieval_grid`` by validation SumCAP and keep it in ``checkpoint``
+    (:data:`CHOICE`, written atomically).
+
+    Returns:
+        ``{"k", "grid": [{"k", "sum_cap"}], "split": "val", "items", "seconds"}``; without validation items with
+        features the grid is empty and k is ``eval.caption_retrieval_k``.
+    """
+    from kaleido_bert.atomic import atomic_write_json
+    from kaleido_bert.eval.caption_metrics import caption_metrics
+
+    start = time.perf_counter()
+    checkpoint = Path(checkpoint)
+    grid: list[dict[str, float]] = []
+    texts, gallery_emb, items, query_emb = _embedded(checkpoint, config, "val", data, progress)
+    if items:
+        references = {it.id: [it.description] for it in items}
+        for k in config.eval.caption_retrieval_grid:
+            rows = consensus_rows(query_emb, gallery_emb, texts, k)
+            hyps = {it.id: texts[j] for it, j in zip(items, rows, strict=True)}
+            grid.append({"k": int(k), "sum_cap": caption_metrics(references, hyps, scorer=scorer)["sum_cap"]})
+    best = max(range(len(grid)), key=lambda j: (grid[j]["sum_cap"], -j)) if grid else None
+    report = {"k": int(grid[best]["k"]) if best is not None else int(config.eval.caption_retrieval_k), "grid": grid,
+              "split": "val", "items": len(items), "seconds": round(time.perf_counter() - start, 1)}
+    atomic_write_json(checkpoint / CHOICE, report)
+    return report
+
+
+def caption_choice(checkpoint: str | Path, config: RunConfig) -> dict[str, Any] | None:
+    """The choice kept in a retrieval model's checkpoint (:data:`CHOICE`) when it was made among this config's
+    ``eval.caption_retrieval_grid``; None when there is none, the grid is empty, or the grid has changed since.
+
+    Raises:
+        KaleidoError: an unreadable or malformed choice file (one line naming it).
+    """
+    import json
+
+    path = Path(checkpoint) / CHOICE
+    if not config.eval.caption_retrieval_grid or not path.is_file():
+        return None
+    try:
+        choice = json.loads(path.read_text(encoding="utf-8"))
+        k, among = choice["k"], [g["k"] for g in choice["grid"]]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise KaleidoError(f"{path} is unreadable or lacks k and grid ({err.__class__.__name__}): delete it to "
+                           f"choose k on validation again") from None
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise KaleidoError(f"{path}: k must be a positive integer, got {k!r}")
+    return choice if not among or among == list(config.eval.caption_retrieval_grid) else None
+
+
+def caption_k(checkpoint: str | Path, config: RunConfig) -> int:
+    """The consensus k of a retrieval model: the one chosen on validation among ``eval.caption_retrieval_grid``
+    (:func:`caption_choice`), else ``eval.caption_retrieval_k``."""
+    choice = caption_choice(checkpoint, config)
+    return int(choice["k"]) if choice else int(config.eval.caption_retrieval_k)

@@ -224,7 +224,12 @@ def _evaluate_parts(parts: dict[str, Path], config: RunConfig, out: Path, *, can
     if k > 0 and not retrieve:
         metrics["fc/retrieval_skipped"] = JAVA_HINT
     if "caption" in parts or retrieve:
-        from kaleido_bert.eval.caption_retrieval import evaluate_caption_retrieval
+        from kaleido_bert.eval.caption_retrieval import (
+            caption_choice,
+            caption_k,
+            choose_caption_k,
+            evaluate_caption_retrieval,
+        )
 
         def add(captions: dict[str, Any]) -> None:
             extras.setdefault("captions", {}).update(captions.pop("examples"))
@@ -239,7 +244,15 @@ def _evaluate_parts(parts: dict[str, Path], config: RunConfig, out: Path, *, can
                 add(timed("caption", lambda: evaluate_captions(parts["caption"], config, progress=progress,
                                                                data=data, scorer=scorer)))
             if retrieve:  # the retrieval model's dual-encoder space: no caption fine-tune needed
+                model = parts.get("retrieval", parts["pretrain"])
+                if config.eval.caption_retrieval_grid and caption_choice(model, config) is None:  # once per grid
+                    timed("caption_k", lambda: choose_caption_k(model, config, scorer=scorer, progress=progress,
+                                                                data=data))
+                k = caption_k(model, config)
                 add(timed("caption_retrieval", lambda: evaluate_caption_retrieval(
-                    parts.get("retrieval", parts["pretrain"]), config, k=k, scorer=scorer, progress=progress,
-                    data=data)))
+                    model, config, k=k, scorer=scorer, progress=progress, data=data)))
+                choice = caption_choice(model, config)
+                if choice is not None:
+                    metrics["fc/consensus/k_grid"] = ", ".join(
+                        f"{g['k']}: {g['sum_cap']:.1f}" for g in choice["grid"]) or "no validation items"
     return metrics, extras

@@ -224,7 +224,9 @@ def write_report(metrics: dict[str, Any], extras: dict[str, Any], config, out: s
         lines += [f"Captions by retrieval (Devlin et al. 2015) in the retrieval model's ITC space: the description of "
                   f"the nearest of {metrics.get('fc/nearest/gallery')} training products to the image, and the one "
                   f"of its {metrics.get('fc/consensus/k')} nearest with the highest mean CIDEr-like n-gram "
-                  "similarity to the others (consensus).", ""]
+                  "similarity to the others (consensus)"
+                  + (f"; k chosen on validation SumCAP ({metrics['fc/consensus/k_grid']})"
+                     if "fc/consensus/k_grid" in metrics else "") + ".", ""]
     if metrics.get("fc/retrieval_skipped"):
         lines += [f"Captions by retrieval (`eval.caption_retrieval_k`) skipped: {metrics['fc/retrieval_skipped']}.", ""]
     pictures = []

@@ -40,6 +40,7 @@ from torch import Tensor
 from kaleido_bert import distributed as dist
 from kaleido_bert.data.catalogue import LABEL_FIELDS
 from kaleido_bert.errors import KaleidoError
+from kaleido_bert.eval.caption_retrieval import caption_k
 from kaleido_bert.model.dual_encoder import DualEncoder, product_descriptions, store_patches
 from kaleido_bert.model.loading import load_pretrained, require_head
 from kaleido_bert.serve.catalogue_index import CatalogueIndex, RunData, embed_catalogue, open_run
@@ -140,7 +141,8 @@ class KaleidoBertPipeline:
             self.by_category.setdefault(it.category, []).append(it.id)
             views[it.product_id] = views.get(it.product_id, 0) + 1
         self.max_views = max(views.values(), default=1)
-        self.caption_k = int(self.config.eval.caption_retrieval_k)
+        self.caption_k = caption_k(data.checkpoint, self.config) if self.config.eval.caption_retrieval_k else 0
+        """Consensus k of retrieved captions: the one chosen on validation, else ``eval.caption_retrieval_k``."""
         self._similarity: tuple[list[str], dict[str, int], Any] | None = None  # (ids, rows, NgramSimilarity)
 
     @classmethod
