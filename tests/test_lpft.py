@@ -195,6 +195,7 @@ def test_demo_on_a_catalogue_runs_the_lpft_recipe_end_to_end(tiny, tmp_path):
                 "finetune.probe_c": "[" + ",".join(map(str, real.finetune.probe_c)) + "]",
                 "finetune.tasks": "['subcategory']", "finetune.inputs": "['image+text','image']",
                 "eval.pair_score": real.eval.pair_score, "eval.caption_retrieval_k": "3",
+                "eval.caption_retrieval_grid": "[1,3]",
                 "masking.itm_negatives": "mined", "eval.baseline_seeds": "[0]",
                 "train.probe_mix": "[" + ",".join(map(str, real.train.probe_mix)) + "]"}
     args = ["demo", "--catalogue", str(tiny / "catalogue"), "--out", str(tmp_path / "run"), "--config", "tiny",
@@ -217,6 +218,8 @@ def test_demo_on_a_catalogue_runs_the_lpft_recipe_end_to_end(tiny, tmp_path):
     assert metrics.get("dual_encoder/member_mix", 1.0) == member["mix"]
     if shutil.which("java"):
         assert "fc/consensus/sum_cap" in metrics and "fc/nearest/sum_cap" in metrics
+        chosen = json.loads((resolve_checkpoint(run / "pretrain") / "caption_retrieval.json").read_text())
+        assert [g["k"] for g in chosen["grid"]] == [1, 3] and metrics["fc/consensus/k"] == chosen["k"]
     report = (run / "report" / "report.md").read_text()
     assert "frozen dual-encoder baseline" in report
     assert {"sample100/SumR", "sub/image/accuracy"} <= set(available_metrics(load_outcomes(run / "report")))

@@ -243,6 +243,20 @@ def test_a_run_without_a_caption_model_captions_by_retrieval(run_root, tmp_path)
         nearest_differs |= expected != texts[int(np.argmax(gallery @ query[0]))]
     assert nearest_differs  # the consensus is at work, not just the nearest description
 
+    # a k chosen on validation among eval.caption_retrieval_grid (kept in the checkpoint) is the service's k too
+    import json
+
+    from kaleido_bert.eval.caption_retrieval import CHOICE
+
+    assert "caption_retrieval_grid: []" in text
+    (copy / "run.yaml").write_text((copy / "run.yaml").read_text().replace("caption_retrieval_grid: []",
+                                                                           "caption_retrieval_grid: [1, 2]"))
+    (copy / CHOICE).write_text(json.dumps({"k": 2, "grid": [{"k": 1, "sum_cap": 1.0}, {"k": 2, "sum_cap": 2.0}]}))
+    pipe = KaleidoBertPipeline.from_pretrained(run, device="cpu", progress=False)
+    assert pipe.caption_k == 2
+    _, image = _photo(pipe, 0)
+    assert pipe.caption(image) == texts[int(consensus_rows(pipe.encode_image([image]), gallery, texts, 2)[0])]
+
 
 def _grown_catalogue(run_root: Path, out: Path) -> list[str]:
     """The run's catalogue plus two new products (category GIFTS) and its feature store; returns the new ids."""
