@@ -3,8 +3,8 @@
 Data: the two Myntra samples of ``../shared/data`` (1,109 full-size photos, 5,598 thumbnails; disjoint ids). Half
 of the photos' products (a seeded hash order) are the **test** split; every other product (the thumbnails and the
 other photos) is train or validation (10% of them; ``--val-photos F`` puts a fraction F of the other photos in
-validation instead, so that the settings chosen there see the photos the test split holds). Splits are by product id, so a product that has an image in
-the test split has none in training. Settings are chosen on the validation split only; the test split is read
+validation instead, so that the settings chosen there see the photos the test split holds). Splits are by product
+id, so a product that has an image in the test split has none in training. Settings are chosen on the validation split only; the test split is read
 once, by the final evaluation.
 
 Stages (each skipped when its output is complete, so the script resumes): ``data`` (combined CSV → catalogue →
