@@ -395,7 +395,7 @@ def stage_report(work: Path, config) -> dict:
              f"{run.finetune.batch_size} "
              f"(finetune.epochs={run.finetune.epochs}, lr {run.finetune.lr:g}); fine-tuned parts "
              f"{run.finetune.tasks}; pair score `{run.eval.pair_score}`"
-             f"{shortlist}; captions by retrieval "
+             f"{shortlist}{_query_bank_note(metrics)}; captions by retrieval "
              f"({_caption_k_note(metrics, run)}); masking random (no alignment stage); "
              f"eval.num_queries={run.eval.num_queries}, caption items={run.eval.caption_items}.", "",
              f"Baseline: image pool `{baseline['image_pool']}` (chosen on validation: "
@@ -472,6 +472,15 @@ def _val_note(work: Path) -> str:
     val = [it for it in load_catalogue(work / "catalogue").split("val") if not is_view(it)]
     photos = sum(it.id.startswith("photos-") for it in val)
     return f" (validation: {photos:,} photos and {len(val) - photos:,} thumbnails)"
+
+
+def _query_bank_note(metrics: dict) -> str:
+    """The full gallery's query-bank normalisation (``eval.query_bank_betas``), as validation chose it."""
+    if "gallery/query_bank_grid" not in metrics:
+        return ""
+    return (f"; full-gallery scores normalised by a bank of training queries (inverted softmax, "
+            f"β = {metrics['gallery/query_bank_beta']:g}, chosen on validation mean recall among β = "
+            f"{metrics['gallery/query_bank_grid']}; 0 = off)")
 
 
 def _caption_k_note(metrics: dict, run) -> str:

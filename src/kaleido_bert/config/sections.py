@@ -379,6 +379,9 @@ class EvalConfig:
     caption_retrieval_grid: list[int] = field(default_factory=list)
     """With ``caption_retrieval_k`` > 0: the k values to choose among by validation SumCAP (1 = the nearest), kept
     in the retrieval model's checkpoint; empty = ``caption_retrieval_k`` as set."""
+    query_bank_betas: list[float] = field(default_factory=list)
+    """Full-gallery search normalised by a bank of training queries (inverted softmax): the β values to choose
+    among by validation mean recall (0 = off), kept in the retrieval model's checkpoint; empty = off."""
 
     def __post_init__(self) -> None:
         _check_ranges("eval", self, at_least_one=("num_queries", "num_negatives", "beam_size", "max_caption_len",
@@ -391,6 +394,10 @@ class EvalConfig:
         if bad or len(set(self.caption_retrieval_grid)) != len(self.caption_retrieval_grid):
             raise ConfigError(f"eval.caption_retrieval_grid={self.caption_retrieval_grid!r} must list distinct "
                               f"positive integers")
+        betas = self.query_bank_betas
+        if (any(isinstance(b, bool) or not isinstance(b, int | float) or not math.isfinite(b) or b < 0 for b in betas)
+                or len(set(betas)) != len(betas)):
+            raise ConfigError(f"eval.query_bank_betas={betas!r} must list distinct finite numbers ≥ 0")
         if self.pair_score not in PAIR_SCORES:
             raise ConfigError(f"eval.pair_score={self.pair_score!r} must be one of {', '.join(PAIR_SCORES)}")
 

@@ -48,7 +48,10 @@ class EmbeddingScorer:
     def __init__(self, image_emb: dict[str, np.ndarray], text_emb: dict[str, np.ndarray]) -> None:
         self.image_emb, self.text_emb = image_emb, text_emb
 
-    def itm_logits(self, pairs: list[tuple[str, str]], *, desc: str = "", progress: bool = False) -> np.ndarray:
+    def itm_logits(self, pairs: list[tuple[str, str]], *, desc: str = "", progress: bool = False,
+                   cosine: np.ndarray | None = None) -> np.ndarray:
+        if cosine is not None:  # the caller's (e.g. query-bank normalised) score of these pairs
+            return np.asarray(cosine, np.float64)
         if not pairs:
             return np.empty(0)
         img = np.stack([self.image_emb[i] for i, _ in pairs]).astype(np.float64)

@@ -43,6 +43,7 @@ def evaluate_retrieval(checkpoint: Path, config: RunConfig, *, candidates_in: st
                        gallery: bool, progress: bool, data: Data | None = None) -> dict[str, Any]:
     """Sample-100 (and full-gallery) retrieval of one checkpoint; ``candidates_in``: a candidate file, an already
     loaded draw, or None (drawn from ``config.eval`` and saved to ``out/candidates.json``)."""
+    from kaleido_bert.eval.query_bank import load_query_bank, query_bank_choice
     from kaleido_bert.eval.retrieval import (
         PairScorer,
         build_candidates,
@@ -68,6 +69,7 @@ def evaluate_retrieval(checkpoint: Path, config: RunConfig, *, candidates_in: st
         save_candidates(candidates, out / "candidates.json")
     encoder = DualEncoder.from_checkpoint(checkpoint, batch_size=config.eval.batch_size, device=dist.device())
     scorer = PairScorer(encoder, store, product_descriptions(catalogue.items), pair_score=config.eval.pair_score)
+    bank = load_query_bank(checkpoint, config, encoder) if gallery else None
     result = evaluate_sample100(scorer, candidates, progress=progress, shortlist=config.eval.sample100_shortlist)
     result["metrics"]["sample100/sources"] = candidates["sources"]
     if encoder.member is not None:  # the dual encoder is the WiSE-FT ensemble with the frozen member
@@ -76,8 +78,12 @@ def evaluate_retrieval(checkpoint: Path, config: RunConfig, *, candidates_in: st
     result["outcomes"] = {"sample100": result["outcomes"]}
     if gallery:
         found = evaluate_gallery(scorer, catalogue, available, split=config.eval.split,
-                                 rerank_k=config.eval.rerank_k, progress=progress)
+                                 rerank_k=config.eval.rerank_k, progress=progress, bank=bank)
         result["metrics"].update(found["metrics"])
+        choice = query_bank_choice(checkpoint, config)
+        if choice is not None:
+            result["metrics"]["gallery/query_bank_grid"] = ", ".join(
+                "{beta:g}: {mean_recall:.1f}".format(**g) for g in choice["grid"]) or "no validation items"
         result["outcomes"]["gallery"] = found["outcomes"]
     return result
 
@@ -193,6 +199,12 @@ def _evaluate_parts(parts: dict[str, Path], config: RunConfig, out: Path, *, can
         metrics["timings"][name] = round(time.perf_counter() - start, 1)
         return result
 
+    searched = parts.get("retrieval", parts["pretrain"])  # the model whose dual encoder ranks the full gallery
+    if gallery and config.eval.query_bank_betas:
+        from kaleido_bert.eval.query_bank import choose_query_bank, query_bank_choice
+
+        if query_bank_choice(searched, config) is None:  # once per grid (and WiSE-FT weight)
+            timed("query_bank", lambda: choose_query_bank(searched, config, progress=progress, data=data))
     retrieval = timed("sample100", lambda: evaluate_retrieval(
         parts["pretrain"], config, candidates_in=candidates, out=out, gallery=gallery and "retrieval" not in parts,
         progress=progress, data=data))
@@ -244,7 +256,7 @@ def _evaluate_parts(parts: dict[str, Path], config: RunConfig, out: Path, *, can
                 add(timed("caption", lambda: evaluate_captions(parts["caption"], config, progress=progress,
                                                                data=data, scorer=scorer)))
             if retrieve:  # the retrieval model's dual-encoder space: no caption fine-tune needed
-                model = parts.get("retrieval", parts["pretrain"])
+                model = searched
                 if config.eval.caption_retrieval_grid and caption_choice(model, config) is None:  # once per grid
                     timed("caption_k", lambda: choose_caption_k(model, config, scorer=scorer, progress=progress,
                                                                 data=data))

@@ -217,7 +217,11 @@ def write_report(metrics: dict[str, Any], extras: dict[str, Any], config, out: s
         lines += ["## Full-gallery retrieval (beyond the paper)", "",
                   f"Every {config.eval.split} image against every {config.eval.split} product description "
                   f"({metrics.get('gallery/images')} images, {metrics.get('gallery/products')} products); the top "
-                  f"{config.eval.rerank_k} of the dual encoder re-ranked by ITM.", "", *gallery, ""]
+                  f"{config.eval.rerank_k} of the dual encoder re-ranked by ITM."
+                  + (f" The dual encoder's scores normalised by a bank of training queries (inverted softmax, "
+                     f"β = {metrics['gallery/query_bank_beta']:g}, chosen on validation mean recall: "
+                     f"{metrics['gallery/query_bank_grid']})." if metrics.get("gallery/query_bank_grid") else ""),
+                  "", *gallery, ""]
     lines += ["## Table 3: category / sub-category prediction and fashion captioning", "",
               *table3(metrics, dataset), ""]
     if "fc/nearest/sum_cap" in metrics:

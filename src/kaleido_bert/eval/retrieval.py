@@ -33,6 +33,7 @@ from kaleido_bert.atomic import atomic_write_json
 from kaleido_bert.data.catalogue import Catalogue, Item
 from kaleido_bert.errors import KaleidoError
 from kaleido_bert.eval.metrics import expected_rank_chance, rank_hits, ranked_recall, sum_r
+from kaleido_bert.eval.query_bank import QueryBank, as_queries, with_offsets
 from kaleido_bert.model.dual_encoder import DualEncoder, store_patches
 from kaleido_bert.patches.store import FeatureStore
 
@@ -308,19 +309,27 @@ def _search(queries: np.ndarray, gallery: np.ndarray, k: int) -> np.ndarray:
     return idx
 
 
-def _rerank(scorer: PairScorer, top: np.ndarray, pair_of, *, desc: str, progress: bool) -> list[list[int]]:
+def _rerank(scorer: PairScorer, top: np.ndarray, pair_of, *, desc: str, progress: bool,
+            cosine: np.ndarray | None = None) -> list[list[int]]:
+    """Each query's ``top`` ``(Q, k)`` gallery rows re-ordered by the pair score; ``cosine`` ``(Q, k)``: the
+    dual-encoder score the pair score uses in place of the pairs' cosine (the query-bank normalised one)."""
     pairs = [pair_of(q, int(g)) for q, row in enumerate(top) for g in row]
-    logits = scorer.itm_logits(pairs, desc=desc, progress=progress).reshape(top.shape)
+    extra = {} if cosine is None else {"cosine": np.asarray(cosine, np.float64).reshape(-1)}
+    logits = scorer.itm_logits(pairs, desc=desc, progress=progress, **extra).reshape(top.shape)
     order = np.argsort(-logits, axis=1, kind="stable")
     return [[int(top[q, j]) for j in order[q]] for q in range(len(top))]
 
 
 def evaluate_gallery(scorer: PairScorer, catalogue: Catalogue, available: set[str], *, split: str = "test",
-                     rerank_k: int = 100, progress: bool = True) -> dict[str, Any]:
+                     rerank_k: int = 100, progress: bool = True, bank: QueryBank | None = None,
+                     cache: dict[str, Any] | None = None) -> dict[str, Any]:
     """Full-gallery ITR/TIR over a split: dual-encoder recall, then ITM re-ranking of the top ``rerank_k``.
 
     A description shared word for word by several products counts as correct for all of them (both directions).
-    Keys: ``itr_gallery/R@1`` … and ``itr_gallery_rerank/R@1`` …, in %, plus the gallery sizes.
+    With an active ``bank`` (:mod:`kaleido_bert.eval.query_bank`) the dual-encoder score is the normalised
+    ``cos − offset(gallery item)``, in the search and in the re-ranked pairs' ITC logit. ``cache``: a dict that
+    keeps the split's embeddings between calls (one embedding for several banks). Keys: ``itr_gallery/R@1`` … and
+    ``itr_gallery_rerank/R@1`` …, in %, plus the gallery sizes and ``gallery/query_bank_beta``.
     """
     items = [it for it in catalogue.split(split) if it.id in available]
     if not items:
@@ -331,10 +340,19 @@ def evaluate_gallery(scorer: PairScorer, catalogue: Catalogue, available: set[st
     for j, pid in enumerate(pids):
         same_text.setdefault(text_of[pid], set()).add(j)
     image_ids = [it.id for it in items]
-    text_emb = scorer.embed_texts(pids, progress=progress)
-    image_emb = scorer.embed_images(image_ids, progress=progress)
+    cache = {} if cache is None else cache
+    if "text_emb" not in cache:
+        cache["text_emb"] = scorer.embed_texts(pids, progress=progress)
+        cache["image_emb"] = scorer.embed_images(image_ids, progress=progress)
+    text_emb, image_emb = cache["text_emb"], cache["image_emb"]
+    text_gallery, image_gallery = text_emb, image_emb
+    if bank is not None and bank.active:  # [q, 1] · [g, −offset(g)] = the normalised score
+        text_gallery = with_offsets(text_emb, bank.text_offsets(text_emb))
+        image_gallery = with_offsets(image_emb, bank.image_offsets(image_emb))
+        text_emb, image_emb = as_queries(text_emb), as_queries(image_emb)
     depth = max(10, rerank_k)
-    metrics: dict[str, Any] = {"gallery/images": len(image_ids), "gallery/products": len(pids)}
+    metrics: dict[str, Any] = {"gallery/images": len(image_ids), "gallery/products": len(pids),
+                               "gallery/query_bank_beta": bank.beta if bank is not None else 0.0}
     outcomes: dict[str, list] = {}  # per query: hit at each K (0/1)
 
     images_with_text: dict[str, set[int]] = {}
@@ -343,8 +361,8 @@ def evaluate_gallery(scorer: PairScorer, catalogue: Catalogue, available: set[st
     itr_pos = [same_text[text_of[it.product_id]] for it in items]
     tir_pos = [images_with_text[text_of[pid]] for pid in pids]
     for direction, queries, gallery, positives, pair_of in (
-        ("itr", image_emb, text_emb, itr_pos, lambda q, g: (image_ids[q], pids[g])),
-        ("tir", text_emb, image_emb, tir_pos, lambda q, g: (image_ids[g], pids[q])),
+        ("itr", image_emb, text_gallery, itr_pos, lambda q, g: (image_ids[q], pids[g])),
+        ("tir", text_emb, image_gallery, tir_pos, lambda q, g: (image_ids[g], pids[q])),
     ):
         top = _search(queries, gallery, depth)
         per_query: list = []
@@ -353,9 +371,11 @@ def evaluate_gallery(scorer: PairScorer, catalogue: Catalogue, available: set[st
         outcomes[f"{direction}_gallery"] = per_query[0].tolist()
         if rerank_k > 0:
             head = top[:, :rerank_k]
+            normalised = (np.einsum("qd,qkd->qk", queries, gallery[head]) if bank is not None and bank.active
+                          else None)  # the pairs' normalised ITC score
             reranked = [r + [int(g) for g in top[q, rerank_k:]]
                         for q, r in enumerate(_rerank(scorer, head, pair_of, desc=f"{direction.upper()} re-rank",
-                                                      progress=progress))]
+                                                      progress=progress, cosine=normalised))]
             per_query = []
             for name, value in ranked_recall(reranked, positives, per_query_out=per_query).items():
                 metrics[f"{direction}_gallery_rerank/{name}"] = 100 * value

@@ -1,0 +1,230 @@
+"""Query-bank normalisation of full-gallery search (beyond the paper, SPEC §3.5; the inverted softmax of Smith et
+al. 2017, "Offline bilingual word vectors, orthogonal transformations and the inverted softmax", as QB-Norm uses
+it, Bogolin et al. CVPR 2022).
+
+A dual encoder's gallery has hubs: items near many queries, which crowd the top of rankings they do not belong
+to. The inverted softmax divides each gallery item's ``exp(β·cos)`` by its sum over a bank of queries the model
+has seen in training, so an item that is near every query loses what it gains from being near this one. In logs
+and divided by ``β`` the score becomes ``cos(q, g) − offset(g)``, ``offset(g) = logsumexp_b(β·cos(b, g)) / β``:
+one number per gallery item, so the normalised ranking is an inner product of ``[q, 1]`` and ``[g, −offset(g)]``
+and a FAISS inner-product index ranks by it. ``β = 0`` is off (no offset).
+
+Banks, from the **training** split: the training images for a gallery of descriptions (ITR), the training
+products' descriptions for a gallery of images (TIR). ``β`` is chosen among ``eval.query_bank_betas`` by
+full-gallery mean recall (ITR and TIR averaged) on the **validation** split (the first on a tie) and kept in the
+retrieval checkpoint with the banks' embeddings (:data:`BANK_CONFIG`, :data:`BANK_WEIGHTS`), so the evaluation and
+the search service rank alike.
+
+Shapes: bank ``(B, D)``, gallery ``(G, D)`` → offsets ``(G,)``; :func:`with_offsets` ``(G, D)`` → ``(G, D + 1)``,
+:func:`as_queries` ``(Q, D)`` → ``(Q, D + 1)``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from kaleido_bert.atomic import atomic_path, atomic_write_json
+from kaleido_bert.errors import KaleidoError
+
+if TYPE_CHECKING:
+    from kaleido_bert.config import RunConfig
+    from kaleido_bert.data.catalogue import Catalogue
+    from kaleido_bert.patches.store import FeatureStore
+
+BANK_CONFIG = "query_bank.json"
+"""In the retrieval checkpoint: ``{"beta", "grid", "split", "mix", "dim", "images", "texts", "seconds"}``."""
+BANK_WEIGHTS = "query_bank.safetensors"
+"""In the retrieval checkpoint: the banks' embeddings, ``images`` ``(B_i, D)`` and ``texts`` ``(B_t, D)``."""
+_CHUNK = 1024  # gallery columns per similarity block: (B, 1024) float32
+
+
+def bank_offsets(bank: np.ndarray, gallery: np.ndarray, beta: float) -> np.ndarray:
+    """``offset(g) = logsumexp_b(β·cos(b, g)) / β`` of each gallery row against ``bank``: ``(G,)`` float64; zeros
+    when ``β = 0`` or the bank is empty."""
+    from scipy.special import logsumexp
+
+    gallery = np.asarray(gallery, np.float32)
+    out = np.zeros(len(gallery))
+    if beta <= 0 or len(bank) == 0:
+        return out
+    bank = np.asarray(bank, np.float32)
+    for lo in range(0, len(gallery), _CHUNK):
+        sims = (bank @ gallery[lo:lo + _CHUNK].T).astype(np.float64)
+        out[lo:lo + _CHUNK] = logsumexp(beta * sims, axis=0) / beta
+    return out
+
+
+def with_offsets(gallery: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """``[g, −offset(g)]``: ``(G, D)`` → ``(G, D + 1)`` float32, whose inner product with :func:`as_queries`'s rows
+    is the normalised score."""
+    return np.hstack([np.asarray(gallery, np.float32), -np.asarray(offsets, np.float32)[:, None]])
+
+
+def as_queries(queries: np.ndarray) -> np.ndarray:
+    """``[q, 1]``: ``(Q, D)`` → ``(Q, D + 1)`` float32."""
+    queries = np.asarray(queries, np.float32)
+    return np.hstack([queries, np.ones((len(queries), 1), np.float32)])
+
+
+@dataclass
+class QueryBank:
+    """The training queries of both directions, embedded by the retrieval model, and the ``β`` chosen for them.
+
+    Attributes:
+        images: ``(B_i, D)`` training image embeddings: the bank of a gallery of descriptions.
+        texts: ``(B_t, D)`` training description embeddings: the bank of a gallery of images.
+        beta: the inverted softmax's inverse temperature (0 = off).
+    """
+
+    images: np.ndarray
+    texts: np.ndarray
+    beta: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.beta > 0
+
+    def text_offsets(self, text_emb: np.ndarray) -> np.ndarray:
+        """Offsets of a gallery of descriptions ``(G, D)`` (ranked for image queries): ``(G,)``."""
+        return bank_offsets(self.images, text_emb, self.beta)
+
+    def image_offsets(self, image_emb: np.ndarray) -> np.ndarray:
+        """Offsets of a gallery of images ``(G, D)`` (ranked for description queries): ``(G,)``."""
+        return bank_offsets(self.texts, image_emb, self.beta)
+
+    def with_beta(self, beta: float) -> QueryBank:
+        return QueryBank(self.images, self.texts, float(beta))
+
+
+def embed_bank(scorer, catalogue: Catalogue, available: set[str], *, progress: bool) -> QueryBank:
+    """The training split's images and product descriptions embedded by ``scorer`` (a
+    :class:`~kaleido_bert.eval.retrieval.PairScorer`), with ``β = 0``."""
+    train = [it for it in catalogue.split("train") if it.id in available]
+    pids = sorted({it.product_id for it in train})
+    return QueryBank(scorer.embed_images([it.id for it in train], progress=progress),
+                     scorer.embed_texts(pids, progress=progress))
+
+
+def choose_query_bank(checkpoint: str | Path, config: RunConfig, *, progress: bool,
+                      data: tuple[Catalogue, FeatureStore] | None = None) -> dict[str, Any]:
+    """Embed the training banks with the retrieval model of ``checkpoint``, choose ``β`` among
+    ``eval.query_bank_betas`` on validation full-gallery mean recall and keep both in ``checkpoint``.
+
+    Returns:
+        The report written to :data:`BANK_CONFIG`: ``beta``, ``grid`` (``[{"beta", "mean_recall"}]``, in %),
+        the banks' sizes and ``seconds``. Without validation items the grid is empty and ``β = 0``.
+
+    Raises:
+        KaleidoError: the checkpoint has no ITC head (no dual encoder to normalise).
+    """
+    from kaleido_bert import distributed as dist
+    from kaleido_bert.eval.retrieval import PairScorer, evaluate_gallery
+    from kaleido_bert.inputs.sources import open_data
+    from kaleido_bert.model.dual_encoder import DualEncoder, product_descriptions
+
+    start = time.perf_counter()
+    checkpoint = Path(checkpoint)
+    catalogue, store = data or open_data(config)
+    encoder = DualEncoder.from_checkpoint(checkpoint, batch_size=config.eval.batch_size, device=dist.device())
+    if not encoder.has_itc:
+        raise KaleidoError(f"eval.query_bank_betas normalises the dual encoder's gallery scores, but checkpoint "
+                           f"{checkpoint} has no ITC head: add itc to model.tasks or set eval.query_bank_betas=[]")
+    scorer = PairScorer(encoder, store, product_descriptions(catalogue.items))
+    available = set(store.available_ids())
+    bank = embed_bank(scorer, catalogue, available, progress=progress)
+    val = {it.id for it in catalogue.split("val") if it.id in available}
+    grid: list[dict[str, float]] = []
+    if val:
+        cache: dict[str, Any] = {}  # the validation embeddings, computed once for every β
+        for beta in config.eval.query_bank_betas:
+            found = evaluate_gallery(scorer, catalogue, val, split="val", rerank_k=0, progress=False,
+                                     bank=bank.with_beta(beta), cache=cache)["metrics"]
+            grid.append({"beta": float(beta), "mean_recall": (found["itr_gallery/mean_recall"]
+                                                              + found["tir_gallery/mean_recall"]) / 2})
+    best = max(range(len(grid)), key=lambda j: (grid[j]["mean_recall"], -j)) if grid else None
+    report = {"beta": grid[best]["beta"] if best is not None else 0.0, "grid": grid, "split": "val",
+              "selection": "validation full-gallery mean recall (ITR and TIR averaged, no re-ranking)",
+              "mix": _member_mix(checkpoint), "dim": int(encoder.dim), "images": len(bank.images), "texts": len(bank.texts),
+              "seconds": round(time.perf_counter() - start, 1)}
+    save_query_bank(checkpoint, bank, report)
+    return report
+
+
+def _member_mix(checkpoint: str | Path) -> float:
+    """The WiSE-FT weight ``checkpoint`` ranks with now (1.0 without a frozen member)."""
+    from kaleido_bert.model.itc_member import read_member_config
+
+    member = read_member_config(checkpoint)
+    return float(member["mix"]) if member is not None else 1.0
+
+
+def save_query_bank(checkpoint: str | Path, bank: QueryBank, report: dict[str, Any]) -> None:
+    """Write the banks' embeddings then ``report`` into ``checkpoint``, each file atomically (the config last, so a
+    reader never sees a config without its embeddings)."""
+    from safetensors.numpy import save_file
+
+    checkpoint = Path(checkpoint)
+    with atomic_path(checkpoint / BANK_WEIGHTS) as tmp:
+        save_file({"images": np.ascontiguousarray(bank.images, np.float32),
+                   "texts": np.ascontiguousarray(bank.texts, np.float32)}, str(tmp))
+    atomic_write_json(checkpoint / BANK_CONFIG, report)
+
+
+def query_bank_choice(checkpoint: str | Path, config: RunConfig) -> dict[str, Any] | None:
+    """The report kept in ``checkpoint`` (:data:`BANK_CONFIG`) when it was chosen among this config's
+    ``eval.query_bank_betas``; None when there is none, the grid is empty, the grid has changed since, or the banks
+    were embedded at another WiSE-FT weight than the checkpoint ranks with now (its member was fitted again).
+
+    Raises:
+        KaleidoError: an unreadable or malformed file (one line naming it).
+    """
+    path = Path(checkpoint) / BANK_CONFIG
+    if not config.eval.query_bank_betas or not path.is_file():
+        return None
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+        beta, among = float(report["beta"]), [float(g["beta"]) for g in report["grid"]]
+        float(report["mix"]), int(report["dim"])
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+        raise KaleidoError(f"{path} is unreadable or lacks beta, grid, mix and dim ({err.__class__.__name__}): "
+                           f"delete it to choose β on validation again") from None
+    if not np.isfinite(beta) or beta < 0:
+        raise KaleidoError(f"{path}: beta must be a finite number ≥ 0, got {report['beta']!r}")
+    if among and among != [float(b) for b in config.eval.query_bank_betas]:
+        return None
+    return report if abs(float(report["mix"]) - _member_mix(checkpoint)) <= 1e-6 else None
+
+
+def load_query_bank(checkpoint: str | Path, config: RunConfig, encoder) -> QueryBank | None:
+    """The bank kept in ``checkpoint`` for ``encoder`` (a :class:`~kaleido_bert.model.dual_encoder.DualEncoder` of
+    that checkpoint): None when :func:`query_bank_choice` has none or ``β = 0`` was chosen.
+
+    Raises:
+        KaleidoError: an unreadable embeddings file, or one whose shapes disagree with the config or the encoder.
+    """
+    report = query_bank_choice(checkpoint, config)
+    if report is None or float(report["beta"]) == 0:
+        return None
+    if int(report["dim"]) != int(encoder.dim):
+        raise KaleidoError(f"{Path(checkpoint) / BANK_CONFIG}: banks of width {report['dim']}, but the model embeds "
+                           f"in {encoder.dim}: delete it to choose β on validation again")
+    from safetensors.numpy import load_file
+
+    path = Path(checkpoint) / BANK_WEIGHTS
+    try:
+        arrays = load_file(str(path))
+        images, texts = arrays["images"], arrays["texts"]
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for a missing or corrupt file
+        raise KaleidoError(f"{path} is unreadable ({type(err).__name__}): delete {BANK_CONFIG} beside it to "
+                           f"choose β on validation again") from None
+    expected = ((int(report["images"]), int(report["dim"])), (int(report["texts"]), int(report["dim"])))
+    if (images.shape, texts.shape) != expected:
+        raise KaleidoError(f"{path}: embeddings {images.shape} and {texts.shape} disagree with {BANK_CONFIG} "
+                           f"({expected[0]} and {expected[1]}): delete both to choose β again")
+    return QueryBank(images, texts, float(report["beta"]))

