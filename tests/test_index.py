@@ -193,3 +193,55 @@ def test_hash_mismatch_and_damaged_directories(tmp_path, data):
     (tmp_path / "idx" / "meta.json").write_text("{")
     with pytest.raises(ProductIndexError, match="meta.json: not valid JSON"):
         ProductIndex.load(tmp_path / "idx")
+
+
+# ---------------------------------------------------------------------------------------------- offsets (query bank)
+@pytest.mark.parametrize("kind", ["exact", "ivf", "hnsw"])
+def test_offsets_rank_by_cosine_minus_offset(tmp_path, data, kind):
+    """Per-vector offsets (the query-bank normalisation) rank every kind by ``cos − offset``; ``normalised=False``
+    ranks the same index by the cosine; both survive save/load and incremental adds."""
+    ids, x, q = data
+    offsets = np.random.default_rng(5).uniform(0, 0.3, len(x)).astype(np.float32)
+    options = {"nprobe": default_nlist(1500)} if kind == "ivf" else {"ef_search": 400} if kind == "hnsw" else {}
+    index = ProductIndex.build(ids[:1500], x[:1500], kind=kind, offsets=offsets[:1500], **options)
+    index.add(ids[1500:], x[1500:], offsets=offsets[1500:])
+    assert index.offsets and index.dim == x.shape[1]
+    loaded = ProductIndex.load(index.save(tmp_path / kind))
+    assert loaded.offsets and loaded.dim == x.shape[1]
+    shifted = brute_force(np.hstack([x, -offsets[:, None]]), np.hstack([q, np.ones((len(q), 1), np.float32)]), 10,
+                          ids)
+    plain = brute_force(x, q, 10, ids)
+    assert recall(shifted, plain) < 0.9, "the offsets must change the rankings for this test to mean anything"
+    for found_index in (index, loaded):
+        normalised = found_index.search(q, 10)
+        cosine = found_index.search(q, 10, normalised=False)
+        if kind == "exact":
+            assert [[i for i, _ in r] for r in normalised] == [[i for i, _ in r] for r in shifted]
+            for got, want in zip(normalised, shifted, strict=True):
+                assert [s for _, s in got] == pytest.approx([s for _, s in want], abs=1e-5)
+            assert [[i for i, _ in r] for r in cosine] == [[i for i, _ in r] for r in plain]
+        else:
+            assert recall(normalised, shifted) >= 0.9 and recall(cosine, plain) >= 0.9
+    allowed = set(ids[::7])  # the filtered exact fallback scores the offset column too
+    for got in index.search(q[:3], 5, allowed=allowed):
+        assert all(i in allowed for i, _ in got)
+    truth = brute_force(np.hstack([x, -offsets[:, None]])[::7], np.hstack([q[:3], np.ones((3, 1), np.float32)]), 5,
+                        ids[::7])
+    if kind == "exact":
+        assert [[i for i, _ in r] for r in index.search(q[:3], 5, allowed=allowed)] == [[i for i, _ in r]
+                                                                                        for r in truth]
+
+
+def test_offsets_are_checked(data):
+    ids, x, _ = data
+    with pytest.raises(ProductIndexError, match=r"offsets must have shape \(3,\)"):
+        ProductIndex.build(ids[:3], x[:3], offsets=np.zeros(2))
+    with pytest.raises(ProductIndexError, match="offset of id 'item-00001' is NaN"):
+        ProductIndex.build(ids[:3], x[:3], offsets=np.array([0.0, np.nan, 0.0]))
+    with_offsets = ProductIndex.build(ids[:3], x[:3], offsets=np.zeros(3))
+    with pytest.raises(ProductIndexError, match="pass offsets="):
+        with_offsets.add(ids[3:5], x[3:5])
+    plain = ProductIndex.build(ids[:3], x[:3])
+    with pytest.raises(ProductIndexError, match="built without offsets"):
+        plain.add(ids[3:5], x[3:5], offsets=np.zeros(2))
+    assert len(with_offsets) == 3 and len(plain) == 3  # nothing was added

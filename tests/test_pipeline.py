@@ -258,6 +258,58 @@ def test_a_run_without_a_caption_model_captions_by_retrieval(run_root, tmp_path)
     assert pipe.caption(image) == texts[int(consensus_rows(pipe.encode_image([image]), gallery, texts, 2)[0])]
 
 
+def test_a_query_bank_in_the_checkpoint_normalises_the_services_search(run_root, tmp_path):
+    """A β kept in the retrieval checkpoint (eval.query_bank_betas) gives the index's vectors their offsets: a
+    description query ranks images by ``cos − offset`` (brute force over every image), a photo ranks products by
+    the plain cosine, and the config hash changes, so an index built without the bank is refused."""
+    from kaleido_bert.eval.query_bank import BANK_CONFIG, choose_query_bank, load_query_bank
+    from kaleido_bert.model.dual_encoder import store_patches
+    from kaleido_bert.runs import resolve_checkpoint
+    from kaleido_bert.serve.catalogue_index import CatalogueIndex, open_run
+    from kaleido_bert.serve.pipeline import KaleidoBertPipeline
+
+    run = tmp_path / "query-bank"
+    checkpoint = resolve_checkpoint(run_root / "run" / "pretrain")
+    copy = shutil.copytree(checkpoint, run / "pretrain" / checkpoint.name)
+    plain = KaleidoBertPipeline.from_pretrained(run, device="cpu", progress=False)
+    assert not plain.index.images.offsets
+    plain.index.save(tmp_path / "plain-index")
+    text = (copy / "run.yaml").read_text()
+    assert "query_bank_betas: []" in text
+    (copy / "run.yaml").write_text(text.replace("query_bank_betas: []", "query_bank_betas: [0, 4]"))
+    data = open_run(run)
+    choose_query_bank(copy, data.config, progress=False, data=(data.catalogue, data.store))
+    kept = json.loads((copy / BANK_CONFIG).read_text())
+    (copy / BANK_CONFIG).write_text(json.dumps({**kept, "beta": 4.0}))  # active whatever validation preferred
+    pipe = KaleidoBertPipeline.from_pretrained(run, device="cpu", progress=False)
+    assert pipe.index.images.offsets and pipe.index.texts.offsets
+    assert pipe.data.config_hash() != plain.data.config_hash()
+    with pytest.raises(KaleidoError, match="rebuild it"):
+        CatalogueIndex.load(tmp_path / "plain-index", expect_hash=pipe.data.config_hash())
+
+    bank = load_query_bank(copy, pipe.config, pipe.encoder)
+    items = list(pipe.items.values())
+    images = pipe.encoder.embed_patches(*store_patches(pipe.data.store, [it.id for it in items]))
+    offsets = bank.image_offsets(images)
+    item = items[5]
+    query = pipe.encode_text([item.title])[0]
+    normalised = dict(zip([it.id for it in items], images @ query - offsets, strict=True))
+    best: dict[str, float] = {}  # per product: its best image's normalised score
+    for it in items:
+        best[it.product_id] = max(best.get(it.product_id, -np.inf), float(normalised[it.id]))
+    hits = pipe.search_text(item.title, 6, rerank=False)
+    assert [h["score"] for h in hits] == pytest.approx([normalised[h["id"]] for h in hits], abs=1e-5)
+    assert [h["score"] for h in hits] == pytest.approx([best[h["product_id"]] for h in hits], abs=1e-5)
+    scores = [h["score"] for h in hits]
+    assert scores == sorted(scores, reverse=True)
+    left_out = [v for p, v in best.items() if p not in {h["product_id"] for h in hits}]
+    assert max(left_out) <= scores[-1] + 1e-5  # (the tiny model's scores nearly tie: compare within float error)
+    _, photo = _photo(pipe, 2)
+    similar = pipe.search_image(photo, 4)["products"]
+    cosine = images @ pipe.encode_image([photo])[0]
+    assert similar[0]["score"] == pytest.approx(float(cosine.max()), abs=1e-5)  # photo to photo: plain cosine
+
+
 def _grown_catalogue(run_root: Path, out: Path) -> list[str]:
     """The run's catalogue plus two new products (category GIFTS) and its feature store; returns the new ids."""
     from kaleido_bert.data.catalogue import load_catalogue, write_catalogue

@@ -17,6 +17,12 @@ Both ProductIndex metas carry the same ``config_hash`` (:func:`config_hash`: the
 generator settings). The catalogue is not part of the hash, so a grown catalogue can be added incrementally
 (``--add``), while a different model or patch generator is refused. The whole directory is replaced atomically.
 
+When the retrieval checkpoint keeps a query bank with an active β (:mod:`kaleido_bert.eval.query_bank`, chosen on
+validation by ``kaleido evaluate``), each vector carries its offset (images: against the training descriptions,
+for text queries; descriptions: against the training images, for image queries), so the service ranks a
+description query over images, and an image over descriptions, by ``cos − offset`` as the evaluation does; its
+facts are part of the config hash.
+
 Shapes: B batch, T text tokens, P patches (55), F patch feature size, D embedding size; embeddings are
 ``(N, D)`` float32, L2-normalised.
 """
@@ -38,6 +44,7 @@ from kaleido_bert.atomic import atomic_directory, atomic_write_json
 from kaleido_bert.config import RunConfig, load_config
 from kaleido_bert.data.catalogue import Catalogue, Item, is_view, load_catalogue
 from kaleido_bert.errors import KaleidoError
+from kaleido_bert.eval.query_bank import load_query_bank
 from kaleido_bert.model.dual_encoder import DualEncoder, product_descriptions, store_patches
 from kaleido_bert.patches.store import FeatureStore
 from kaleido_bert.runs import WEIGHTS, run_parts
@@ -46,6 +53,8 @@ from kaleido_bert.serve.index import IndexKind, ProductIndex
 IMAGES_DIR, TEXTS_DIR, INDEX_JSON = "images", "texts", "index.json"
 HASH_KEYS = ("backbone", "weights", "seed", "mode", "patch_size", "image_size", "saliency", "levels", "feature_size")
 """Feature-store manifest fields that decide how an image becomes patch features (part of the config hash)."""
+BANK_KEYS = ("beta", "mix", "dim", "images", "texts")
+"""Query-bank facts (``query_bank.json`` of the checkpoint, when its β is active) that the config hash covers."""
 
 
 # ---------------------------------------------------------------------------------------------- what a run serves
@@ -66,7 +75,10 @@ class RunData:
         return [it for it in self.catalogue.items if it.id in self.store and not is_view(it)]
 
     def config_hash(self) -> str:
-        return config_hash(self.checkpoint, self.store.manifest)
+        from kaleido_bert.eval.query_bank import query_bank_choice
+
+        return config_hash(self.checkpoint, self.store.manifest,
+                           query_bank=query_bank_choice(self.checkpoint, self.config))
 
 
 def open_run(run: str | Path, *, catalogue: str | Path | None = None,
@@ -113,7 +125,7 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def config_hash(checkpoint: str | Path, manifest: dict[str, Any]) -> str:
+def config_hash(checkpoint: str | Path, manifest: dict[str, Any], *, query_bank: dict[str, Any] | None = None) -> str:
     """16 hex digits identifying what an index's embeddings depend on: model, vocabulary and patch generator.
 
     Covers the checkpoint's ``config.json``, the SHA-256 of its ``model.safetensors``, its ``vocab.txt`` (when
@@ -129,6 +141,8 @@ def config_hash(checkpoint: str | Path, manifest: dict[str, Any]) -> str:
     if (checkpoint / "vocab.txt").is_file():
         digest.update((checkpoint / "vocab.txt").read_bytes())
     digest.update(json.dumps({k: manifest.get(k) for k in HASH_KEYS}, sort_keys=True).encode())
+    if query_bank is not None and float(query_bank["beta"]) > 0:  # the offsets the vectors carry
+        digest.update(json.dumps({k: query_bank.get(k) for k in BANK_KEYS}, sort_keys=True).encode())
     return digest.hexdigest()[:16]
 
 
@@ -203,18 +217,23 @@ def embed_catalogue(encoder: DualEncoder, data: RunData, *, kind: IndexKind = "e
     start = time.perf_counter()
     image_emb = _embed_items(encoder, data.store, new_items, progress=progress)
     text_emb = encoder.embed_texts([texts[p] for p in new_products], progress=progress)
+    bank = load_query_bank(data.checkpoint, data.config, encoder)  # None: plain cosines
+    image_offsets = bank.image_offsets(image_emb) if bank is not None else None  # for description queries
+    text_offsets = bank.text_offsets(text_emb) if bank is not None else None  # for image queries
     facts = {"config_hash": data.config_hash(), "run": str(data.run), "checkpoint": str(data.checkpoint),
              "catalogue": str(data.catalogue.root), "catalogue_hash": data.catalogue.hash(),
              "features": str(data.store.root)}
     if existing is None:
         meta = {"config_hash": facts["config_hash"], "checkpoint": facts["checkpoint"]}
         index = CatalogueIndex(
-            images=ProductIndex.build(new_items, image_emb, kind=kind, meta={**meta, "ids": "item"}),
-            texts=ProductIndex.build(new_products, text_emb, kind=kind, meta={**meta, "ids": "product"}),
+            images=ProductIndex.build(new_items, image_emb, kind=kind, meta={**meta, "ids": "item"},
+                                      offsets=image_offsets),
+            texts=ProductIndex.build(new_products, text_emb, kind=kind, meta={**meta, "ids": "product"},
+                                     offsets=text_offsets),
             facts=facts)
     else:
-        existing.images.add(new_items, image_emb)
-        existing.texts.add(new_products, text_emb)
+        existing.images.add(new_items, image_emb, offsets=image_offsets)
+        existing.texts.add(new_products, text_emb, offsets=text_offsets)
         existing.facts.update(facts)
         index = existing
     seconds = time.perf_counter() - start

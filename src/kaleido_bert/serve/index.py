@@ -8,6 +8,10 @@ Three kinds:
   later :meth:`ProductIndex.add` calls reuse those centroids. ``nprobe`` lists are searched per query.
 * ``hnsw``: ``IndexHNSWFlat`` with the inner-product metric (``M`` links per node, ``ef_search`` candidates).
 
+With per-vector ``offsets`` (:mod:`kaleido_bert.eval.query_bank`: one number per gallery vector that a query-bank
+normalisation subtracts) the index holds ``[g, −offset(g)]``, one column wider, and a query ``q`` searches as
+``[q, 1]``, so every kind ranks by ``cos − offset``; ``normalised=False`` searches as ``[q, 0]``, by the cosine.
+
 FAISS numbers vectors 0, 1, 2, ... in the order they are added; :class:`ProductIndex` keeps the matching list of
 string ids. A search can be limited to a set of allowed ids (e.g. one category): FAISS skips the others through
 an ``IDSelector``, and a query that still finds fewer than ``k`` allowed results (an approximate index can miss
@@ -17,8 +21,8 @@ On disk an index is a directory, written atomically::
 
     index.faiss   faiss.write_index
     ids.json      the string ids in FAISS order
-    meta.json     the caller's meta (including ``config_hash``) plus an ``index`` section: kind, dim, count,
-                  search parameters and the FAISS version
+    meta.json     the caller's meta (including ``config_hash``) plus an ``index`` section: kind, dim (FAISS's,
+                  with the offset column), offsets, count, search parameters and the FAISS version
 """
 
 from __future__ import annotations
@@ -59,8 +63,11 @@ class ProductIndex:
     Build one with :meth:`build` or read one with :meth:`load`; the constructor is internal.
     """
 
-    def __init__(self, index: faiss.Index, ids: list[str], kind: str, meta: Mapping[str, Any]) -> None:
+    def __init__(self, index: faiss.Index, ids: list[str], kind: str, meta: Mapping[str, Any], *,
+                 offsets: bool = False) -> None:
         self._index = index
+        self.offsets = offsets
+        """Whether the vectors carry an offset column (the last), subtracted from every inner product."""
         self._ids = list(ids)
         self._pos = {id_: i for i, id_ in enumerate(self._ids)}
         self.kind = kind
@@ -82,6 +89,7 @@ class ProductIndex:
         hnsw_m: int = 32,
         ef_construction: int = 80,
         ef_search: int = 64,
+        offsets: np.ndarray | None = None,
     ) -> ProductIndex:
         """Build an index over ``embeddings`` (row ``i`` belongs to ``ids[i]``).
 
@@ -96,6 +104,8 @@ class ProductIndex:
             hnsw_m: HNSW links per node.
             ef_construction: HNSW candidates while inserting.
             ef_search: HNSW candidates while searching (at least ``k`` are used).
+            offsets: ``(N,)`` finite numbers subtracted from each vector's scores (then every :meth:`add` needs
+                them too); None: plain inner products.
 
         Raises:
             ProductIndexError: an unknown kind, mismatched or malformed ids/embeddings, a duplicate id, or
@@ -107,9 +117,11 @@ class ProductIndex:
         if "index" in meta:
             raise ProductIndexError("meta must not contain the key 'index' (the index's own facts are kept there)")
         vectors = _check_embeddings(ids, embeddings, dim=None)
-        n, dim = vectors.shape
-        if dim == 0:
+        if vectors.shape[1] == 0:
             raise ProductIndexError("embeddings have 0 dimensions")
+        if offsets is not None:
+            vectors = _with_offsets(ids, vectors, offsets)
+        n, dim = vectors.shape
         if kind == "exact":
             index: faiss.Index = faiss.IndexFlatIP(dim)
         elif kind == "hnsw":
@@ -131,18 +143,26 @@ class ProductIndex:
             index.nprobe = nprobe if nprobe is not None else max(1, nlist // 4)
             if not 1 <= index.nprobe <= nlist:
                 raise ProductIndexError(f"nprobe must be between 1 and nlist ({nlist}), got {index.nprobe}")
-        self = cls(index, [], kind, meta)
-        self.add(ids, vectors)
+        self = cls(index, [], kind, meta, offsets=offsets is not None)
+        self._add(ids, vectors)
         return self
 
-    def add(self, ids: list[str], embeddings: np.ndarray) -> None:
-        """Append vectors with new ids (an IVF index keeps the centroids of its first build).
+    def add(self, ids: list[str], embeddings: np.ndarray, *, offsets: np.ndarray | None = None) -> None:
+        """Append vectors with new ids (an IVF index keeps the centroids of its first build); ``offsets``
+        ``(N,)`` exactly when the index was built with them.
 
         Raises:
-            ProductIndexError: a duplicate id (within ``ids`` or already indexed), a dimension mismatch, or
-                vectors that are not finite and L2-normalised; nothing is added then.
+            ProductIndexError: a duplicate id (within ``ids`` or already indexed), a dimension mismatch, vectors
+                that are not finite and L2-normalised, or offsets missing, unexpected or malformed; nothing is
+                added then.
         """
         vectors = _check_embeddings(ids, embeddings, dim=self.dim)
+        if (offsets is not None) != self.offsets:
+            raise ProductIndexError("this index holds offsets: pass offsets= with the vectors" if self.offsets
+                                    else "this index was built without offsets: offsets= cannot be added to it")
+        self._add(ids, _with_offsets(ids, vectors, offsets) if offsets is not None else vectors)
+
+    def _add(self, ids: list[str], vectors: np.ndarray) -> None:
         for id_ in ids:
             if id_ in self._pos:
                 raise ProductIndexError(f"duplicate id {id_!r}: it is already in the index")
@@ -167,7 +187,8 @@ class ProductIndex:
 
     @property
     def dim(self) -> int:
-        return int(self._index.d)
+        """The embeddings' width (without the offset column)."""
+        return int(self._index.d) - int(self.offsets)
 
     @property
     def params(self) -> dict[str, int]:
@@ -212,14 +233,15 @@ class ProductIndex:
     # ------------------------------------------------------------------ search
 
     def search(
-        self, queries: np.ndarray, k: int, *, allowed: Iterable[str] | None = None
+        self, queries: np.ndarray, k: int, *, allowed: Iterable[str] | None = None, normalised: bool = True
     ) -> list[list[tuple[str, float]]]:
-        """The ``k`` best ids by inner product for each query, best first.
+        """The ``k`` best ids by inner product (minus each vector's offset) for each query, best first.
 
         Args:
             queries: (Q, D) L2-normalised vectors (a single (D,) vector is taken as Q = 1).
             k: results per query (fewer only when fewer vectors, or allowed ids, exist).
             allowed: only ids in this set are returned (unknown ids are ignored); None allows all.
+            normalised: with offsets, rank by ``cos − offset``; False ranks by the cosine alone.
 
         Returns:
             For each query, a list of ``(id, score)`` sorted by descending score.
@@ -236,6 +258,8 @@ class ProductIndex:
             raise ProductIndexError(f"queries must have shape (Q, {self.dim}), got {tuple(np.shape(queries))}")
         if not np.isfinite(q).all():
             raise ProductIndexError("queries contain NaN or infinite values")
+        if self.offsets:  # [q, 1] · [g, −offset] = cos − offset; [q, 0] · … = cos
+            q = np.ascontiguousarray(np.hstack([q, np.full((len(q), 1), float(normalised), np.float32)]))
         if allowed is None:
             positions = None
             pool = len(self)
@@ -305,8 +329,8 @@ class ProductIndex:
         with atomic_directory(directory, overwrite=overwrite) as tmp:
             faiss.write_index(self._index, str(tmp / INDEX_FILE))
             atomic_write_json(tmp / IDS_FILE, self._ids)
-            facts = {"kind": self.kind, "dim": self.dim, "count": len(self), "params": self.params,
-                     "faiss_version": faiss.__version__}
+            facts = {"kind": self.kind, "dim": int(self._index.d), "offsets": self.offsets, "count": len(self),
+                     "params": self.params, "faiss_version": faiss.__version__}
             atomic_write_json(tmp / META_FILE, {**self.meta, "index": facts})
         return directory
 
@@ -351,7 +375,7 @@ class ProductIndex:
             )
         if facts["kind"] == "ivf" and index.direct_map.type == faiss.DirectMap.NoMap:
             index.make_direct_map()  # read_index returns the concrete IndexIVFFlat
-        return cls(index, ids, facts["kind"], meta)
+        return cls(index, ids, facts["kind"], meta, offsets=bool(facts.get("offsets", False)))
 
 
 def _check_embeddings(ids: list[str], embeddings: np.ndarray, *, dim: int | None) -> np.ndarray:
@@ -378,6 +402,17 @@ def _check_embeddings(ids: list[str], embeddings: np.ndarray, *, dim: int | None
             bad = int(np.flatnonzero(off)[0])
             raise ProductIndexError(f"embedding of id {ids[bad]!r} has L2 norm {norms[bad]:.4f}; normalise it to 1")
     return vectors
+
+
+def _with_offsets(ids: list[str], vectors: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """``[g, −offset(g)]``: checked ``(N, D)`` vectors and ``(N,)`` finite offsets → ``(N, D + 1)`` float32."""
+    found = np.asarray(offsets, dtype=np.float32)
+    if found.shape != (len(ids),):
+        raise ProductIndexError(f"offsets must have shape ({len(ids)},) for {len(ids)} ids, got {found.shape}")
+    if not np.isfinite(found).all():
+        bad = int(np.flatnonzero(~np.isfinite(found))[0])
+        raise ProductIndexError(f"offset of id {ids[bad]!r} is NaN or infinite")
+    return np.ascontiguousarray(np.hstack([vectors, -found[:, None]]))
 
 
 def _read_json(path: Path, kind: type) -> Any:

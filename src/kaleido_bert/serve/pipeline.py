@@ -22,7 +22,10 @@ steps of :mod:`kaleido_bert.patches.extraction`), so it is encoded exactly like 
 
 Search: the query embedding recalls catalogue images from the :class:`~kaleido_bert.serve.catalogue_index.CatalogueIndex`
 (optionally only one category's), results are deduplicated by product (its best image), and with ``rerank``
-the best ``min(eval.rerank_k, 50)`` products (at least ``k``) are re-scored in one batch by the ITM logit.
+the best ``min(eval.rerank_k, 50)`` products (at least ``k``) are re-scored in one batch by the ITM logit. With a
+query bank in the index, a description query ranks images (and a photo ranks descriptions) by the normalised
+``cos − offset``, which is then the ITC part of the pair score; photo-to-photo similarity and retrieved captions
+stay plain cosines, as evaluated.
 
 Shapes: P patches (55), F patch feature size, D embedding size; embeddings ``(N, D)`` float32, L2-normalised.
 """
@@ -219,13 +222,16 @@ class KaleidoBertPipeline:
         return {"id": it.id, "product_id": it.product_id, "title": it.title, "description": it.description,
                 "category": it.category, "subcategory": it.subcategory, "score": float(score), "image": it.image}
 
-    def _top_products(self, query: np.ndarray, n: int, allowed: list[str] | None) -> list[tuple[str, float]]:
-        """The best image of each of the ``n`` best products by inner product: ``[(item id, score)]``."""
+    def _top_products(self, query: np.ndarray, n: int, allowed: list[str] | None, *,
+                      normalised: bool = True) -> list[tuple[str, float]]:
+        """The best image of each of the ``n`` best products by inner product (``normalised``: minus the images'
+        query-bank offsets, for description queries): ``[(item id, score)]``."""
         pool = len(self.index.images) if allowed is None else len(allowed)
         depth = min(pool, n * self.max_views)  # n products have at most n * max_views images
         while True:
             best: dict[str, tuple[str, float]] = {}
-            for item_id, score in self.index.images.search(query, max(depth, 1), allowed=allowed)[0]:
+            for item_id, score in self.index.images.search(query, max(depth, 1), allowed=allowed,
+                                                           normalised=normalised)[0]:
                 best.setdefault(self.items[item_id].product_id, (item_id, score))
             if len(best) >= n or depth >= pool:
                 return list(best.values())[:n]
@@ -283,7 +289,7 @@ class KaleidoBertPipeline:
             raise KaleidoError(f"k must be ≥ 1, got {k}")
         feats, pos = self.patches([image])
         query = self.encoder.embed_patches(feats, pos)
-        products = [self._hit(i, s) for i, s in self._top_products(query, k, None)]
+        products = [self._hit(i, s) for i, s in self._top_products(query, k, None, normalised=False)]
         found = self.index.texts.search(query, self._rerank_depth(DESCRIPTIONS))[0]
         if self.encoder.has_itm and found:
             texts = [self.descriptions[p] for p, _ in found]
@@ -337,7 +343,7 @@ class KaleidoBertPipeline:
             self._similarity = (pids, {p: j for j, p in enumerate(pids)},
                                 NgramSimilarity([self.descriptions[p] for p in pids]))
         pids, row, similarity = self._similarity
-        found = self.index.texts.search(query, min(self.caption_k, len(pids)))[0]
+        found = self.index.texts.search(query, min(self.caption_k, len(pids)), normalised=False)[0]  # as evaluated
         return self.descriptions[pids[consensus_pick(np.array([row[p] for p, _ in found]), similarity)]]
 
     def _classifier(self, field: str, text: str | None) -> tuple[Any, str]:
