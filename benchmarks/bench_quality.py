@@ -359,6 +359,7 @@ def stage_report(work: Path, config) -> dict:
         comparison_rows,
         format_interval,
         load_baseline,
+        query_bank_note,
         resolved_sign,
     )
 
@@ -413,6 +414,9 @@ def stage_report(work: Path, config) -> dict:
         lines.append(f"| {label} | {fmt(chance)} | {base} | {fmt(model)} | "
                      f"{'–' if win is None else 'yes' if win else '**no**'} | {format_interval(intervals.get(label))} |")
     losing = [label for label, win in wins if win is False]
+    level = [label for label, chance, mean, std, model in rows if model is not None and mean is not None
+             and abs(model - mean) < 1e-9]
+    below = [label for label in losing if label not in level]
     decided = [label for label, win in wins if win is not None]
     resolved_below = [label for label in losing if label in intervals and resolved_sign(intervals[label]) < 0]
     resolved_above = [label for label, win in wins if win and label in intervals and resolved_sign(intervals[label]) > 0]
@@ -421,9 +425,10 @@ def stage_report(work: Path, config) -> dict:
                     f"in {feats['seconds']:.0f} s ({feats['images_per_s']:.2f} images/s, EfficientNet-Lite0 roi)."
                     if feats else "Feature extraction: not measured in this run.")
     lines += ["", ("**The recipe beats the frozen baseline on every row at this budget.**" if not losing else
-                   f"**The recipe does not beat the frozen baseline on every row at this budget**: it is below on "
-                   f"{len(losing)} of {len(decided)} rows ({'; '.join(losing)}). The acceptance criterion of issue 13 "
-                   "is not met by this run."), "",
+                   f"**The recipe does not beat the frozen baseline on every row at this budget**: it is not above "
+                   f"on {len(losing)} of {len(decided)} rows (level: {'; '.join(level) or 'none'}; below: "
+                   f"{'; '.join(below) or 'none'}). The acceptance criterion of issue 13 is not met by this run."),
+              "", *query_bank_note(metrics, baseline),
               f"Paired intervals: the recipe is resolved above the baseline on {len(resolved_above)} of "
               f"{len(intervals)} rows with an interval ({'; '.join(resolved_above) or 'none'}) and resolved below on "
               f"{len(resolved_below)} ({'; '.join(resolved_below) or 'none'}); the others' intervals span 0.", "",

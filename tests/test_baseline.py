@@ -120,6 +120,51 @@ def test_metrics_equal_a_brute_force_ranking_of_the_same_embeddings(pipeline, fr
     assert gallery["itr_gallery/mean_recall"] == pytest.approx(100 * expected, abs=1e-6)
 
 
+def test_the_query_bank_diagnostic_equals_a_brute_force_ranking(pipeline, frozen):
+    """The baseline given the model's gallery normalisation: β chosen on validation among the grid, then the test
+    gallery ranked by ``cos − offset`` with offsets from its own training embeddings; the report's note."""
+    from kaleido_bert.eval.baseline import query_bank_gallery
+    from kaleido_bert.eval.baseline_report import query_bank_note
+    from kaleido_bert.eval.query_bank import bank_offsets
+
+    scorer, _ = frozen.fit_projection("whole", seed=0)
+    available = {it.id for it in frozen.items}
+    betas = [0, 2, 8]
+    found = query_bank_gallery(scorer, frozen.catalogue, available, "test", betas)
+    train = frozen.split("train")
+    bank_img = np.stack([scorer.image_emb[it.id] for it in train])
+    bank_txt = np.stack([scorer.text_emb[p] for p in sorted({it.product_id for it in train})])
+
+    def mean_recall(split: str, beta: float) -> tuple[float, float]:
+        items = frozen.split(split)
+        pids = sorted({it.product_id for it in items})
+        img = np.stack([scorer.image_emb[it.id] for it in items])
+        txt = np.stack([scorer.text_emb[p] for p in pids])
+        itr = img @ txt.T - bank_offsets(bank_img, txt, beta)[None, :]
+        tir = txt @ img.T - bank_offsets(bank_txt, img, beta)[None, :]
+        own = [pids.index(it.product_id) for it in items]
+        itr_rank = [int((row > row[j]).sum()) for row, j in zip(itr, own, strict=True)]
+        tir_rank = [min(int((tir[p] > tir[p, i]).sum()) for i, it in enumerate(items) if it.product_id == pid)
+                    for p, pid in enumerate(pids)]  # any image of the product counts
+        return tuple(100 * float(np.mean([np.mean([r < k for r in ranks]) for k in (1, 5, 10)]))
+                     for ranks in (itr_rank, tir_rank))
+
+    grid = [sum(mean_recall("val", b)) / 2 for b in betas]
+    assert found["query_bank/beta"] == betas[int(np.argmax(grid))]
+    itr, tir = mean_recall("test", found["query_bank/beta"])
+    assert found["query_bank/itr_gallery/mean_recall"] == pytest.approx(itr, abs=1e-6)
+    assert found["query_bank/tir_gallery/mean_recall"] == pytest.approx(tir, abs=1e-6)
+    forced = query_bank_gallery(scorer, frozen.catalogue, available, "test", [8])  # a one-β grid: β = 8
+    assert forced["query_bank/beta"] == 8 and (forced["query_bank/itr_gallery/mean_recall"],
+                                               forced["query_bank/tir_gallery/mean_recall"]) == pytest.approx(
+        mean_recall("test", 8), abs=1e-6)
+    baseline = {"mean": {k: v for k, v in found.items()}, "std": {}, "per_seed": [found]}
+    metrics = {"gallery/query_bank_beta": 20.0, "itr_gallery/mean_recall": 50.0, "tir_gallery/mean_recall": 40.0}
+    note = " ".join(query_bank_note(metrics, baseline))
+    assert f"ITR {itr:.1f} ± 0.0 (kaleido-bert 50.0); TIR {tir:.1f} ± 0.0 (kaleido-bert 40.0)" in note
+    assert query_bank_note({**metrics, "gallery/query_bank_beta": 0.0}, baseline) == []
+
+
 def test_classifiers_and_captions_follow_the_split(pipeline, frozen):
     scores = frozen.classify("category", "image+text", "whole", "test")
     assert scores["items"] == len(frozen.split("test")) and 0 <= scores["accuracy"] <= 1

@@ -174,6 +174,28 @@ def _chance(catalogue: Catalogue, baseline: FrozenBaseline, candidates: dict[str
     return out
 
 
+def query_bank_gallery(scorer: EmbeddingScorer, catalogue: Catalogue, available: set[str], split: str,
+                        betas: list[float]) -> dict[str, float]:
+    """The baseline's full gallery normalised by its own training queries as the model's is
+    (:mod:`kaleido_bert.eval.query_bank`, β chosen among ``betas`` on validation mean recall; not a row of the
+    comparison, which keeps the issue's baseline): ``query_bank/beta`` and ``query_bank/{itr,tir}_gallery/…``."""
+    from kaleido_bert.eval.query_bank import embed_bank
+    from kaleido_bert.eval.retrieval import evaluate_gallery
+
+    bank = embed_bank(scorer, catalogue, available, progress=False)
+    val = {it.id for it in catalogue.split("val") if it.id in available}
+    grid: list[float] = []
+    cache: dict[str, Any] = {}
+    for beta in betas if val else []:
+        found = evaluate_gallery(scorer, catalogue, val, split="val", rerank_k=0, progress=False,
+                                 bank=bank.with_beta(beta), cache=cache)["metrics"]
+        grid.append((found["itr_gallery/mean_recall"] + found["tir_gallery/mean_recall"]) / 2)
+    beta = float(betas[max(range(len(grid)), key=lambda j: (grid[j], -j))]) if grid else 0.0
+    found = evaluate_gallery(scorer, catalogue, available, split=split, rerank_k=0, progress=False,
+                             bank=bank.with_beta(beta))["metrics"]
+    return {"query_bank/beta": beta, **{f"query_bank/{k}": v for k, v in found.items() if k.endswith("mean_recall")}}
+
+
 def _caption_items(catalogue: Catalogue, store: FeatureStore, split: str, limit: int) -> list[Item]:
     """The items the model's FC protocol captions (:class:`~kaleido_bert.inputs.downstream.CaptionDataset` order)."""
     return [it for it in catalogue.split(split) if it.id in store][:limit or None]
@@ -267,6 +289,8 @@ def run_baseline(config, out: str | Path, *, seeds: tuple[int, ...] = (0, 1, 2),
             metrics = dict(sample100["metrics"])
             gallery = evaluate_gallery(scorer, catalogue, available, split=ev.split, rerank_k=0, progress=False)
             metrics.update(gallery["metrics"])
+            if ev.query_bank_betas:  # the model's gallery normalisation, given to the baseline too (a diagnostic)
+                metrics.update(query_bank_gallery(scorer, catalogue, available, ev.split, ev.query_bank_betas))
             ranked.append({"sample100": sample100["outcomes"], "gallery": gallery["outcomes"]})
             if java:
                 hyps = baseline.nearest_captions(scorer, caption_items)
