@@ -29,6 +29,7 @@ import math
 import re
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -158,8 +159,8 @@ def consensus_descriptions(query_emb: np.ndarray, gallery_emb: np.ndarray, texts
 
 # ---------------------------------------------------------------------------------------------- the protocol
 def evaluate_caption_retrieval(checkpoint: Path, config: RunConfig, *, k: int, scorer: CaptionScorer,
-                               progress: bool, data: tuple[Catalogue, FeatureStore] | None = None
-                               ) -> dict[str, Any]:
+                               progress: bool, data: tuple[Catalogue, FeatureStore] | None = None,
+                               gallery: CaptionGallery | None = None) -> dict[str, Any]:
     """FC by retrieval with a run's dual encoder: ``nearest`` and ``consensus`` (k) captions of the FC items.
 
     Args:
@@ -168,6 +169,7 @@ def evaluate_caption_retrieval(checkpoint: Path, config: RunConfig, *, k: int, s
         k: candidates of the consensus (≥ 1).
         scorer: an open :class:`~kaleido_bert.eval.caption_metrics.CaptionScorer`.
         data: the open catalogue and feature store (opened from ``config`` when None).
+        gallery: the checkpoint's :func:`caption_gallery`, already embedded (embedded here when None).
 
     Returns:
         ``{"items", "nearest": metrics, "consensus": metrics, "examples": {method: {id: caption}}}``, each
@@ -180,7 +182,9 @@ def evaluate_caption_retrieval(checkpoint: Path, config: RunConfig, *, k: int, s
     from kaleido_bert.eval.caption_metrics import caption_metrics
 
     start = time.perf_counter()
-    texts, gallery_emb, items, query_emb = _embedded(checkpoint, config, config.eval.split, data, progress)
+    gallery = gallery or caption_gallery(checkpoint, config, data=data, progress=progress)
+    texts, gallery_emb = gallery.texts, gallery.embeddings
+    items, query_emb = gallery.queries(config.eval.split, config.eval.caption_items)
     if not items:
         raise KaleidoError(f"caption retrieval: the {config.eval.split} split has no items with features")
     references = {it.id: [it.description] for it in items}
@@ -199,13 +203,47 @@ def evaluate_caption_retrieval(checkpoint: Path, config: RunConfig, *, k: int, s
     return out
 
 
-def _embedded(checkpoint: Path, config: RunConfig, split: str, data: tuple[Catalogue, FeatureStore] | None,
-              progress: bool) -> tuple[list[str], np.ndarray, list[Any], np.ndarray]:
-    """The gallery's texts ``(G,)`` and embeddings ``(G, D)``, and the first ``eval.caption_items`` captioned
-    items of ``split`` with their image embeddings ``(Q, D)`` (no items: nothing is embedded)."""
+@dataclass
+class CaptionGallery:
+    """The training descriptions a retrieval model captions from, embedded once and shared by the choice of k on
+    validation and the test protocol.
+
+    Attributes:
+        texts: the gallery's descriptions ``(G,)`` (one per training product with features, product ids sorted).
+        embeddings: their text embeddings ``(G, D)``.
+        scorer: the model's :class:`~kaleido_bert.eval.retrieval.PairScorer`, which embeds the queries.
+        catalogue, store: the open catalogue and feature store.
+    """
+
+    texts: list[str]
+    embeddings: np.ndarray
+    scorer: Any
+    catalogue: Catalogue
+    store: FeatureStore
+
+    def queries(self, split: str, limit: int) -> tuple[list[Any], np.ndarray]:
+        """The first ``limit`` (0 = all) captioned items of ``split`` and their image embeddings ``(Q, D)``
+        (no items: nothing is embedded)."""
+        from kaleido_bert.inputs.downstream import CaptionDataset
+
+        encoder = self.scorer.encoder
+        dataset = CaptionDataset(self.catalogue, self.store, encoder.tokenizer, split=split,
+                                 max_text_len=encoder.max_text_len)
+        items = dataset.items[:limit or None]
+        if not items:
+            return [], np.empty((0, 0))
+        return items, self.scorer.embed_images([it.id for it in items], progress=False)
+
+
+def caption_gallery(checkpoint: str | Path, config: RunConfig, *, data: tuple[Catalogue, FeatureStore] | None = None,
+                    progress: bool = False) -> CaptionGallery:
+    """Load the retrieval model of ``checkpoint`` and embed its caption gallery (the training descriptions).
+
+    Raises:
+        KaleidoError: no training product has features.
+    """
     from kaleido_bert import distributed as dist
     from kaleido_bert.eval.retrieval import PairScorer
-    from kaleido_bert.inputs.downstream import CaptionDataset
     from kaleido_bert.inputs.sources import open_data
     from kaleido_bert.model.dual_encoder import DualEncoder, product_descriptions
 
@@ -215,21 +253,17 @@ def _embedded(checkpoint: Path, config: RunConfig, split: str, data: tuple[Catal
     if not gallery:
         raise KaleidoError("caption retrieval needs training products with features: the train split has none")
     pids = sorted(gallery)
-    texts = [gallery[p] for p in pids]
-    dataset = CaptionDataset(catalogue, store, encoder.tokenizer, split=split, max_text_len=encoder.max_text_len)
-    items = dataset.items[:config.eval.caption_items or None]
-    if not items:
-        return texts, np.empty((0, 0)), [], np.empty((0, 0))
-    pair_scorer = PairScorer(encoder, store, gallery)
-    gallery_emb = pair_scorer.embed_texts(pids, progress=progress)
-    query_emb = pair_scorer.embed_images([it.id for it in items], progress=progress)
-    return texts, gallery_emb, items, query_emb
+    scorer = PairScorer(encoder, store, gallery)
+    return CaptionGallery([gallery[p] for p in pids], scorer.embed_texts(pids, progress=progress), scorer, catalogue,
+                          store)
 
 
 def choose_caption_k(checkpoint: str | Path, config: RunConfig, *, scorer: CaptionScorer, progress: bool,
-                     data: tuple[Catalogue, FeatureStore] | None = None) -> dict[str, Any]:
+                     data: tuple[Catalogue, FeatureStore] | None = None,
+                     gallery: CaptionGallery | None = None) -> dict[str, Any]:
     """Choose k among ``eval.caption_retrieval_grid`` by validation SumCAP and keep it in ``checkpoint``
-    (:data:`CHOICE`, written atomically).
+    (:data:`CHOICE`, written atomically); ``gallery``: the checkpoint's :func:`caption_gallery` (embedded here
+    when None).
 
     Returns:
         ``{"k", "grid": [{"k", "sum_cap"}], "split": "val", "items", "seconds"}``; without validation items with
@@ -241,7 +275,9 @@ def choose_caption_k(checkpoint: str | Path, config: RunConfig, *, scorer: Capti
     start = time.perf_counter()
     checkpoint = Path(checkpoint)
     grid: list[dict[str, float]] = []
-    texts, gallery_emb, items, query_emb = _embedded(checkpoint, config, "val", data, progress)
+    gallery = gallery or caption_gallery(checkpoint, config, data=data, progress=progress)
+    texts, gallery_emb = gallery.texts, gallery.embeddings
+    items, query_emb = gallery.queries("val", config.eval.caption_items)
     if items:
         references = {it.id: [it.description] for it in items}
         for k in config.eval.caption_retrieval_grid:

@@ -238,6 +238,7 @@ def _evaluate_parts(parts: dict[str, Path], config: RunConfig, out: Path, *, can
     if "caption" in parts or retrieve:
         from kaleido_bert.eval.caption_retrieval import (
             caption_choice,
+            caption_gallery,
             caption_k,
             choose_caption_k,
             evaluate_caption_retrieval,
@@ -257,13 +258,15 @@ def _evaluate_parts(parts: dict[str, Path], config: RunConfig, out: Path, *, can
                                                                data=data, scorer=scorer)))
             if retrieve:  # the retrieval model's dual-encoder space: no caption fine-tune needed
                 model = searched
-                if config.eval.caption_retrieval_grid and caption_choice(model, config) is None:  # once per grid
-                    timed("caption_k", lambda: choose_caption_k(model, config, scorer=scorer, progress=progress,
-                                                                data=data))
+                gallery = timed("caption_gallery", lambda: caption_gallery(model, config, data=data,
+                                                                           progress=progress))  # embedded once
+                choice = caption_choice(model, config)
+                if config.eval.caption_retrieval_grid and choice is None:  # once per grid
+                    choice = timed("caption_k", lambda: choose_caption_k(
+                        model, config, scorer=scorer, progress=progress, data=data, gallery=gallery))
                 k = caption_k(model, config)
                 add(timed("caption_retrieval", lambda: evaluate_caption_retrieval(
-                    model, config, k=k, scorer=scorer, progress=progress, data=data)))
-                choice = caption_choice(model, config)
+                    model, config, k=k, scorer=scorer, progress=progress, data=data, gallery=gallery)))
                 if choice is not None:
                     metrics["fc/consensus/k_grid"] = ", ".join(
                         f"{g['k']}: {g['sum_cap']:.1f}" for g in choice["grid"]) or "no validation items"
