@@ -353,6 +353,7 @@ def _alignment_lines(work: Path) -> list[str]:
 
 def stage_report(work: Path, config) -> dict:
     from kaleido_bert.atomic import atomic_write_text
+    from kaleido_bert.data.catalogue import load_catalogue
     from kaleido_bert.eval.baseline_report import (
         INTERVAL_NOTE,
         baseline_intervals,
@@ -364,6 +365,7 @@ def stage_report(work: Path, config) -> dict:
     )
 
     report = work / "run" / "report"
+    catalogue = load_catalogue(work / "catalogue")  # once, for the notes on validation and views
     metrics = json.loads((report / "metrics.json").read_text())
     baseline = load_baseline(report)
     run = _run(work, config)
@@ -382,8 +384,8 @@ def stage_report(work: Path, config) -> dict:
              f"Catalogue: the Myntra samples of `../shared/data` ({stats['products']:,} products, "
              f"{stats['categories']} categories, {stats['subcategories']} sub-categories); splits by product "
              f"{stats['splits']}: test = half of the 1,109 full-size photos, train/val = the 5,598 thumbnails and the "
-             f"other photos{_val_note(work)}. No test product has an image in train or val. Test metrics are read once, after "
-             f"training; no setting was chosen on them.{_views_note(work)}", "",
+             f"other photos{_val_note(catalogue)}. No test product has an image in train or val. Test metrics are read once, "
+             f"after training; no setting was chosen on them.{_views_note(catalogue)}", "",
              f"Recipe: config `{config.name}` with `{' '.join(CLI_OVERRIDES) or 'no overrides'}`: the ITC head "
              f"started from the linear probe (train.probe_init={run.train.probe_init}, model.itc_pool="
              f"{run.model.itc_pool}), pre-training {run.train.max_steps} steps × {run.train.batch_size} pairs "
@@ -470,11 +472,11 @@ def _command(work: Path) -> str:
     return " ".join(parts)
 
 
-def _val_note(work: Path) -> str:
+def _val_note(catalogue) -> str:
     """How many validation items are photos (the test split's kind), from the catalogue."""
-    from kaleido_bert.data.catalogue import is_view, load_catalogue
+    from kaleido_bert.data.catalogue import is_view
 
-    val = [it for it in load_catalogue(work / "catalogue").split("val") if not is_view(it)]
+    val = [it for it in catalogue.split("val") if not is_view(it)]
     photos = sum(it.id.startswith("photos-") for it in val)
     return f" (validation: {photos:,} photos and {len(val) - photos:,} thumbnails)"
 
@@ -496,10 +498,10 @@ def _caption_k_note(metrics: dict, run) -> str:
     return f"k={k}"
 
 
-def _views_note(work: Path) -> str:
-    from kaleido_bert.data.catalogue import is_view, load_catalogue
+def _views_note(catalogue) -> str:
+    from kaleido_bert.data.catalogue import is_view
 
-    views = [it for it in load_catalogue(work / "catalogue").items if is_view(it)]
+    views = [it for it in catalogue.items if is_view(it)]
     if not views:
         return ""
     sides = sorted({it.extra["max_side"] for it in views})
