@@ -196,6 +196,7 @@ def test_demo_on_a_catalogue_runs_the_lpft_recipe_end_to_end(tiny, tmp_path):
                 "finetune.tasks": "['subcategory']", "finetune.inputs": "['image+text','image']",
                 "eval.pair_score": real.eval.pair_score, "eval.caption_retrieval_k": "3",
                 "eval.caption_retrieval_grid": "[1,3]",
+                "eval.query_bank_betas": "[" + ",".join(f"{b:g}" for b in real.eval.query_bank_betas) + "]",
                 "masking.itm_negatives": "mined", "eval.baseline_seeds": "[0]",
                 "train.probe_mix": "[" + ",".join(map(str, real.train.probe_mix)) + "]"}
     args = ["demo", "--catalogue", str(tiny / "catalogue"), "--out", str(tmp_path / "run"), "--config", "tiny",
@@ -216,6 +217,9 @@ def test_demo_on_a_catalogue_runs_the_lpft_recipe_end_to_end(tiny, tmp_path):
     member = json.loads((resolve_checkpoint(run / "pretrain") / "itc_member.json").read_text())  # WiSE-FT
     assert [g["mix"] for g in member["grid"]] == real.train.probe_mix and member["mix"] in real.train.probe_mix
     assert metrics.get("dual_encoder/member_mix", 1.0) == member["mix"]
+    bank = json.loads((resolve_checkpoint(run / "pretrain") / "query_bank.json").read_text())  # gallery search
+    assert [g["beta"] for g in bank["grid"]] == real.eval.query_bank_betas and bank["mix"] == member["mix"]
+    assert metrics["gallery/query_bank_beta"] == bank["beta"] and "query_bank" in metrics["timings"]
     if shutil.which("java"):
         assert "fc/consensus/sum_cap" in metrics and "fc/nearest/sum_cap" in metrics
         chosen = json.loads((resolve_checkpoint(run / "pretrain") / "caption_retrieval.json").read_text())
