@@ -235,3 +235,31 @@ def write_fashiongen(directory: Path, *, poses: int = 2, overlap: bool = False) 
         index += n
         paths.append(path)
     return paths
+
+
+ITC_TASKS = "model.tasks=['mlm','itm','itc','rotation','jigsaw','camouflage','grey_to_color','blank_to_color']"
+"""The seven tasks plus ITC: a pre-trained model with a dual-encoder space."""
+
+
+def pretrain_itc_run(root: Path, config: Callable[..., object], *, products: int, seed: int,
+                     extra: tuple[str, ...] = ()) -> Path:
+    """A synthetic catalogue of ``products`` under ``root/catalogue``, its tiny-preset feature store
+    (``root/store``) and a pre-training run with ITC in ``root/run/pretrain``; ``config(root, *overrides)`` builds
+    the run config. Returns ``root``."""
+    from kaleido_bert.config import load_config
+    from kaleido_bert.data.synth import synthesize
+    from kaleido_bert.patches.extraction import extract_features
+    from kaleido_bert.train.pretrain import pretrain
+
+    synthesize(root / "catalogue", products=products, seed=seed, progress=False)
+    extract_features(root / "catalogue", root / "store", load_config("tiny").features, num_workers=0, progress=False)
+    pretrain(config(root, ITC_TASKS, *extra), root / "run" / "pretrain", progress=False)
+    return root
+
+
+def tiny_config_on(root: Path, sets: list[str], *extra: str):
+    """The tiny preset with ``sets`` and ``extra`` on the catalogue and store under ``root``."""
+    from kaleido_bert.config import load_config
+
+    return load_config("tiny", [*sets, f"data.catalogue={root / 'catalogue'}", f"data.features={root / 'store'}",
+                                *extra])

