@@ -317,5 +317,9 @@ def caption_choice(checkpoint: str | Path, config: RunConfig) -> dict[str, Any] 
 def caption_k(checkpoint: str | Path, config: RunConfig) -> int:
     """The consensus k of a retrieval model: the one chosen on validation among ``eval.caption_retrieval_grid``
     (:func:`caption_choice`), else ``eval.caption_retrieval_k``."""
-    choice = caption_choice(checkpoint, config)
+    return chosen_k(caption_choice(checkpoint, config), config)
+
+
+def chosen_k(choice: dict[str, Any] | None, config: RunConfig) -> int:
+    """The k of a read :func:`caption_choice` (None: ``eval.caption_retrieval_k``)."""
     return int(choice["k"]) if choice else int(config.eval.caption_retrieval_k)

@@ -239,8 +239,8 @@ def _evaluate_parts(parts: dict[str, Path], config: RunConfig, out: Path, *, can
         from kaleido_bert.eval.caption_retrieval import (
             caption_choice,
             caption_gallery,
-            caption_k,
             choose_caption_k,
+            chosen_k,
             evaluate_caption_retrieval,
         )
 
@@ -264,7 +264,7 @@ def _evaluate_parts(parts: dict[str, Path], config: RunConfig, out: Path, *, can
                 if config.eval.caption_retrieval_grid and choice is None:  # once per grid
                     choice = timed("caption_k", lambda: choose_caption_k(
                         model, config, scorer=scorer, progress=progress, data=data, gallery=gallery))
-                k = caption_k(model, config)
+                k = chosen_k(choice, config)
                 add(timed("caption_retrieval", lambda: evaluate_caption_retrieval(
                     model, config, k=k, scorer=scorer, progress=progress, data=data, gallery=gallery)))
                 if choice is not None:
