@@ -13,7 +13,8 @@ with ``eval.sample100_shortlist`` = k only each query's top k by the dual encode
 **Full gallery**: the same encoder run on text alone and on patches alone (a lone ``[CLS]`` in front) gives
 ``[CLS]`` embeddings (through the ITC projections when the model has them), exact top-k by inner product with FAISS,
 then the top ``rerank_k`` re-ranked by the ITM logit. Every test image is ranked against every test product's
-description and vice versa.
+description and vice versa. With a query bank (:mod:`kaleido_bert.eval.query_bank`) the inner product is
+``cos − offset(gallery item)``, searched as ``[q, 1] · [g, −offset]``.
 
 Shapes: pairs are scored in batches of B (text ``(B, T)``, patches ``(B, 55, F)``); embeddings are ``(N, D)`` float32,
 L2-normalised.
