@@ -131,15 +131,15 @@ def query_bank_note(metrics: dict[str, Any], baseline: dict[str, Any]) -> list[s
     keys = [f"query_bank/{d}_gallery/mean_recall" for d in ("itr", "tir")]
     if not metrics.get("gallery/query_bank_beta") or not all(k in mean for k in keys):
         return []
-    betas = sorted({float(m["query_bank/beta"]) for m in baseline.get("per_seed", []) if "query_bank/beta" in m})
+    betas = [float(m["query_bank/beta"]) for m in baseline.get("per_seed", []) if "query_bank/beta" in m]
     model = [next((metrics[k] for k in (f"{d}_gallery_rerank/mean_recall", f"{d}_gallery/mean_recall")
                    if k in metrics), None) for d in ("itr", "tir")]
     parts = [f"{d} {mean[k]:.1f} ± {std.get(k, 0.0):.1f} (kaleido-bert {m:.1f})" for d, k, m
              in zip(("ITR", "TIR"), keys, model, strict=True) if m is not None]
     return [f"Diagnostic, not a row of the table: the model's full gallery is normalised by a bank of its training "
             f"queries (inverted softmax, β = {metrics['gallery/query_bank_beta']:g}, chosen on validation). The "
-            f"frozen baseline given the same normalisation with its own training queries (β = "
-            f"{', '.join(f'{b:g}' for b in betas)} chosen on its validation) reaches full-gallery mean recall "
+            f"frozen baseline given the same normalisation with its own training queries (β chosen on its "
+            f"validation for each seed: {', '.join(f'{b:g}' for b in betas)}) reaches full-gallery mean recall "
             f"{'; '.join(parts)}.", ""]
 
 
