@@ -258,15 +258,15 @@ def _evaluate_parts(parts: dict[str, Path], config: RunConfig, out: Path, *, can
                                                                data=data, scorer=scorer)))
             if retrieve:  # the retrieval model's dual-encoder space: no caption fine-tune needed
                 model = searched
-                gallery = timed("caption_gallery", lambda: caption_gallery(model, config, data=data,
-                                                                           progress=progress))  # embedded once
+                described = timed("caption_gallery", lambda: caption_gallery(model, config, data=data,
+                                                                             progress=progress))  # embedded once
                 choice = caption_choice(model, config)
                 if config.eval.caption_retrieval_grid and choice is None:  # once per grid
                     choice = timed("caption_k", lambda: choose_caption_k(
-                        model, config, scorer=scorer, progress=progress, data=data, gallery=gallery))
+                        model, config, scorer=scorer, progress=progress, data=data, gallery=described))
                 k = chosen_k(choice, config)
                 add(timed("caption_retrieval", lambda: evaluate_caption_retrieval(
-                    model, config, k=k, scorer=scorer, progress=progress, data=data, gallery=gallery)))
+                    model, config, k=k, scorer=scorer, progress=progress, data=data, gallery=described)))
                 if choice is not None:
                     metrics["fc/consensus/k_grid"] = ", ".join(
                         f"{g['k']}: {g['sum_cap']:.1f}" for g in choice["grid"]) or "no validation items"

@@ -44,7 +44,7 @@ from kaleido_bert.atomic import atomic_directory, atomic_write_json
 from kaleido_bert.config import RunConfig, load_config
 from kaleido_bert.data.catalogue import Catalogue, Item, is_view, load_catalogue
 from kaleido_bert.errors import KaleidoError
-from kaleido_bert.eval.query_bank import load_query_bank
+from kaleido_bert.eval.query_bank import load_query_bank, query_bank_choice
 from kaleido_bert.model.dual_encoder import DualEncoder, product_descriptions, store_patches
 from kaleido_bert.patches.store import FeatureStore
 from kaleido_bert.runs import WEIGHTS, run_parts
@@ -75,8 +75,6 @@ class RunData:
         return [it for it in self.catalogue.items if it.id in self.store and not is_view(it)]
 
     def config_hash(self) -> str:
-        from kaleido_bert.eval.query_bank import query_bank_choice
-
         return config_hash(self.checkpoint, self.store.manifest,
                            query_bank=query_bank_choice(self.checkpoint, self.config))
 
