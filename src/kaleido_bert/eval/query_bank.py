@@ -47,16 +47,16 @@ _CHUNK = 1024  # gallery columns per similarity block: (B, 1024) float32
 def bank_offsets(bank: np.ndarray, gallery: np.ndarray, beta: float) -> np.ndarray:
     """``offset(g) = logsumexp_b(β·cos(b, g)) / β`` of each gallery row against ``bank``: ``(G,)`` float64; zeros
     when ``β = 0`` or the bank is empty."""
-    from scipy.special import logsumexp
-
     gallery = np.asarray(gallery, np.float32)
     out = np.zeros(len(gallery))
     if beta <= 0 or len(bank) == 0:
         return out
     bank = np.asarray(bank, np.float32)
     for lo in range(0, len(gallery), _CHUNK):
-        sims = (bank @ gallery[lo:lo + _CHUNK].T).astype(np.float64)
-        out[lo:lo + _CHUNK] = logsumexp(beta * sims, axis=0) / beta
+        sims = bank @ gallery[lo:lo + _CHUNK].T  # (B, chunk) float32
+        top = sims.max(axis=0)  # shifted by the column's maximum: every exp is in (0, 1], the sum in [1, B]
+        total = np.exp(np.float32(beta) * (sims - top)).sum(axis=0, dtype=np.float64)
+        out[lo:lo + _CHUNK] = top + np.log(total) / beta
     return out
 
 
