@@ -179,18 +179,11 @@ def query_bank_gallery(scorer: EmbeddingScorer, catalogue: Catalogue, available:
     """The baseline's full gallery normalised by its own training queries as the model's is
     (:mod:`kaleido_bert.eval.query_bank`, β chosen among ``betas`` on validation mean recall; not a row of the
     comparison, which keeps the issue's baseline): ``query_bank/beta`` and ``query_bank/{itr,tir}_gallery/…``."""
-    from kaleido_bert.eval.query_bank import embed_bank
+    from kaleido_bert.eval.query_bank import choose_beta, embed_bank
     from kaleido_bert.eval.retrieval import evaluate_gallery
 
     bank = embed_bank(scorer, catalogue, available, progress=False)
-    val = {it.id for it in catalogue.split("val") if it.id in available}
-    grid: list[float] = []
-    cache: dict[str, Any] = {}
-    for beta in betas if val else []:
-        found = evaluate_gallery(scorer, catalogue, val, split="val", rerank_k=0, progress=False,
-                                 bank=bank.with_beta(beta), cache=cache)["metrics"]
-        grid.append((found["itr_gallery/mean_recall"] + found["tir_gallery/mean_recall"]) / 2)
-    beta = float(betas[max(range(len(grid)), key=lambda j: (grid[j], -j))]) if grid else 0.0
+    _, beta = choose_beta(scorer, catalogue, available, bank, betas)
     found = evaluate_gallery(scorer, catalogue, available, split=split, rerank_k=0, progress=False,
                              bank=bank.with_beta(beta))["metrics"]
     return {"query_bank/beta": beta, **{f"query_bank/{k}": v for k, v in found.items() if k.endswith("mean_recall")}}

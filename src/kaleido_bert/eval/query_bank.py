@@ -66,10 +66,11 @@ def with_offsets(gallery: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return np.hstack([np.asarray(gallery, np.float32), -np.asarray(offsets, np.float32)[:, None]])
 
 
-def as_queries(queries: np.ndarray) -> np.ndarray:
-    """``[q, 1]``: ``(Q, D)`` → ``(Q, D + 1)`` float32."""
+def as_queries(queries: np.ndarray, pad: float = 1.0) -> np.ndarray:
+    """``[q, pad]``: ``(Q, D)`` → ``(Q, D + 1)`` float32; ``pad = 0`` scores :func:`with_offsets` rows by the plain
+    inner product."""
     queries = np.asarray(queries, np.float32)
-    return np.hstack([queries, np.ones((len(queries), 1), np.float32)])
+    return np.hstack([queries, np.full((len(queries), 1), pad, np.float32)])
 
 
 @dataclass
@@ -124,7 +125,7 @@ def choose_query_bank(checkpoint: str | Path, config: RunConfig, *, progress: bo
         KaleidoError: the checkpoint has no ITC head (no dual encoder to normalise).
     """
     from kaleido_bert import distributed as dist
-    from kaleido_bert.eval.retrieval import PairScorer, evaluate_gallery
+    from kaleido_bert.eval.retrieval import PairScorer
     from kaleido_bert.inputs.sources import open_data
     from kaleido_bert.model.dual_encoder import DualEncoder, product_descriptions
 
@@ -138,22 +139,32 @@ def choose_query_bank(checkpoint: str | Path, config: RunConfig, *, progress: bo
     scorer = PairScorer(encoder, store, product_descriptions(catalogue.items))
     available = set(store.available_ids())
     bank = embed_bank(scorer, catalogue, available, progress=progress)
-    val = {it.id for it in catalogue.split("val") if it.id in available}
-    grid: list[dict[str, float]] = []
-    if val:
-        cache: dict[str, Any] = {}  # the validation embeddings, computed once for every β
-        for beta in config.eval.query_bank_betas:
-            found = evaluate_gallery(scorer, catalogue, val, split="val", rerank_k=0, progress=False,
-                                     bank=bank.with_beta(beta), cache=cache)["metrics"]
-            grid.append({"beta": float(beta), "mean_recall": (found["itr_gallery/mean_recall"]
-                                                              + found["tir_gallery/mean_recall"]) / 2})
-    best = max(range(len(grid)), key=lambda j: (grid[j]["mean_recall"], -j)) if grid else None
-    report = {"beta": grid[best]["beta"] if best is not None else 0.0, "grid": grid, "split": "val",
+    grid, beta = choose_beta(scorer, catalogue, available, bank, config.eval.query_bank_betas)
+    report = {"beta": beta, "grid": grid, "split": "val",
               "selection": "validation full-gallery mean recall (ITR and TIR averaged, no re-ranking)",
               "mix": _member_mix(checkpoint), "dim": int(encoder.dim), "images": len(bank.images), "texts": len(bank.texts),
               "seconds": round(time.perf_counter() - start, 1)}
     save_query_bank(checkpoint, bank, report)
     return report
+
+
+def choose_beta(scorer, catalogue: Catalogue, available: set[str], bank: QueryBank, betas: list[float]
+                ) -> tuple[list[dict[str, float]], float]:
+    """Validation full-gallery mean recall (ITR and TIR averaged, no re-ranking, in %) of ``scorer`` with ``bank``
+    at each β (the validation split embedded once), and the best β (the first on a tie; 0 without validation
+    items, when the grid is empty)."""
+    from kaleido_bert.eval.retrieval import evaluate_gallery
+
+    val = {it.id for it in catalogue.split("val") if it.id in available}
+    grid: list[dict[str, float]] = []
+    cache: dict[str, Any] = {}  # the validation embeddings, computed once for every β
+    for beta in betas if val else []:
+        found = evaluate_gallery(scorer, catalogue, val, split="val", rerank_k=0, progress=False,
+                                 bank=bank.with_beta(beta), cache=cache)["metrics"]
+        grid.append({"beta": float(beta), "mean_recall": (found["itr_gallery/mean_recall"]
+                                                          + found["tir_gallery/mean_recall"]) / 2})
+    best = max(range(len(grid)), key=lambda j: (grid[j]["mean_recall"], -j)) if grid else None
+    return grid, grid[best]["beta"] if best is not None else 0.0
 
 
 def _member_mix(checkpoint: str | Path) -> float:

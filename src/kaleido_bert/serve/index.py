@@ -38,6 +38,7 @@ import numpy as np
 
 from kaleido_bert.atomic import atomic_directory, atomic_write_json
 from kaleido_bert.errors import KaleidoError
+from kaleido_bert.eval.query_bank import as_queries, with_offsets
 
 IndexKind = Literal["exact", "ivf", "hnsw"]
 KINDS: tuple[str, ...] = ("exact", "ivf", "hnsw")
@@ -259,7 +260,7 @@ class ProductIndex:
         if not np.isfinite(q).all():
             raise ProductIndexError("queries contain NaN or infinite values")
         if self.offsets:  # [q, 1] · [g, −offset] = cos − offset; [q, 0] · … = cos
-            q = np.ascontiguousarray(np.hstack([q, np.full((len(q), 1), float(normalised), np.float32)]))
+            q = np.ascontiguousarray(as_queries(q, float(normalised)))
         if allowed is None:
             positions = None
             pool = len(self)
@@ -412,7 +413,7 @@ def _with_offsets(ids: list[str], vectors: np.ndarray, offsets: np.ndarray) -> n
     if not np.isfinite(found).all():
         bad = int(np.flatnonzero(~np.isfinite(found))[0])
         raise ProductIndexError(f"offset of id {ids[bad]!r} is NaN or infinite")
-    return np.ascontiguousarray(np.hstack([vectors, -found[:, None]]))
+    return np.ascontiguousarray(with_offsets(vectors, found))
 
 
 def _read_json(path: Path, kind: type) -> Any:
