@@ -392,7 +392,7 @@ def stage_report(work: Path, config) -> dict:
              f"(train.epochs={run.train.epochs}, lr {run.train.lr:g}; the patch embedding and the new heads at "
              f"{run.train.new_lr_scale:g}× that, train.new_lr_scale{_queue_note(run)}){_member_choice(work, run)}, "
              f"classifiers {run.finetune.head} head "
-             f"(sentence={run.finetune.sentence}) with probe={run.finetune.probe} (C among {run.finetune.probe_c}, head "
+             f"(sentence={run.finetune.sentence}, loss weights {_weights_note(run)}) with probe={run.finetune.probe} (C among {run.finetune.probe_c}, head "
              f"weight α among {run.finetune.probe_mix} against a frozen member, finetune.probe_mix, "
              f"chosen on validation: {_probe_choices(work)}) then {run.finetune.max_steps} steps × "
              f"{run.finetune.batch_size} "
@@ -508,6 +508,13 @@ def _views_note(catalogue) -> str:
     return (f" Scaled training views (`kaleido data views --max-side {', '.join(map(str, sides))}`): {len(views):,} "
             "training photos have a second row, the photo downscaled to the thumbnails' size; recipe and baseline "
             "both train on them.")
+
+
+def _weights_note(run) -> str:
+    """The classifiers' loss weighting per label field (finetune.class_weights; bench_class_weights.py chooses)."""
+    from kaleido_bert.data.catalogue import LABEL_FIELDS
+
+    return ", ".join(f"{field} {run.finetune.class_weights_for(field)}" for field in LABEL_FIELDS)
 
 
 def _probe_choices(work: Path) -> str:

@@ -48,6 +48,9 @@ def test_overrides_are_typed_and_applied():
         ("model.hidden_size=30", "model.hidden_size"),
         ("model.tasks=['mlm', 'dance']", "dance"),
         ("train", "key.path=value"),
+        ("finetune.class_weights={'colour': 'sqrt'}", "colour"),
+        ("finetune.class_weights={'category': 'log'}", "finetune.class_weights.category"),
+        ("finetune.class_weights=['sqrt']", "finetune.class_weights"),
     ],
 )
 def test_bad_override_is_a_one_line_error_naming_the_key(override, fragment):
@@ -74,6 +77,15 @@ def test_yaml_file_and_round_trip(tmp_path):
     again = load_config(tmp_path / "run.yaml")
     assert again == config
     assert config_from_dict(config.to_dict()) == config
+
+
+def test_class_weights_one_kind_or_one_per_label_field(tmp_path):
+    assert load_config("tiny", ["finetune.class_weights=sqrt"]).finetune.class_weights_for("subcategory") == "sqrt"
+    mapped = load_config("tiny", ["finetune.class_weights={'category': 'balanced'}"])
+    assert mapped.finetune.class_weights_for("category") == "balanced"
+    assert mapped.finetune.class_weights_for("subcategory") == "none"  # a field left out is unweighted
+    mapped.save(tmp_path / "run.yaml")
+    assert load_config(tmp_path / "run.yaml") == mapped
 
 
 def test_unknown_key_in_file_is_rejected(tmp_path):

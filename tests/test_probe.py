@@ -308,6 +308,24 @@ def _task(pipeline, head: str, class_weights: str = "none", image_only: bool = F
     return build_task("subcategory", config, checkpoint, load_tokenizer(checkpoint), image_only=image_only)
 
 
+def test_each_classifier_is_weighted_by_its_own_field(pipeline):
+    from kaleido_bert.data.tokenizer import load_tokenizer
+    from kaleido_bert.runs import resolve_checkpoint
+    from kaleido_bert.train.finetune import build_task, class_weights, finetune_config
+
+    config = _config(pipeline, "finetune.class_weights={'subcategory': 'balanced', 'category': 'sqrt'}")
+    checkpoint = resolve_checkpoint(pipeline / "pretrain")
+    for field, kind in (("subcategory", "balanced"), ("category", "sqrt")):
+        model, train_set, *_ = build_task(field, finetune_config(config, field), checkpoint,
+                                          load_tokenizer(checkpoint))
+        labels = [model.config.label2id[getattr(it, field)] for it in train_set.items]
+        assert torch.equal(model.class_weight, class_weights(labels, model.config.num_labels, kind))
+    config = _config(pipeline, "finetune.class_weights={'category': 'sqrt'}")
+    model, *_ = build_task("subcategory", finetune_config(config, "subcategory"), checkpoint,
+                           load_tokenizer(checkpoint))
+    assert model.class_weight is None  # left out: unweighted
+
+
 @pytest.mark.parametrize(("head", "class_weights", "image_only"),
                          [("wide", "none", False), ("wide", "sqrt", True), ("pooled", "balanced", False)])
 def test_the_probed_head_predicts_the_training_split_as_sklearn(pipeline, head, class_weights, image_only):

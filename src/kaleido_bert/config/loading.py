@@ -45,6 +45,12 @@ def _check_value(key: str, value: Any, annotation: Any) -> Any:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
         return [_check_value(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
+    if origin is dict:
+        key_type, item_type = typing.get_args(annotation)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return {_check_value(f"{key} key", k, key_type): _check_value(f"{key}.{k}", v, item_type)
+                for k, v in value.items()}
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation is float and isinstance(value, float) and not math.isfinite(value):

@@ -31,6 +31,12 @@ KNOWN_TASKS = (*PRETRAINING_TASKS, "itc")
 """Every task ``model.tasks`` may name: the seven plus the optional image-text contrastive loss."""
 
 
+LABEL_TASKS = ("category", "subcategory")
+"""The classification tasks (paper §4.2 CR and SUB): each named by the catalogue's label field it predicts."""
+CLASS_WEIGHTS = ("none", "balanced", "sqrt")
+"""The classifier loss weightings ``finetune.class_weights`` may name."""
+
+
 PAIR_SCORES = ("itm", "itm+itc")
 """What can rank an (image, text) pair: the ITM logit alone, or ITM log-odds + ITC logit (``eval.pair_score``)."""
 
@@ -272,9 +278,11 @@ class FinetuneConfig:
     """Optimizer steps per task (replaced by ``epochs`` when that is positive)."""
     epochs: float = 0.0
     """When > 0: ``max_steps`` (and caption steps) = ceil(epochs × the task's training items / batch_size)."""
-    class_weights: str = "none"
+    class_weights: str | dict[str, str] = "none"
     """Classifier loss weights per class: ``none``, ``balanced`` (n / (C·n_c)) or ``sqrt`` (its square root),
-    normalised to mean 1 over the training items: a remedy for imbalanced sub-categories."""
+    normalised to mean 1 over the training items: a remedy for imbalanced labels. One kind for both classifiers,
+    or a mapping from the label field (``category``, ``subcategory``) to its kind (a field left out: ``none``);
+    the probe fits with the same weights. See :meth:`class_weights_for`."""
     caption_max_steps: int = 0
     """Optimizer steps of caption fine-tuning (0 = ``max_steps``): generation needs more than a linear head."""
     caption_lr: float = 0.0
@@ -308,6 +316,12 @@ class FinetuneConfig:
     offline all-MiniLM-L6-v2, mean-pooled; the frozen baseline's text features), untouched by pre-training
     (image + text classifiers only: an image-only input has no text)."""
 
+    def class_weights_for(self, field_name: str) -> str:
+        """The loss weighting of the classifier of ``field_name`` (``category`` or ``subcategory``)."""
+        if isinstance(self.class_weights, dict):
+            return self.class_weights.get(field_name, "none")
+        return self.class_weights
+
     def __post_init__(self) -> None:
         _check_ranges("finetune", self, positive=("lr",), at_least_one=("max_steps", "batch_size", "eval_every"),
                       non_negative=("caption_max_steps", "caption_lr"), fractions=("warmup_ratio",))
@@ -319,11 +333,17 @@ class FinetuneConfig:
         bad = sorted(set(self.inputs) - {"image+text", "image"})
         if bad:
             raise ConfigError(f"finetune.inputs has unknown input(s) {bad}; known: image+text, image")
-        if self.class_weights not in ("none", "balanced", "sqrt"):
-            raise ConfigError(f"finetune.class_weights={self.class_weights!r} must be none, balanced or sqrt")
+        kinds = self.class_weights if isinstance(self.class_weights, dict) else {"": self.class_weights}
+        for name, kind in kinds.items():
+            if name and name not in LABEL_TASKS:
+                raise ConfigError(f"finetune.class_weights has an unknown label field {name!r}; known: "
+                                  f"{', '.join(LABEL_TASKS)}")
+            if kind not in CLASS_WEIGHTS:
+                key = f"finetune.class_weights.{name}" if name else "finetune.class_weights"
+                raise ConfigError(f"{key}={kind!r} must be {', '.join(CLASS_WEIGHTS[:-1])} or {CLASS_WEIGHTS[-1]}")
         if self.epochs < 0:
             raise ConfigError(f"finetune.epochs={self.epochs} must be ≥ 0")
-        bad = sorted(set(self.tasks) - {"retrieval", "caption", "category", "subcategory"})
+        bad = sorted(set(self.tasks) - {"retrieval", "caption", *LABEL_TASKS})
         if bad:
             raise ConfigError(f"finetune.tasks has unknown task(s) {bad}; known: retrieval, caption, category, "
                               "subcategory")

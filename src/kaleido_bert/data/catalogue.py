@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from kaleido_bert.atomic import atomic_write_json, atomic_write_text, one_line_os_errors
+from kaleido_bert.config.sections import LABEL_TASKS
 from kaleido_bert.errors import KaleidoError
 
 CATALOGUE_FILE = "catalogue.jsonl"
@@ -42,8 +43,8 @@ LABELS_FILE = "labels.json"
 STATS_FILE = "stats.json"
 PROBLEMS_FILE = "problems.jsonl"
 SPLITS = ("train", "val", "test")
-LABEL_FIELDS = ("category", "subcategory")
-"""The label fields a classifier predicts (paper §4.2 CR and SUB)."""
+LABEL_FIELDS = LABEL_TASKS
+"""The label fields a classifier predicts (paper §4.2 CR and SUB; the config owns the names, as its tasks)."""
 REQUIRED = ("id", "product_id", "image", "title", "description", "category", "subcategory", "split")
 OPTIONAL = ("extra", "sha256")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")

@@ -107,9 +107,10 @@ def build_task(task: str, config: RunConfig, checkpoint: Path, tokenizer, *, ima
         make = partial(ClassificationDataset, catalogue, store, tokenizer, field=task, label2id=label2id,
                        image_only=image_only, max_text_len=max_len)
         train_set = make(split="train")
-        if config.finetune.class_weights != "none":
+        weighting = config.finetune.class_weights_for(task)
+        if weighting != "none":
             model.class_weight = class_weights([label2id[getattr(it, task)] for it in train_set.items],
-                                               len(label2id), config.finetune.class_weights)
+                                               len(label2id), weighting)
         return model, train_set, make(split="val"), collate_fn, None
     if task == "caption":
         from kaleido_bert.inputs.downstream import CaptionDataset
