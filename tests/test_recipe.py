@@ -119,7 +119,8 @@ def test_real_preset_is_the_recipe():
     assert config.model.init == "minilm" and config.model.num_layers == 6 and config.model.hidden_size == 384
     assert "itc" in config.model.tasks and config.masking.itm_negatives == "mined"
     assert config.train.precision == "auto" and config.train.epochs > 0 and config.finetune.epochs > 0
-    assert config.finetune.class_weights != "none"
+    assert config.finetune.class_weights_for("category") == "balanced"  # bench_class_weights.py's choice
+    assert config.finetune.class_weights_for("subcategory") == "sqrt"
 
 
 def test_demo_on_a_real_catalogue_defaults_to_the_recipe(monkeypatch, tmp_path):
