@@ -343,10 +343,10 @@ class FinetuneConfig:
                 raise ConfigError(f"{key}={kind!r} must be {', '.join(CLASS_WEIGHTS[:-1])} or {CLASS_WEIGHTS[-1]}")
         if self.epochs < 0:
             raise ConfigError(f"finetune.epochs={self.epochs} must be ≥ 0")
-        bad = sorted(set(self.tasks) - {"retrieval", "caption", *LABEL_TASKS})
+        known = ("retrieval", "caption", *LABEL_TASKS)
+        bad = sorted(set(self.tasks) - set(known))
         if bad:
-            raise ConfigError(f"finetune.tasks has unknown task(s) {bad}; known: retrieval, caption, category, "
-                              "subcategory")
+            raise ConfigError(f"finetune.tasks has unknown task(s) {bad}; known: {', '.join(known)}")
         if self.head not in ("pooled", "wide"):
             raise ConfigError(f"finetune.head={self.head!r} must be pooled or wide")
         if not self.probe_c or any(not c > 0 for c in self.probe_c):
