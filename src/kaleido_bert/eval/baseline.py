@@ -18,6 +18,7 @@ over the run's ``candidates.json`` (cosine similarity in place of the ITM logit;
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +46,19 @@ class EmbeddingScorer:
     has_itc = False
     """Its score is already the cosine, so a sample-100 shortlist by cosine would change nothing."""
 
-    def __init__(self, image_emb: dict[str, np.ndarray], text_emb: dict[str, np.ndarray]) -> None:
-        self.image_emb, self.text_emb = image_emb, text_emb
+    def __init__(self, image_emb: dict[str, np.ndarray], text_emb: dict[str, np.ndarray],
+                 text_encoder: Callable[[list[str]], np.ndarray] | None = None) -> None:
+        self.image_emb, self.text_emb, self.text_encoder = image_emb, text_emb, text_encoder
+
+    def embed_strings(self, texts: list[str]) -> np.ndarray:
+        """Embeddings of new strings (label prompts, users' queries) in the shared space: ``(M, 256)`` float32.
+
+        Raises:
+            KaleidoError: the scorer was built from fixed embeddings only.
+        """
+        if self.text_encoder is None:
+            raise KaleidoError("this baseline scorer has no text encoder: it embeds only the catalogue's descriptions")
+        return self.text_encoder(list(texts)).astype(np.float32)
 
     def itm_logits(self, pairs: list[tuple[str, str]], *, desc: str = "", progress: bool = False,
                    cosine: np.ndarray | None = None) -> np.ndarray:
@@ -77,7 +89,7 @@ class FrozenBaseline:
     def __init__(self, catalogue: Catalogue, store: FeatureStore, bert_dir: str | Path, *,
                  settings: BaselineSettings | None = None) -> None:
         settings = settings or BaselineSettings()
-        self.catalogue, self.store, self.settings = catalogue, store, settings
+        self.catalogue, self.store, self.settings, self.bert_dir = catalogue, store, settings, bert_dir
         self.items = [it for it in catalogue.items if it.id in store]
         if not any(it.split == "train" for it in self.items):
             raise KaleidoError("the frozen baseline needs train items with features")
@@ -89,6 +101,7 @@ class FrozenBaseline:
         train_pids = sorted({it.product_id for it in self.split("train")}, key=self.pids.index)
         rows = {p: j for j, p in enumerate(self.pids)}
         mean, std = standardiser(raw_text[[rows[p] for p in train_pids]])
+        self.text_stats = (mean, std)
         self.text = {p: (raw_text[rows[p]] - mean) / std for p in self.pids}
         self.images: dict[str, dict[str, np.ndarray]] = {}
         ids = [it.id for it in self.items]
@@ -111,8 +124,16 @@ class FrozenBaseline:
             ids = [it.id for it in self.items]
             img = model.embed(torch.from_numpy(np.stack([self.images[pool][i] for i in ids])).float(), "image")
             txt = model.embed(torch.from_numpy(np.stack([self.text[p] for p in self.pids])).float(), "text")
-        scorer = EmbeddingScorer(dict(zip(ids, img.numpy(), strict=True)), dict(zip(self.pids, txt.numpy(), strict=True)))
+        scorer = EmbeddingScorer(dict(zip(ids, img.numpy(), strict=True)), dict(zip(self.pids, txt.numpy(), strict=True)),
+                                 text_encoder=lambda texts: self._embed_strings(model, texts))
         return scorer, history
+
+    def _embed_strings(self, model, texts: list[str]) -> np.ndarray:
+        """New strings through the frozen text encoder, the training standardisation and ``model``'s text map."""
+        mean, std = self.text_stats
+        raw = (text_features(texts, self.bert_dir, max_len=self.settings.text_max_len) - mean) / std
+        with torch.no_grad():
+            return model.embed(torch.from_numpy(raw).float(), "text").numpy()
 
     def classify(self, field: str, source: str, pool: str, split: str) -> dict[str, Any]:
         """Logistic regression on the train split's frozen features; accuracy and macro-F1 on ``split``."""
