@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -17,6 +16,8 @@ import torch
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 for _key, _value in OFFLINE_ENV.items():
     os.environ.setdefault(_key, _value)
+
+from kaleido_bert.distributed import describe_machine, machine_line  # noqa: E402  (after the offline environment)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -33,12 +34,22 @@ def matmul_peak_gflops(n: int = 4096, repeats: int = 3) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def machine() -> dict:
-    return {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__}
+def machine(precision: str = "auto") -> dict:
+    """The machine a result was measured on: CPU model, speed flags, threads, device, precision, torch version."""
+    return {**describe_machine(precision), "torch": torch.__version__}
 
 
-def write_result(name: str, payload: dict, markdown: str) -> None:
+def machine_note(precision: str = "auto") -> str:
+    """One line for a result's markdown: the CPU, its speed flags, threads, device, precision and torch."""
+    return f"Machine: {machine_line(precision)}; torch {torch.__version__}."
+
+
+def write_result(name: str, payload: dict, markdown: str, *, precision: str = "auto") -> None:
+    """``results/NAME.json`` and ``results/NAME.md``; both name the machine (the markdown gets a closing
+    :func:`machine_note` unless it already has a ``Machine:`` line)."""
+    payload = {"machine": machine(precision), **payload}
+    if "Machine:" not in markdown:
+        markdown = markdown.rstrip("\n") + "\n\n" + machine_note(precision) + "\n"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(markdown)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -66,6 +67,41 @@ def cpu_has_native_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a torch build without oneDNN
         return False
+
+
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+"""The CPU flags that decide this package's speed: fp32 vector width, native bf16 dot products, bf16 tiles."""
+
+
+def describe_machine(precision: str = "auto") -> dict[str, Any]:
+    """The hardware a time was measured on: CPU model, the :data:`SPEED_FLAGS` it has, torch's thread count, the
+    device, and the dtype ``precision`` resolves to there (so every reported figure can name its machine)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    dev = device()
+    dtype = autocast_dtype(precision, dev)
+    if dev.type == "cuda":
+        model = torch.cuda.get_device_name(dev)
+    return {"cpu": model, "flags": [f for f in SPEED_FLAGS if f in flags], "threads": torch.get_num_threads(),
+            "device": dev.type, "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype],
+            "native_bf16": dev.type == "cuda" or cpu_has_native_bf16()}
+
+
+def machine_line(precision: str = "auto") -> str:
+    """:func:`describe_machine` in one line, e.g. ``Intel Xeon (avx2 avx512f avx512_bf16), 2 threads, cpu, bf16``."""
+    m = describe_machine(precision)
+    line = f"{m['cpu']} ({' '.join(m['flags']) or 'no avx2'}), {m['threads']} threads, {m['device']}, {m['precision']}"
+    if precision == "auto" and not m["native_bf16"]:
+        line += " (bf16 is emulated here, far slower than fp32, so auto runs fp32)"
+    return line
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kaleido_bert.config import RunConfig
+from kaleido_bert.distributed import machine_line
 from kaleido_bert.runs import RUN_CONFIG
 from kaleido_bert.workflows.stages import (
     Stages,
@@ -53,6 +54,7 @@ def run_demo(config: RunConfig, out: str | Path, *, catalogue: str | Path | None
                                  "data.alignments": str(alignments / "alignments.jsonl")})
     run.save(out / RUN_CONFIG)  # the run describes itself: `kaleido evaluate OUT` reads it
     stages = Stages("demo")
+    print(f"[demo] machine: {machine_line(config.train.precision)}", flush=True)
 
     def make_catalogue() -> None:
         if not own and not (catalogue / "catalogue.jsonl").is_file():
@@ -119,7 +121,7 @@ def run_demo(config: RunConfig, out: str | Path, *, catalogue: str | Path | None
     metrics = stages.run("evaluate", make_report)
     stages.run("index", make_index)
     timings = stages.timings
-    print("\n[demo] stage times: " + stages.summary())
+    print("\n[demo] stage times: " + stages.summary() + f" (on {machine_line(config.train.precision)})")
     print(f"[demo] serve the demo model (search page at http://127.0.0.1:8000/):\n"
           f"    kaleido serve {out} --index {out / 'index'} --catalogue {catalogue} --features {features}")
     return {"out": str(out), "timings": timings, "metrics": metrics}
