@@ -95,14 +95,29 @@ def test_unknown_key_in_file_is_rejected(tmp_path):
         load_config(path)
 
 
-def test_auto_precision_uses_bf16_only_where_the_hardware_computes_it(monkeypatch):
+def test_auto_precision_uses_bf16_only_where_the_hardware_computes_it_faster(monkeypatch):
     import torch
 
     from kaleido_bert import distributed as dist
 
     cpu = torch.device("cpu")
+    monkeypatch.setattr(dist, "cpu_matmul_rates", lambda: {"fp32": 200.0, "bf16": 400.0})
     monkeypatch.setattr(dist, "cpu_has_native_bf16", lambda: False)
     assert dist.autocast_dtype("auto", cpu) is None and dist.autocast_dtype("bf16", cpu) is torch.bfloat16
+    assert "emulated" in dist.machine_line()
     monkeypatch.setattr(dist, "cpu_has_native_bf16", lambda: True)
     assert dist.autocast_dtype("auto", cpu) is torch.bfloat16 and dist.autocast_dtype("fp32", cpu) is None
+    assert dist.describe_machine()["precision"] == "bf16" and dist.describe_machine("fp32")["precision"] == "fp32"
+    # native but measured slower than fp32 (an AVX512-BF16 Xeon without AMX): auto stays in fp32 and says why
+    monkeypatch.setattr(dist, "cpu_matmul_rates", lambda: {"fp32": 200.0, "bf16": 100.0})
+    assert dist.autocast_dtype("auto", cpu) is None and dist.autocast_dtype("bf16", cpu) is torch.bfloat16
+    assert "under 1.25×, so auto runs fp32" in dist.machine_line()
     assert load_config("demo").train.precision == "auto"
+
+
+def test_matmul_rates_are_measured_once_per_process():
+    from kaleido_bert import distributed as dist
+
+    rates = dist.cpu_matmul_rates()
+    assert set(rates) == {"fp32", "bf16"} and all(r > 0 for r in rates.values())
+    assert dist.cpu_matmul_rates() is rates  # cached: one measurement decides every stage of a process

@@ -9,6 +9,7 @@ package). :func:`device` and :func:`autocast_dtype` are the one device and preci
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 from collections.abc import Callable, Iterator
@@ -50,15 +51,56 @@ def device() -> torch.device:
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of ``train.precision`` on ``device`` (None = fp32, no autocast).
 
-    ``auto``: bf16 where the hardware computes it natively (a CUDA device that supports it, a CPU with
-    AVX512-BF16 or AMX), else fp32. On a CPU without them bf16 matmuls are emulated and far slower than fp32
-    (measured: 33 s instead of ~0.7 s per demo step on an AVX2-only EPYC).
+    ``auto``: bf16 where it pays: a CUDA device that supports it, or a CPU with native bf16 (AVX512-BF16 or AMX)
+    whose bf16 matmuls measure faster than fp32 (:func:`cpu_bf16_pays`); else fp32. On a CPU without native
+    bf16 the matmuls are emulated and far slower than fp32 (measured: 33 s instead of ~0.7 s per demo step on an
+    AVX2-only EPYC).
     """
     if precision == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-        return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
+        return torch.bfloat16 if device.type == "cpu" and cpu_bf16_pays() else None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+BF16_MIN_SPEEDUP = 1.25
+"""``auto`` runs bf16 on a CPU only when its bf16 matmuls measure at least this much faster than fp32."""
+
+
+@functools.cache
+def cpu_matmul_rates() -> dict[str, float]:
+    """GFLOP/s of a linear layer's matmul at the encoder's shapes ((2,048 × 256) @ (256 × 1,024), best of 3,
+    interleaved) in fp32 and in bf16, measured once per process (about 0.1 s on 2 cores).
+
+    Native bf16 is not always fast: on an Intel Xeon with AVX512-BF16 and no AMX, torch's bf16 matmul ran at half
+    the fp32 rate, while an AVX512-BF16 EPYC ran it 1.8× faster, so ``auto`` measures rather than trusts the flags.
+    """
+    import time
+
+    rates = {}
+    a, b = torch.randn(2048, 256), torch.randn(256, 1024)
+    best = {"fp32": float("inf"), "bf16": float("inf")}
+    pairs = {"fp32": (a, b), "bf16": (a.bfloat16(), b.bfloat16())}
+    for x, y in pairs.values():
+        torch.mm(x, y)  # warm-up (oneDNN primitive creation)
+    for _ in range(3):
+        for name, (x, y) in pairs.items():
+            start = time.perf_counter()
+            for _ in range(4):
+                torch.mm(x, y)
+            best[name] = min(best[name], (time.perf_counter() - start) / 4)
+    for name, seconds in best.items():
+        rates[name] = 2 * 2048 * 256 * 1024 / seconds / 1e9
+    return rates
+
+
+def cpu_bf16_pays() -> bool:
+    """Whether ``auto`` runs bf16 on this CPU: native bf16 (AVX512-BF16 or AMX) whose matmuls measure at least
+    :data:`BF16_MIN_SPEEDUP` × the fp32 rate."""
+    if not cpu_has_native_bf16():
+        return False
+    rates = cpu_matmul_rates()
+    return rates["bf16"] >= BF16_MIN_SPEEDUP * rates["fp32"]
 
 
 def cpu_has_native_bf16() -> bool:
@@ -99,8 +141,13 @@ def machine_line(precision: str = "auto") -> str:
     """:func:`describe_machine` in one line, e.g. ``Intel Xeon (avx2 avx512f avx512_bf16), 2 threads, cpu, bf16``."""
     m = describe_machine(precision)
     line = f"{m['cpu']} ({' '.join(m['flags']) or 'no avx2'}), {m['threads']} threads, {m['device']}, {m['precision']}"
-    if precision == "auto" and not m["native_bf16"]:
-        line += " (bf16 is emulated here, far slower than fp32, so auto runs fp32)"
+    if precision == "auto" and m["device"] == "cpu":
+        if not m["native_bf16"]:
+            line += " (bf16 is emulated here, far slower than fp32, so auto runs fp32)"
+        elif m["precision"] == "fp32":
+            rates = cpu_matmul_rates()
+            line += (f" (native bf16 measured at {rates['bf16']:.0f} GFLOP/s against fp32's {rates['fp32']:.0f}, "
+                     f"under {BF16_MIN_SPEEDUP}×, so auto runs fp32)")
     return line
 
 
