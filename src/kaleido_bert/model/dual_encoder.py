@@ -92,13 +92,10 @@ class DualEncoder:
     def text_parts(self, texts: list[str], *, progress: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """The model's text embeddings ``(N, d)`` and the member's (None without one), each L2-normalised."""
         parts = [[np.empty((0, self.model_dim), np.float32)] for _ in range(2)]  # the model's, the member's
-        itc = getattr(self.model.heads, "itc", None)
         for start in tqdm(range(0, len(texts), self.batch_size), desc="embed texts", unit="batch",
                           disable=not progress, leave=False):
             ids, mask = self.tokenize(texts[start:start + self.batch_size])
-            out = self.model.bert(text_ids=ids, text_mask=mask)
-            emb = itc.text_embedding(out, mask) if itc is not None else F.normalize(out.pooled, dim=-1)
-            parts[0].append(emb.float().cpu().numpy())
+            parts[0].append(text_embedding(self.model, ids, mask).float().cpu().numpy())
             if self.member is not None:
                 parts[1].append(self.member.text_embedding(ids, mask).float().cpu().numpy())
         return np.concatenate(parts[0]), None if self.member is None else np.concatenate(parts[1])
@@ -107,15 +104,11 @@ class DualEncoder:
     def patch_parts(self, patch_features: Tensor, patch_positions: Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         """The model's image embeddings ``(N, d)`` and the member's (None without one), each L2-normalised."""
         parts = [[np.empty((0, self.model_dim), np.float32)] for _ in range(2)]  # the model's, the member's
-        itc = getattr(self.model.heads, "itc", None)
         keep = self.model.bert.patch_embeddings.keep
         for start in range(0, len(patch_features), self.batch_size):
             feats = patch_features[start:start + self.batch_size].to(self.device, torch.float32)
             pos = patch_positions[start:start + self.batch_size].to(self.device, torch.float32)
-            cls = torch.full((len(feats), 1), self.tokenizer.cls_token_id, dtype=torch.long, device=self.device)
-            out = self.model.bert(text_ids=cls, patch_features=feats, patch_positions=pos)
-            emb = itc.image_embedding(out, feats, keep) if itc is not None else F.normalize(out.pooled, dim=-1)
-            parts[0].append(emb.float().cpu().numpy())
+            parts[0].append(image_embedding(self.model, feats, pos, self.tokenizer.cls_token_id).float().cpu().numpy())
             if self.member is not None:
                 parts[1].append(self.member.image_embedding(feats, keep).float().cpu().numpy())
         return np.concatenate(parts[0]), None if self.member is None else np.concatenate(parts[1])
@@ -179,6 +172,25 @@ class DualEncoder:
     def dim(self) -> int:
         """D': the size of the embeddings this encoder returns (2d with a member)."""
         return self.model_dim * (1 if self.member is None else 2)
+
+
+def text_embedding(model, text_ids: Tensor, text_mask: Tensor) -> Tensor:
+    """The model's own text embedding of a text-only pass: ``(B, T)`` ids and mask → ``(B, d)``, L2-normalised
+    (the ITC head's pooling and projection, else the normalised pooled ``[CLS]``)."""
+    out = model.bert(text_ids=text_ids, text_mask=text_mask)
+    itc = getattr(model.heads, "itc", None)
+    return itc.text_embedding(out, text_mask) if itc is not None else F.normalize(out.pooled, dim=-1)
+
+
+def image_embedding(model, patch_features: Tensor, patch_positions: Tensor, cls_id: int) -> Tensor:
+    """The model's own image embedding of a patch-only pass (a lone ``[CLS]`` in front of the patches):
+    ``(B, P, F)``, ``(B, P, 5)`` → ``(B, d)``, L2-normalised."""
+    cls = torch.full_like(patch_features[:, :1, 0], cls_id, dtype=torch.long)  # (B, 1); B stays symbolic in a trace
+    out = model.bert(text_ids=cls, patch_features=patch_features, patch_positions=patch_positions)
+    itc = getattr(model.heads, "itc", None)
+    if itc is None:
+        return F.normalize(out.pooled, dim=-1)
+    return itc.image_embedding(out, patch_features, model.bert.patch_embeddings.keep)
 
 
 def store_patches(store: FeatureStore, item_ids: list[str]) -> tuple[Tensor, Tensor]:
