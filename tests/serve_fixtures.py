@@ -1,14 +1,15 @@
 """A word-overlap search engine over a catalogue, standing in for the model pipeline in the service tests.
 
 :class:`CataloguePipeline` has :class:`kaleido_bert.serve.pipeline.KaleidoBertPipeline`'s interface (search by text
-and by image, caption, classify, info) with deterministic, explainable scores: word overlap for text, thumbnail
-distance for images. The service tests (``test_serve_app``, ``test_api_faults``, ``test_api_conformance``,
+and by image, caption, classify, zero-shot, info) with deterministic, explainable scores: word overlap for text,
+thumbnail distance for images. The service tests (``test_serve_app``, ``test_api_faults``, ``test_api_conformance``,
 ``test_web_page``) drive the real FastAPI app over it; the model pipeline has its own tests.
 """
 
 from __future__ import annotations
 
 import re
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,20 @@ from PIL import Image
 
 from kaleido_bert.data.catalogue import Item, load_catalogue
 from kaleido_bert.data.images import load_rgb
+from kaleido_bert.model.zero_shot import DEFAULT_TEMPLATE, zero_shot_scores
 
 
 def words(text: str) -> list[str]:
     return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def bag_of_words(texts: list[str], dim: int = 1024) -> np.ndarray:
+    """Hashed word counts, one row per text: ``(N, dim)``; a text without words is a zero row."""
+    out = np.zeros((len(texts), dim))
+    for row, text in enumerate(texts):
+        for word in words(text):
+            out[row, zlib.crc32(word.encode()) % dim] += 1
+    return out
 
 
 def thumbnail(image: Image.Image) -> np.ndarray:
@@ -35,7 +46,9 @@ class CataloguePipeline:
 
     Text: the share of query words found in an item's title, description and labels. Images: the cosine
     similarity of 8×8 thumbnails. The caption is the most similar item's title; classification is a softmax
-    over each label's best thumbnail similarity.
+    over each label's best thumbnail similarity. Zero-shot: the real scoring
+    (:func:`~kaleido_bert.model.zero_shot.zero_shot_scores`) in a bag-of-words space, where a photo is the words
+    of its most similar item and a prompt its own words.
     """
 
     def __init__(self, root: Path) -> None:
@@ -93,6 +106,14 @@ class CataloguePipeline:
             top = np.argsort(-prob, kind="stable")[:5]
             out[kind] = [{"label": labels[i], "prob": float(prob[i])} for i in top]
         return out
+
+    ZERO_SHOT_SCALE = 10.0
+
+    def zero_shot(self, image: Image.Image, labels: list[str], template: str = DEFAULT_TEMPLATE) -> list[dict]:
+        self.calls.append("zero_shot")
+        it = self.items[int(np.argmax(self._similar(image)))]
+        photo = bag_of_words([f"{it.title} {it.description} {it.category} {it.subcategory}"])
+        return zero_shot_scores(bag_of_words, photo, labels, template, logit_scale=self.ZERO_SHOT_SCALE).ranked(0)
 
     def categories(self) -> list[str]:
         return sorted(self.catalogue.labels["category"])

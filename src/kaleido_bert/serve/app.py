@@ -9,7 +9,9 @@
 ``POST /api/search/text``      JSON ``{"query", "k", "category", "rerank"}`` → ranked products
 ``POST /api/search/image``     multipart ``file`` + ``k`` → similar products and matching descriptions
 ``POST /api/caption``          multipart ``file`` → a generated description
-``POST /api/classify``         multipart ``file`` (+ optional ``text``) → top categories and sub-categories
+``POST /api/classify``         multipart ``file`` (+ optional ``text``) → top categories and sub-categories;
+                               with ``labels`` (comma-separated, + optional ``template``) also those labels
+                               ranked zero-shot (:mod:`kaleido_bert.model.zero_shot`)
 ``GET /images/{path}``         a catalogue image, only from inside the catalogue directory
 =============================  ==============================================================================
 
@@ -26,7 +28,8 @@ each request is logged (method, path, status, milliseconds) on the ``kaleido_ber
 Pipeline calls are serialised by a lock; they run in FastAPI's thread pool, off the event loop.
 
 The pipeline is duck-typed (see :class:`SearchPipeline`): ``search_text``, ``search_image``, ``caption``,
-``classify``, ``categories`` and ``info``. Needs the ``serve`` extra (fastapi, uvicorn, python-multipart).
+``classify``, ``zero_shot``, ``categories`` and ``info``. Needs the ``serve`` extra (fastapi, uvicorn,
+python-multipart).
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads the endpoints' annotations at run time, and
@@ -52,8 +55,19 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kaleido_bert.errors import KaleidoError
+from kaleido_bert.model.zero_shot import DEFAULT_TEMPLATE, check_template, parse_labels, prompts
 from kaleido_bert.serve.uploads import MAX_UPLOAD_BYTES, UploadError, read_upload
-from kaleido_bert.serve.validation import NOT_BLANK, Count, Flag, Text, input_faults, public_facts, safe_json
+from kaleido_bert.serve.validation import (
+    LABELS,
+    NOT_BLANK,
+    TEMPLATE,
+    Count,
+    Flag,
+    Text,
+    input_faults,
+    public_facts,
+    safe_json,
+)
 
 log = logging.getLogger("kaleido_bert.serve.app")
 
@@ -77,6 +91,8 @@ class SearchPipeline(Protocol):
     def caption(self, image: Image.Image) -> str: ...
 
     def classify(self, image: Image.Image, text: str | None = None) -> dict[str, list[dict[str, Any]]]: ...
+
+    def zero_shot(self, image: Image.Image, labels: list[str], template: str = ...) -> list[dict[str, Any]]: ...
 
     def categories(self) -> list[str]: ...
 
@@ -127,9 +143,19 @@ class LabelProb(BaseModel):
     prob: float = Field(ge=0.0, le=1.0)
 
 
+class LabelScore(BaseModel):
+    label: str
+    score: float = Field(ge=-1.0, le=1.0, description="cosine of the photo and the label's prompt")
+    prob: float | None = Field(ge=0.0, le=1.0, description="softmax over the given labels with the model's ITC "
+                                                         "logit scale (null without an ITC head)")
+
+
 class ClassifyResponse(BaseModel):
-    category: list[LabelProb] = Field(description="top categories, most likely first")
-    subcategory: list[LabelProb] = Field(description="top sub-categories, most likely first")
+    category: list[LabelProb] = Field(description="top categories, most likely first (empty when labels were given "
+                                                  "and the run has no trained classifier)")
+    subcategory: list[LabelProb] = Field(description="top sub-categories, most likely first (likewise)")
+    zero_shot: list[LabelScore] | None = Field(None, description="the given labels ranked zero-shot, best first "
+                                                                 "(null without labels)")
 
 
 class CategoriesResponse(BaseModel):
@@ -162,6 +188,11 @@ _UPLOAD_ERRORS: dict[int | str, dict[str, Any]] = {
                 "request body is over the limit, or a text is over its length limit"),
     415: _error("not a JPEG, PNG or WebP image (by declared content type or file signature)"),
     422: {"description": "no file part, k not an integer in range, or a text that is not valid UTF-8"},
+}
+_CLASSIFY_ERRORS: dict[int | str, dict[str, Any]] = {
+    **_UPLOAD_ERRORS,
+    400: _error(f"{_UPLOAD_ERRORS[400]['description']}; labels with a blank or repeated item, a template without "
+                "exactly one {}, or a run without the classifier a field needs (when no labels are given)"),
 }
 _IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "the image file",
@@ -390,19 +421,37 @@ def create_app(
             text = pipeline.caption(image)
         return CaptionResponse(caption=text)
 
-    @app.post("/api/classify", response_model=ClassifyResponse, responses=_UPLOAD_ERRORS)
+    @app.post("/api/classify", response_model=ClassifyResponse, responses=_CLASSIFY_ERRORS)
     def classify(
         file: Annotated[UploadFile, upload()],
         text: Annotated[Text | None, Form(description="optional product text to classify with (blank = none)",
                                           json_schema_extra={"maxLength": max_query_chars})] = None,
+        labels: Annotated[Text | None, Form(
+            description="optional comma-separated labels to rank zero-shot, e.g. 'striped, floral, plain' (none "
+                        "blank, none repeated; blank = none)",
+            json_schema_extra={"maxLength": max_query_chars, "pattern": LABELS})] = None,
+        template: Annotated[Text, Form(  # a string, never null: a form sends null as the text "null"
+            description="the prompt each label fills, holding {} once (blank = the default)",
+            json_schema_extra={"maxLength": max_query_chars, "pattern": TEMPLATE})] = DEFAULT_TEMPLATE,
     ) -> ClassifyResponse:
         words = None if text is None else _check_text(text, "text", max_query_chars, blank=True)
+        names = None if labels is None else _check_text(labels, "labels", max_query_chars, blank=True)
+        form = check_template(_check_text(template, "template", max_query_chars, blank=True) or DEFAULT_TEMPLATE)
+        if names is not None:
+            prompts(parse_labels(names), form)  # bad labels are refused before the upload is decoded
         image = _read_image(file, max_upload_bytes)
-        with lock, input_faults(text=words):
-            labels = pipeline.classify(image, words)
+        with lock, input_faults(text=words, labels=names, template=form):
+            ranked = None if names is None else pipeline.zero_shot(image, parse_labels(names), form)
+            try:
+                found = pipeline.classify(image, words)
+            except KaleidoError:
+                if ranked is None:
+                    raise
+                found = {"category": [], "subcategory": []}  # labels given: the zero-shot answer stands alone
         return ClassifyResponse(
-            category=[LabelProb(**p) for p in labels["category"]],
-            subcategory=[LabelProb(**p) for p in labels["subcategory"]],
+            category=[LabelProb(**p) for p in found["category"]],
+            subcategory=[LabelProb(**p) for p in found["subcategory"]],
+            zero_shot=None if ranked is None else [LabelScore(**r) for r in ranked],
         )
 
     @app.get("/images/{image_path:path}", response_class=FileResponse, responses=_IMAGE_RESPONSES)

@@ -7,7 +7,8 @@
 model                         used by
 ============================  =====================================================================
 finetune/retrieval (else      ``encode_text``, ``encode_image``, ``score``, ``search_text``,
-pretrain)                     ``search_image``: dual-encoder recall, ITM re-ranking (SPEC §3.5)
+pretrain)                     ``search_image``: dual-encoder recall, ITM re-ranking (SPEC §3.5); ``zero_shot``:
+                              labels ranked by their prompts' cosine with the photo
 finetune/caption              ``caption``: beam search with the seq2seq mask (paper §4.2 FC); a run
                               without one and with ``eval.caption_retrieval_k`` = k > 0 (the ``real``
                               recipe) captions by retrieval: the consensus of the k catalogue
@@ -46,6 +47,7 @@ from kaleido_bert.errors import KaleidoError
 from kaleido_bert.eval.caption_retrieval import caption_k
 from kaleido_bert.model.dual_encoder import DualEncoder, product_descriptions, store_patches
 from kaleido_bert.model.loading import load_pretrained, require_head
+from kaleido_bert.model.zero_shot import DEFAULT_TEMPLATE, prompts, rank_labels
 from kaleido_bert.serve.catalogue_index import CatalogueIndex, RunData, embed_catalogue, open_run
 
 RERANK_CAP = 50
@@ -390,6 +392,21 @@ class KaleidoBertPipeline:
             top = torch.argsort(probs, descending=True, stable=True)[:TOP_LABELS].tolist()
             out[field] = [{"label": names[j], "prob": float(probs[j])} for j in top]
         return out
+
+    def zero_shot(self, image: Image.Image, labels: list[str],
+                  template: str = DEFAULT_TEMPLATE) -> list[dict[str, Any]]:
+        """Rank labels no classifier was trained on (a new category, a colour, a pattern) by the photo's
+        dual-encoder cosine with each label's prompt (:mod:`kaleido_bert.model.zero_shot`).
+
+        Returns:
+            ``[{"label", "score" (cosine), "prob" (softmax over the labels with the ITC logit scale; None without
+            an ITC head)}]``, best first.
+
+        Raises:
+            KaleidoError: no labels, a blank, repeated or non-UTF-8 label, or a template without exactly one ``{}``.
+        """
+        prompts(labels, template)  # refused before the photo is encoded
+        return rank_labels(self.encoder, self.encode_image([image]), labels, template)
 
     # ------------------------------------------------------------------ facts
     def categories(self) -> list[str]:

@@ -11,6 +11,9 @@ every field to the same rules, and its schema says what the server checks:
   422 naming the field, before a tokenizer sees it). A query declares :data:`NOT_BLANK`, a pattern saying it
   holds a non-whitespace character; :data:`SPACES` is Python's whitespace, the set ``str.strip`` removes,
   spelled out so that every regex engine reads the pattern alike.
+* :data:`LABELS` and :data:`TEMPLATE`: the patterns of ``POST /api/classify``'s zero-shot ``labels`` (comma-separated,
+  none blank or repeated) and ``template`` (``{}`` exactly once), so that a schema-valid request is one the server
+  accepts.
 
 Error bodies: :func:`safe_json` makes any error detail sendable (non-finite numbers become the strings
 ``"NaN"``/``"Infinity"``, strings and bytes that are not UTF-8 are backslash-escaped, an integer too long to
@@ -40,6 +43,15 @@ SPACES = "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\
 NOT_BLANK = f"[^{SPACES}]"
 """The pattern of a text that holds at least one non-whitespace character (JSON Schema patterns are unanchored)."""
 _MAX_INT_BITS = 14_000  # about 4,200 decimal digits, under Python's int-to-str limit
+_SPACE, _SOLID = f"[{SPACES}]", f"[^,{SPACES}]"
+_LABEL = f"{_SOLID}(?:[^,]*{_SOLID})?"  # one stripped label: no comma, no whitespace at either end
+_REPEAT = f"(?:[^,]*,)*{_SPACE}*({_LABEL}){_SPACE}*,(?:[^,]*,)*{_SPACE}*\\1{_SPACE}*(?:,|$)"
+LABELS = f"^(?:{_SPACE}*|(?!{_REPEAT}){_SPACE}*{_LABEL}{_SPACE}*(?:,{_SPACE}*{_LABEL}{_SPACE}*)*)$"
+"""The pattern of a zero-shot ``labels`` field: blank (none), or comma-separated labels, none blank and none the same
+as another after stripping (the rules of :func:`kaleido_bert.model.zero_shot.check_labels`)."""
+_NO_SLOT = "(?:[^{]|\\{+[^{}])*\\{*"  # a text without "{}"
+TEMPLATE = f"^(?:{_SPACE}*|{_NO_SLOT}\\{{\\}}{_NO_SLOT})$"
+"""The pattern of a zero-shot ``template`` field: blank (the default), or a text holding ``{}`` exactly once."""
 
 
 def utf8_problem(text: str) -> str | None:
