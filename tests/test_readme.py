@@ -67,3 +67,23 @@ def test_a_missing_checkpoint_path_is_named_with_the_latest_one(demo_cwd, monkey
     with pytest.raises(KaleidoError) as err:
         KaleidoBertForPreTraining.from_pretrained("runs/demo/pretrain/step-000300")
     assert str(err.value) == f"no checkpoint at runs/demo/pretrain/step-000300 (latest: {latest})"
+
+
+def test_every_checkpoint_of_the_demo_has_a_model_card_with_its_metrics(demo_cwd):
+    """`kaleido demo` ends with `kaleido card`: each part's checkpoint holds a README.md with the report's numbers."""
+    import json
+
+    import yaml
+
+    from kaleido_bert.runs import FINETUNED_PARTS, run_parts
+
+    run = demo_cwd / "runs/demo"
+    parts = run_parts(run)
+    assert set(parts) == {"pretrain", *FINETUNED_PARTS}
+    metrics = json.loads((run / "report" / "metrics.json").read_text())
+    for part, checkpoint in parts.items():
+        front = yaml.safe_load((checkpoint / "README.md").read_text().split("---\n")[1])
+        values = [m["value"] for result in front["model-index"][0]["results"] for m in result["metrics"]]
+        assert values and front["library_name"] == "kaleido-bert", part
+    card = (parts["category"] / "README.md").read_text()
+    assert f"| {metrics['cr/image+text/accuracy']:.2f} |" in card and "Frozen baseline" in card

@@ -8,6 +8,7 @@ directory per saved step::
         vocab.txt, tokenizer*.json         the tokenizer the run used
         run.yaml                           the whole run config
         train_state.pt                     optimizer, scheduler, step, epoch, position, RNG, loss history
+        README.md                          the model card (:mod:`kaleido_bert.model_card`); loading ignores it
     latest                                 the name of the newest complete checkpoint
 
 A checkpoint is built in a hidden sibling directory, fsynced and renamed into place, then ``latest`` is
@@ -36,6 +37,7 @@ from kaleido_bert.data.tokenizer import resolve_bert_dir
 from kaleido_bert.errors import KaleidoError
 from kaleido_bert.model.encoder import MODEL_CONFIG_FIELDS, KaleidoBertConfig, KaleidoBertModel
 from kaleido_bert.model.loading import quiet_transformers
+from kaleido_bert.model_card import write_card
 from kaleido_bert.runs import (
     LATEST,
     TRAIN_STATE,
@@ -175,6 +177,7 @@ def save_checkpoint(out_dir: str | Path, step: int, *, model: nn.Module, run_con
                 tokenizer.save_pretrained(str(tmp))
             run_config.save(tmp / "run.yaml")
             torch.save(train_state, tmp / TRAIN_STATE)
+            write_card(tmp, training=train_state, location=out_dir / name)  # README.md: "not evaluated yet"
             _fsync_tree(tmp)
         atomic_write_text(out_dir / LATEST, name + "\n")
     except (OSError, RuntimeError) as err:

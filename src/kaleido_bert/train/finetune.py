@@ -43,7 +43,13 @@ from kaleido_bert.errors import KaleidoError
 from kaleido_bert.inputs.pretraining import PretrainDataset, collate
 from kaleido_bert.inputs.sources import open_data
 from kaleido_bert.model.loading import load_pretrained
-from kaleido_bert.runs import FINETUNE_TASKS, latest_checkpoint, list_checkpoints, resolve_checkpoint
+from kaleido_bert.runs import (
+    FINETUNE_TASKS,
+    latest_checkpoint,
+    list_checkpoints,
+    part_name,
+    resolve_checkpoint,
+)
 from kaleido_bert.train.loop import train
 
 TASKS = FINETUNE_TASKS
@@ -168,7 +174,7 @@ def finetune(task: str, config: RunConfig, checkpoint: str | Path, out_dir: str 
         probe = probe_head(model, train_set, val_set, collate_fn, config, Path(out_dir), resume=resume,
                            progress=progress)
     summary = train(model, train_set, val_set, collate_fn, run, out_dir, resume=resume, tokenizer=tokenizer,
-                    progress=progress, loss_counts=counts)
+                    progress=progress, loss_counts=counts, part=part_name(task, image_only))
     summary.update(task=task, input="image" if image_only else "image+text", init=str(checkpoint))
     if probe is not None:
         summary["probe"] = probe

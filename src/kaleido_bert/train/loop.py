@@ -268,7 +268,7 @@ def _stop_on_nonfinite(step: int, what: str, micro: list[dict[str, Any]]) -> Non
 def train(model: nn.Module, train_dataset: Dataset, val_dataset: Dataset | None, collate_fn: Callable,
           config: RunConfig, out_dir: str | Path, *, resume: bool = False, tokenizer: Any = None,
           progress: bool = True, loss_counts: CountFn | None = None,
-          new_parameters: Collection[str] = ()) -> dict[str, Any]:
+          new_parameters: Collection[str] = (), part: str = runs.PRETRAIN) -> dict[str, Any]:
     """Train ``model`` for ``config.train.max_steps`` optimizer steps, checkpointing into ``out_dir``.
 
     Args:
@@ -285,6 +285,8 @@ def train(model: nn.Module, train_dataset: Dataset, val_dataset: Dataset | None,
         loss_counts: batch → units each loss averages over (see the module docstring); None = pairs.
         new_parameters: names of the parameters that learn at ``train.new_lr_scale`` × the lr
             (:func:`build_optimizer`).
+        part: what is trained (``pretrain``, ``retrieval``, ``category-image`` …: :func:`kaleido_bert.runs.part_name`);
+            recorded in each checkpoint's training state with the machine and the wall time, for its model card.
 
     Returns:
         Summary: steps, epochs, seconds, pairs/s, the share of the step time spent waiting for data
@@ -314,7 +316,7 @@ def train(model: nn.Module, train_dataset: Dataset, val_dataset: Dataset | None,
         optimizer, lambda s: get_lr(s, lr=1.0, warmup_steps=warmup, max_steps=tc.max_steps))
     dtype = dist.autocast_dtype(tc.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    step, epoch, position, history = 0, 0, 0, []
+    step, epoch, position, history, earlier_seconds = 0, 0, 0, [], 0.0
     if resume:
         checkpoint = runs.latest_checkpoint(out_dir)
         if checkpoint is None:
@@ -331,6 +333,7 @@ def train(model: nn.Module, train_dataset: Dataset, val_dataset: Dataset | None,
         scaler.load_state_dict(state["scaler"])
         ckpt.restore_rng(state["rng"])
         step, epoch, position, history = state["step"], state["epoch"], state["position"], state["history"]
+        earlier_seconds = float(state.get("seconds", 0.0))  # the wall time of the runs before this one
         say(f"[train] resumed from {checkpoint} at step {step} (epoch {epoch}, batch {position})")
     elif runs.list_checkpoints(out_dir):
         raise KaleidoError(f"{out_dir} already holds checkpoints: pass --resume to continue, "
@@ -350,13 +353,15 @@ def train(model: nn.Module, train_dataset: Dataset, val_dataset: Dataset | None,
                         num_workers=config.data.num_workers, pin_memory=device.type == "cuda",
                         generator=torch.Generator())  # not the global RNG: a resume must not shift it
     batches = iter(loader) if step < tc.max_steps else iter(())
+    machine = dist.describe_machine(tc.precision)  # the model card's "machine" (CPU, threads, device, precision)
 
     def save() -> Path:
         state = {"step": step, "epoch": epoch, "position": position, "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                  "rng": ckpt.capture_rng(), "history": history, "steps_per_epoch": steps_per_epoch,
                  "train_items": len(train_dataset), "batch_size": tc.batch_size, "world_size": world,
-                 "seed": tc.seed}
+                 "seed": tc.seed, "part": part, "machine": machine,
+                 "seconds": earlier_seconds + time.perf_counter() - started}
         failure = None
         if main:
             try:

@@ -5,7 +5,7 @@ interruption picks up where it stopped (training stages resume from their last c
 catalogue → Kaleido patches and features → alignment captioner and token↔patch alignments → pre-training (loss
 curves) → fine-tuning (retrieval, category and sub-category from image+text and from the image alone, captioning)
 → evaluation (``OUT/report``: the paper's Tables 2–3 beside ours) → the product index of the search service
-(``OUT/index``). The wall time of each stage and the command that serves the demo model are printed at the end.
+(``OUT/index``) → each checkpoint's model card (``README.md``) with the report's metrics. The wall time of each stage and the command that serves the demo model are printed at the end.
 """
 
 from __future__ import annotations
@@ -107,6 +107,12 @@ def run_demo(config: RunConfig, out: str | Path, *, catalogue: str | Path | None
         print(f"\n[demo] report: {out / 'report' / 'report.md'}")
         return metrics
 
+    def make_cards() -> None:
+        from kaleido_bert.eval.cards import write_run_cards
+
+        for part, (path, rows) in write_run_cards(out).items():  # after the report and its baseline
+            print(f"[demo] model card of {part}: {path} ({rows} metrics)")
+
     def make_index() -> None:
         from kaleido_bert.serve.catalogue_index import index_catalogue
 
@@ -120,6 +126,7 @@ def run_demo(config: RunConfig, out: str | Path, *, catalogue: str | Path | None
     stages.run("finetune", make_finetuned)
     metrics = stages.run("evaluate", make_report)
     stages.run("index", make_index)
+    stages.run("card", make_cards)
     timings = stages.timings
     print("\n[demo] stage times: " + stages.summary() + f" (on {machine_line(config.train.precision)})")
     print(f"[demo] serve the demo model (search page at http://127.0.0.1:8000/):\n"
