@@ -17,6 +17,7 @@ from pathlib import Path
 from kaleido_bert import __version__, commands
 from kaleido_bert.config import PRESET_NAMES
 from kaleido_bert.errors import KaleidoError
+from kaleido_bert.model.zero_shot import DEFAULT_TEMPLATE
 from kaleido_bert.runs import FINETUNE_TASKS
 
 
@@ -204,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--candidates", help="re-use a sample-100 candidate file (candidates.json of an earlier report)")
     ev.add_argument("--dataset", default="", help="dataset name printed in the report's column headers")
     ev.add_argument("--no-gallery", action="store_true", help="skip full-gallery retrieval of the pre-trained model")
+    ev.add_argument("--queries", help="your own queries (BEIR queries.jsonl); with --qrels only this evaluation runs: "
+                    "qrels.md and qrels.json in the report directory")
+    ev.add_argument("--qrels", help="their relevance judgements (BEIR qrels.tsv or TREC qrels)")
+    ev.add_argument("--split", choices=("test", "all"), default=None,
+                    help="with --queries/--qrels: rank the test split's items (default) or the whole catalogue")
     _add_config_args(ev, default=None)
     ev.set_defaults(func=commands.cmd_evaluate)
 
@@ -214,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--candidates", help="a sample-100 candidate file when the report directory has none")
     _add_config_args(bl, default=None)
     bl.set_defaults(func=commands.cmd_baseline)
+
+    card = sub.add_parser("card", help="(re)write the model card (README.md) of each checkpoint of a run with the "
+                                       "metrics of its last evaluation")
+    card.add_argument("run", help="run directory (RUN/pretrain, RUN/finetune/...) or a checkpoint")
+    card.add_argument("--report", help="report directory of the evaluation (default RUN/report)")
+    card.set_defaults(func=commands.cmd_card)
 
     abl = sub.add_parser("ablate", help="the paper's Table 4: pre-train + evaluate each ablation column")
     abl.add_argument("--out", type=_out_dir, required=True, help="output root (one run per column, ablation.md)")
@@ -244,6 +256,25 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-upload-mb", type=int, default=8, help="largest accepted image upload in MiB")
     srv.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     srv.set_defaults(func=commands.cmd_serve)
+
+    zs = sub.add_parser("classify", help="rank labels no classifier was trained on for a photo (zero-shot)")
+    zs.add_argument("run", help="run directory (RUN/finetune/retrieval, else RUN/pretrain) or a checkpoint")
+    zs.add_argument("--image", required=True, help="the photo (JPEG, PNG, WebP)")
+    zs.add_argument("--labels", required=True, help="comma-separated labels, e.g. 'striped,floral,plain'")
+    zs.add_argument("--template", default=DEFAULT_TEMPLATE,
+                    help=f"the prompt each label fills, holding {{}} once (default: {DEFAULT_TEMPLATE!r})")
+    zs.add_argument("--json", action="store_true", help="print the ranking as JSON")
+    zs.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    zs.set_defaults(func=commands.cmd_classify)
+
+    exp = sub.add_parser("export", help="export the dual encoder's text and image towers to ONNX (onnxruntime, no torch)")
+    exp.add_argument("run", help="run directory (RUN/finetune/retrieval, else RUN/pretrain) or a checkpoint")
+    exp.add_argument("--format", choices=("onnx",), default="onnx", help="export format (default: onnx)")
+    exp.add_argument("--out", type=_out_dir, required=True, help="export directory: text.onnx, image.onnx, "
+                     "tokenizer.json, kaleido-onnx.json")
+    exp.add_argument("--int8", action="store_true", help="also write dynamically quantised towers (*.int8.onnx)")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing export in --out")
+    exp.set_defaults(func=commands.cmd_export)
 
     config = sub.add_parser("config", help="inspect configs").add_subparsers(dest="config_command", required=True)
     show = config.add_parser("show", help="print the resolved config as YAML")
