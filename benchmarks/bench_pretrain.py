@@ -1,18 +1,24 @@
-"""Pre-training step throughput and MFU: Kaleido-BERT vs transformers' VisualBertForPreTraining, ± compile.
+"""Pre-training step throughput and MFU: Kaleido-BERT vs transformers' VisualBertForPreTraining, ± compile, fp32 / bf16.
 
 A step is forward + backward + AdamW on a synthetic batch shaped like ``data.collate``'s output (T =
 ``max_text_len`` tokens, the MLM budget of ``masking.text_budget``, 2 grey and 3 blank indices, ITM labels
 half 0 / half 1); VisualBert gets the same width, depth, heads, FFN, vocabulary, T text + 55 visual tokens
-(the patch features), MLM labels over T+55 and ITM labels. Each configuration runs in a fresh subprocess
-(fp32, 2 threads on CPU): 2 warm-up steps (the first compiles), then 3-5 timed steps, median reported. FLOPs:
-``FlopCounterMode`` over one eager forward + backward (plus the CPU flash-attention kernels it does not know);
-MFU = FLOPs / step time / the matmul peak measured in the same run. Peak RSS: the subprocess's own ``VmHWM``
-(``ru_maxrss`` inherits the parent's across exec), Δ = over its RSS after imports.
+(the patch features), MLM labels over T+55 and ITM labels. Each configuration (preset × model × compile ×
+dtype) runs in a fresh subprocess (2 threads on CPU): 2 warm-up steps (the first compiles), then 3-5 timed steps,
+median reported. dtype ``bf16`` is the training loop's ``train.precision: bf16``: ``torch.autocast(device,
+bfloat16)`` over the forward and the losses (``distributed.autocast``), backward and AdamW outside it, fp32
+weights. FLOPs: ``FlopCounterMode`` over one eager forward + backward (plus the CPU flash-attention kernels it
+does not know) in the first dtype; the other dtype and the compiled rows reuse the count. MFU = FLOPs / step
+time / the matmul peak of the row's own dtype, measured in the same run (n×n matmuls, n = 1024, 2048, 4096, bf16
+tensors for bf16). Peak RSS: the subprocess's own ``VmHWM`` (``ru_maxrss`` inherits the parent's across exec),
+Δ = over its RSS after imports. Shapes: text (B, T), patches (B, 55, F), VisualBert's sequence (B, T + 55).
 
-    python benchmarks/bench_pretrain.py                # tiny, demo, small; eager and compiled (< 10 min)
-    python benchmarks/bench_pretrain.py --quick        # tiny and demo, eager only (< 2 min)
+    python benchmarks/bench_pretrain.py                # tiny, demo, small; fp32 + bf16 eager, fp32 compiled (< 10 min)
+    python benchmarks/bench_pretrain.py --compile-bf16 # bf16 compiled rows too (about 15 min)
+    python benchmarks/bench_pretrain.py --quick        # tiny and demo, eager only, fp32 + bf16 (< 2 min)
+    python benchmarks/bench_pretrain.py --dtypes fp32  # one dtype only
     python benchmarks/bench_pretrain.py --paper        # paper preset on a CUDA GPU: bf16 autocast, batch 64
-    python benchmarks/bench_pretrain.py --paper --cpu  # reduced paper run on CPU: fp32, batch 4, eager
+    python benchmarks/bench_pretrain.py --paper --cpu  # reduced paper run on CPU: fp32 + bf16, batch 4, eager
 """
 
 from __future__ import annotations
@@ -40,11 +46,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, matmul_peak_gflops, write_result  # noqa: E402
 
 from kaleido_bert.config import MaskingConfig, ModelConfig, load_config  # noqa: E402
+from kaleido_bert.distributed import (  # noqa: E402
+    BF16_MIN_SPEEDUP,
+    autocast,
+    autocast_dtype,
+    cpu_has_native_bf16,
+    cpu_matmul_rates,
+    machine_line,
+)
 from kaleido_bert.inputs.masking import IGNORE, text_budget  # noqa: E402
 
 BATCH_CAP = {"tiny": 32, "demo": 32, "small": 16, "paper": 64}
 """Batch = min(the preset's train.batch_size, this cap); tiny's own batch is 6."""
 COMPILE_TIMEOUT_S = 240  # a compiled configuration (compilation + 7 steps) that takes longer is reported
+DTYPES = ("fp32", "bf16")
+"""The step dtypes (``train.precision`` values): fp32, and bf16 autocast as the training loop runs it."""
+PEAK_SIZES = (1024, 2048, 4096)
+"""The matmul peak of a dtype is the best n×n matmul of these sizes (8192 too on CUDA, where 4096 does not fill
+the GPU); each subprocess measures its own view with the first two (4096 on CUDA)."""
+PEAK_SLOW_S = 10.0
+"""A larger peak size is not tried when its 4 matmuls would take longer than this at the last size's rate
+(bf16 on a CPU without native bf16 runs tens of times slower than fp32)."""
 
 
 # -------------------------------------------------------------------------------------------- the worker side
@@ -102,7 +124,8 @@ def build(kind: str, m: ModelConfig, batch: dict[str, Tensor]) -> tuple[nn.Modul
 
 
 def count_flops(loss_fn: Callable[[], Tensor], model: nn.Module) -> dict[str, float]:
-    """GFLOPs of one forward + backward: total, encoder, MLM head (module attribution: FlopCounterMode)."""
+    """GFLOPs of one forward + backward (``loss_fn`` runs the forward, in its autocast): total, encoder, MLM
+    head (module attribution: FlopCounterMode)."""
     from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
     aten = torch.ops.aten
@@ -142,7 +165,9 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     device, cuda = spec["device"], spec["device"] == "cuda"
-    peak = cuda_peak_gflops(4096, 3) if cuda else matmul_peak_gflops(2048, 5)  # this process's own view
+    cast = autocast_dtype(spec["dtype"], torch.device(device))  # None = fp32, as the training loop resolves it
+    own_sizes = (4096,) if cuda else PEAK_SIZES[:2]
+    peak = max(matmul_peaks(device, spec["dtype"], own_sizes).values())  # this process's own view
     base = rss_mib("VmRSS")
     run = load_config(spec["preset"])
     m, b = run.model, spec["batch"]
@@ -159,11 +184,14 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     runner = torch.compile(model) if spec["compile"] else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
+    def forward(mod: nn.Module) -> Tensor:  # the training loop's autocast: the forward and the losses only
+        with autocast(torch.device(device), cast):
+            return loss_of(mod)
+
     def step() -> float:
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=spec["bf16"]):
-            loss = loss_of(runner)
+        loss = forward(runner)
         loss.backward()
         optimizer.step()
         if cuda:
@@ -183,24 +211,24 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         from torch._dynamo.utils import counters
 
         out["graphs"] = counters["stats"]["unique_graphs"]
-    else:  # counted on the eager model after the RSS reading; the compiled rows reuse the count
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=spec["bf16"]):
-            out["gflop"] = count_flops(lambda: loss_of(model), model)
+    if spec["count_flops"]:  # on the eager model after the RSS reading; the other rows reuse the count
+        out["gflop"] = count_flops(lambda: forward(model), model)
     return out
 
 
 # -------------------------------------------------------------------------------------------- the parent side
-def cuda_peak_gflops(n: int = 8192, repeats: int = 5) -> float:
-    """Best bf16 GFLOP/s of an n×n CUDA matmul (the dtype the --paper run computes in)."""
-    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    best = float("inf")
-    for i in range(repeats + 1):  # the first is a warm-up
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        torch.mm(a, b)
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start) if i else best
-    return 2 * n**3 / best / 1e9
+def matmul_peaks(device: str, dtype: str, sizes: tuple[int, ...] | None = None) -> dict[str, float]:
+    """GFLOP/s of n×n matmuls in ``dtype`` (bf16 tensors for bf16) by size, smallest first, best of 3 each;
+    ``sizes`` defaults to :data:`PEAK_SIZES` (+ 8192 on CUDA). A size is left out when it would take longer than
+    :data:`PEAK_SLOW_S` (emulated bf16)."""
+    sizes = sizes or (PEAK_SIZES + (8192,) if device == "cuda" else PEAK_SIZES)
+    tensor_dtype = autocast_dtype(dtype, torch.device(device)) or torch.float32
+    rates: dict[str, float] = {}
+    for n in sizes:
+        if rates and 4 * 2 * n**3 / (list(rates.values())[-1] * 1e9) > PEAK_SLOW_S:
+            break
+        rates[str(n)] = matmul_peak_gflops(n, 3, dtype=tensor_dtype, device=device)
+    return rates
 
 
 def launch(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -222,12 +250,22 @@ def launch(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     return {**json.loads(lines[-1][len("RESULT "):]), "wall_s": time.perf_counter() - start}
 
 
+def step_dtypes(args: argparse.Namespace, device: str) -> tuple[list[str], list[str]]:
+    """The dtypes of the eager rows and of the compiled rows: ``--dtypes`` (default fp32 + bf16 on CPU, bf16 on
+    CUDA); on CPU the compiled rows are fp32 only unless ``--compile-bf16`` (both would not fit 10 minutes)."""
+    dtypes = list(dict.fromkeys(args.dtypes or (["bf16"] if device == "cuda" else list(DTYPES))))
+    both = args.compile_bf16 or device == "cuda" or "fp32" not in dtypes
+    return dtypes, dtypes if both else ["fp32"]
+
+
 def plan(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
-    """Every eager configuration first, then the compiled ones (which the run-time budget may cut)."""
+    """Every eager configuration first (all of the first dtype, then the next), then the compiled ones (which
+    the run-time budget may cut). FLOPs are counted in the eager rows of the first dtype."""
+    dtypes, compile_dtypes = step_dtypes(args, device)
     if args.paper:
         presets, compiled = ["paper"], ([False, True] if device == "cuda" else [False])
     else:
-        presets = ["tiny", "demo"] if args.quick else args.presets
+        presets = args.presets or (["tiny", "demo"] if args.quick else ["tiny", "demo", "small"])
         compiled = [False] if args.quick or args.no_compile else [False, True]
     try:
         from transformers import VisualBertForPreTraining  # noqa: F401
@@ -236,39 +274,105 @@ def plan(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
         models = ("kaleido",)
     specs = []
     for comp in compiled:
-        for preset in presets:
-            own = load_config(preset).train.batch_size
-            batch = args.batch or (4 if device == "cpu" and args.paper else min(own, BATCH_CAP[preset]))
-            if comp and not args.paper and preset not in args.compile_presets:
-                continue
-            specs += [{"preset": preset, "model": model, "compile": comp, "batch": batch, "device": device,
-                       "bf16": device == "cuda", "threads": args.threads, "steps": args.steps,
-                       "budget_s": 3 if args.quick else 20} for model in models]
+        for dtype in compile_dtypes if comp else dtypes:
+            for preset in presets:
+                own = load_config(preset).train.batch_size
+                batch = args.batch or (4 if device == "cpu" and args.paper else min(own, BATCH_CAP[preset]))
+                if comp and not args.paper and preset not in args.compile_presets:
+                    continue
+                specs += [{"preset": preset, "model": model, "compile": comp, "dtype": dtype, "batch": batch,
+                           "device": device, "threads": args.threads, "steps": args.steps,
+                           "budget_s": 3 if args.quick else 20,
+                           "count_flops": not comp and dtype == dtypes[0]} for model in models]
     return specs
 
 
-def report(rows: list[dict[str, Any]], peaks: list[float], device: str, loads: list[str]) -> str:
-    peak = max(peaks + [r["peak_gflops"] for r in rows if "peak_gflops" in r])
-    eager = {(r["preset"], r["model"]): r for r in rows if not r["compile"] and "gflop" in r}
-    unit = "bf16 CUDA" if device == "cuda" else f"fp32 CPU, {rows[0]['threads']} threads"
-    memory_head = "peak CUDA MiB" if device == "cuda" else "peak RSS MiB (Δ)"
-    lines = ["# Pre-training step: Kaleido-BERT vs transformers' VisualBertForPreTraining", "",
-             f"Measured matmul peak ({unit}): {peak:.0f} GFLOP/s, the best of the parent's before and after "
-             f"the runs ({' / '.join(f'{p:.0f}' for p in peaks)}) and a smaller one in each subprocess; "
-             f"MFU is against it. torch {torch.__version__}, "
-             f"transformers {__import__('transformers').__version__}. Load average before / after: "
-             f"{loads[0]} / {loads[1]}.", "",
-             "| preset | model | compile | batch | seq len (T+P) | params | step ms | pairs/s | GFLOP/step "
-             f"| 6·N·tok GFLOP | GFLOP/s | MFU | {memory_head} |", "|" + "---|" * 13]
+NAMES = {"kaleido": "Kaleido-BERT", "visualbert": "VisualBert"}
+
+
+def dtype_peaks(rows: list[dict[str, Any]], peaks: dict[str, list[dict[str, float]]]) -> dict[str, float]:
+    """Each dtype's matmul peak: the best of the parent's sweeps (before and after) and the subprocesses' own."""
+    best = {d: max(rate for sweep in sweeps for rate in sweep.values()) for d, sweeps in peaks.items()}
     for r in rows:
-        head = f"| {r['preset']} | {r['model']} | {'on' if r['compile'] else 'off'} | {r['batch']} |"
-        flops = eager.get((r["preset"], r["model"]), {}).get("gflop")
+        if "peak_gflops" in r:
+            best[r["dtype"]] = max(best.get(r["dtype"], 0.0), r["peak_gflops"])
+    return best
+
+
+def bf16_support(device: str) -> dict[str, Any]:
+    """Whether ``device`` computes bf16 natively, what ``precision: auto`` picks there and why (for the report)."""
+    m = machine()
+    native = torch.cuda.is_bf16_supported() if device == "cuda" else cpu_has_native_bf16()
+    return {"native": native, "flags": m["flags"], "auto_precision": m["precision"], "auto": machine_line(),
+            "rates_gflops": cpu_matmul_rates() if device == "cpu" and native else None}
+
+
+def bf16_sentence(support: dict[str, Any]) -> str:
+    """The report's sentence on this CPU's bf16: native or emulated, and ``precision: auto``'s choice."""
+    flags = ", ".join(support["flags"]) or "not even avx2"
+    if support["native"]:
+        text = (f"This CPU has native bf16 (oneDNN's check says yes; speed flags: {flags}), so bf16 matmuls run "
+                "in hardware.")
+    else:
+        text = (f"This CPU has no native bf16 (neither AVX512-BF16 nor AMX; speed flags: {flags}): bf16 matmuls "
+                "are emulated, far slower than fp32.")
+    text += f" `precision: auto` here: {support['auto']}"
+    rates = support["rates_gflops"]
+    if rates and support["auto_precision"] == "bf16":
+        text += (f" (its bf16 matmuls measured at {rates['bf16']:.0f} GFLOP/s against fp32's {rates['fp32']:.0f},"
+                 f" at least {BF16_MIN_SPEEDUP}×)")
+    return text + "."
+
+
+def speed_paragraph(preset: str, rows: list[dict[str, Any]], dtypes: list[str]) -> str | None:
+    """One preset's speed comparison: bf16 / fp32 step speed per model, Kaleido-BERT / VisualBert per dtype."""
+    ok = {(r["model"], r["compile"], r["dtype"]): r["step_ms"] for r in rows
+          if r["preset"] == preset and "step_ms" in r}
+    parts = []
+    for comp, mode in ((False, "eager"), (True, "compiled")):
+        ratios = [f"{NAMES[m]} {ok[m, comp, 'fp32'] / ok[m, comp, 'bf16']:.2f}×" for m in NAMES
+                  if (m, comp, "fp32") in ok and (m, comp, "bf16") in ok]
+        versus = [f"{d} {ok['visualbert', comp, d] / ok['kaleido', comp, d]:.2f}×" for d in dtypes
+                  if ("kaleido", comp, d) in ok and ("visualbert", comp, d) in ok]
+        said = ([f"bf16 / fp32 speed {', '.join(ratios)}"] if ratios else []) + (
+            [f"Kaleido-BERT / VisualBert speed {', '.join(versus)}"] if versus else [])
+        if said:
+            parts.append(f"{mode}: " + "; ".join(said) + ".")
+    return f"{preset}, " + " ".join(parts) if parts else None
+
+
+def report(rows: list[dict[str, Any]], peaks: dict[str, list[dict[str, float]]], device: str,
+           loads: list[str], support: dict[str, Any]) -> str:
+    """The markdown: peaks per dtype, the table (preset × model × compile × dtype), FLOP split, speed ratios."""
+    peak = dtype_peaks(rows, peaks)
+    dtypes = [d for d in DTYPES if d in peaks]
+    counted = {(r["preset"], r["model"]): r for r in rows if "gflop" in r}
+    where = "CUDA" if device == "cuda" else f"CPU, {rows[0]['threads']} threads"
+    memory_head = "peak CUDA MiB" if device == "cuda" else "peak RSS MiB (Δ)"
+    sizes = ", ".join(map(str, PEAK_SIZES + ((8192,) if device == "cuda" else ())))
+    lines = ["# Pre-training step: Kaleido-BERT vs transformers' VisualBertForPreTraining", "",
+             f"Measured matmul peaks ({where}), each the best n×n matmul (n = {sizes}; bf16 tensors for bf16) "
+             "of the parent's sweeps before and after the runs and a smaller one in each subprocess; each row's "
+             "MFU is against the peak of its own dtype:", ""]
+    for d in dtypes:
+        sweeps = "; ".join(f"{when}: " + ", ".join(f"{n}² {v:.0f}" for n, v in sweep.items())
+                           for when, sweep in zip(("before", "after"), peaks[d], strict=False))
+        lines.append(f"- {d}: {peak[d]:.0f} GFLOP/s ({sweeps})")
+    versions = (f"torch {torch.__version__}, transformers {__import__('transformers').__version__}. "
+                f"Load average before / after: {loads[0]} / {loads[1]}.")
+    lines += ["", (bf16_sentence(support) + " " if device == "cpu" else "") + versions]
+    lines += ["", "| preset | model | compile | dtype | batch | seq len (T+P) | params | step ms | pairs/s | "
+              f"GFLOP/step | 6·N·tok GFLOP | GFLOP/s | MFU | {memory_head} |", "|" + "---|" * 14]
+    for r in rows:
+        head = f"| {r['preset']} | {r['model']} | {'on' if r['compile'] else 'off'} | {r['dtype']} | {r['batch']} |"
+        flops = counted.get((r["preset"], r["model"]), {}).get("gflop")
         if "error" in r or not flops:
             lines.append(head + f" {r.get('error', 'no eager FLOP count')} |" + " |" * 8)
             continue
         r["gflop"] = flops
         r["achieved_gflops"] = flops["total"] / (r["step_ms"] / 1000)
-        r["mfu"] = r["achieved_gflops"] / peak
+        r["mfu_peak_gflops"] = peak[r["dtype"]]
+        r["mfu"] = r["achieved_gflops"] / peak[r["dtype"]]
         memory = (f"{r['peak_cuda_mib']:.0f}" if device == "cuda"
                   else f"{r['peak_rss_mib']:.0f} (+{r['peak_rss_mib'] - r['base_rss_mib']:.0f})")
         lines.append(head + f" {r['seq_len']} ({r['text_len']}+{r['seq_len'] - r['text_len']}) | "
@@ -277,16 +381,25 @@ def report(rows: list[dict[str, Any]], peaks: list[float], device: str, loads: l
                      f"{r['mfu']:.1%} | {memory} |")
     if not any(r["model"] == "visualbert" for r in rows):
         lines += ["", "VisualBertForPreTraining is not in this transformers: its rows are skipped."]
-    lines += ["", "Where the counted FLOPs of one forward + backward go:", "",
+    presets = list(dict.fromkeys(r["preset"] for r in rows))
+    speeds = [p for p in (speed_paragraph(preset, rows, dtypes) for preset in presets) if p]
+    if speeds:
+        lines += ["", "Step speed ratios, from the median step times (above 1× the first is faster): "
+                  "bf16 / fp32 = fp32 ms ÷ bf16 ms of the same model, Kaleido-BERT / VisualBert = VisualBert ms "
+                  "÷ Kaleido-BERT ms in the same dtype."]
+        lines += [f"\n{p}" for p in speeds]
+    first = next((r["dtype"] for r in counted.values()), dtypes[0])
+    lines += ["", f"Where the counted FLOPs of one forward + backward go (eager, {first}; the other rows reuse the "
+              "count):", "",
               "| preset | model | GFLOP/step | encoder | MLM head | rest (embeddings, other heads, pooler) |",
               "|---|---|---|---|---|---|"]
-    for (preset, model), r in eager.items():
+    for (preset, model), r in counted.items():
         f = r["gflop"]
         rest = 1 - (f["encoder"] + f["mlm_head"]) / f["total"]
         lines.append(f"| {preset} | {model} | {f['total']:.2f} | {f['encoder'] / f['total']:.0%} | "
                      f"{f['mlm_head'] / f['total']:.0%} | {rest:.0%} |")
-    for preset in dict.fromkeys(p for p, _ in eager):
-        k, v = eager.get((preset, "kaleido")), eager.get((preset, "visualbert"))
+    for preset in dict.fromkeys(p for p, _ in counted):
+        k, v = counted.get((preset, "kaleido")), counted.get((preset, "visualbert"))
         if k and v:
             cfg = load_config(preset)
             masked = text_budget(k["text_len"] - 2, cfg.masking.text_ratio, cfg.masking.text_max)
@@ -295,30 +408,32 @@ def report(rows: list[dict[str, Any]], peaks: list[float], device: str, loads: l
                          f"({vf['mlm_head'] / vf['total']:.0%} of its step) and Kaleido-BERT's "
                          f"{kf['mlm_head']:.2f} ({kf['mlm_head'] / kf['total']:.0%}): VisualBert projects "
                          f"all T+P = {v['seq_len']} positions of a pair onto the {cfg.model.vocab_size}-word "
-                         f"vocabulary, Kaleido-BERT only its {masked} masked text positions. Eager step "
-                         f"time, VisualBert / Kaleido-BERT: {v['step_ms'] / k['step_ms']:.2f}×.")
+                         f"vocabulary, Kaleido-BERT only its {masked} masked text positions.")
     compiled = [r for r in rows if r["compile"] and "error" not in r]
     if compiled:
+        eager = {(r["preset"], r["model"], r["dtype"]): r for r in rows if not r["compile"] and "step_ms" in r}
         lines += ["", "torch.compile (the first warm-up step includes compilation, each from an empty "
                   "inductor cache unless TORCHINDUCTOR_CACHE_DIR is set; graphs = FX graphs dynamo compiled, "
                   "1 = no graph break):", ""]
         for r in compiled:
-            e = eager.get((r["preset"], r["model"]))
+            e = eager.get((r["preset"], r["model"], r["dtype"]))
             speed = f"; eager step / compiled step = {e['step_ms'] / r['step_ms']:.2f}" if e else ""
-            lines.append(f"- {r['preset']} / {r['model']}: first step {r['warmup_s'][0]:.0f} s, "
+            lines.append(f"- {r['preset']} / {r['model']} / {r['dtype']}: first step {r['warmup_s'][0]:.0f} s, "
                          f"{r['graphs']} graphs{speed}.")
     return "\n".join(lines) + "\n"
 
 
 NOTES = """
-Step = forward + backward + AdamW, {precision}. Batch = {batch}. Timed steps follow 2 warm-up steps; the
-median is shown (best step, load average and settings per row in the JSON). GFLOP/step is counted by
-FlopCounterMode on the eager model (matmuls and attention; element-wise ops, softmax, LayerNorm and the
-optimizer count nothing) and reused for the compiled rows. 6·N·tok = 6 × non-embedding parameters × B·(T+P),
-the textbook estimate: it leaves out attention scores and the tied vocabulary projection, and it charges every
-token with all five patch projections and every head. VisualBert computes MLM and ITM only (Kaleido-BERT: 7
-tasks); Kaleido-BERT runs BERT's SDPA attention, VisualBert its eager attention. Peak RSS is each
-configuration subprocess's VmHWM (Δ: over its RSS after imports; inductor's compile workers, separate
+Step = forward + backward + AdamW, {precision}. bf16 = `torch.autocast(device, torch.bfloat16)` over the forward
+and the losses, backward and AdamW outside it, fp32 weights and optimizer state (the training loop's
+`train.precision: bf16`; bf16 needs no GradScaler). Compiled rows: {compiled}. Batch = {batch}. Timed steps
+follow 2 warm-up steps; the median is shown (best step, load average and settings per row in the JSON).
+GFLOP/step is counted by FlopCounterMode on the eager model (matmuls and attention; element-wise ops, softmax,
+LayerNorm and the optimizer count nothing) and reused for the other rows. 6·N·tok = 6 × non-embedding parameters
+× B·(T+P), the textbook estimate: it leaves out attention scores and the tied vocabulary projection, and it
+charges every token with all five patch projections and every head. VisualBert computes MLM and ITM only
+(Kaleido-BERT: 7 tasks); Kaleido-BERT runs BERT's SDPA attention, VisualBert its eager attention. Peak RSS is
+each configuration subprocess's VmHWM (Δ: over its RSS after imports; inductor's compile workers, separate
 processes, are not in it). Two-thread CPU timings are very sensitive to other load on the machine (an OpenMP
 thread waits for a descheduled peer at every barrier).
 """
@@ -328,16 +443,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny and demo, eager only (< 2 min)")
     parser.add_argument("--paper", action="store_true", help="paper preset on a CUDA GPU (bf16, batch 64)")
-    parser.add_argument("--cpu", action="store_true", help="with --paper: a reduced fp32 CPU run (batch 4)")
-    parser.add_argument("--presets", nargs="+", default=["tiny", "demo", "small"], choices=list(BATCH_CAP))
+    parser.add_argument("--cpu", action="store_true", help="with --paper: a reduced CPU run (batch 4, eager)")
+    parser.add_argument("--presets", nargs="+", default=None, choices=list(BATCH_CAP),
+                        help="default: tiny demo small (tiny demo with --quick)")
     parser.add_argument("--compile-presets", nargs="+", default=["tiny", "demo", "small"],
                         help="presets also run under torch.compile")
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=None,
+                        help="step dtypes (default: fp32 bf16 on CPU, bf16 on CUDA); bf16 = autocast")
+    parser.add_argument("--compile-bf16", action="store_true",
+                        help="on CPU, compiled rows in bf16 too (default: compiled rows in fp32 only)")
     parser.add_argument("--batch", type=int, default=None, help="override every preset's batch size")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (fewer, ≥3, when a config is slow)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--budget-min", type=float, default=8.5,
+    parser.add_argument("--budget-min", type=float, default=9.25,
                         help="stop launching configurations (compiled ones run last) after this many minutes")
+    parser.add_argument("--result", default="pretrain",
+                        help="write results/NAME.md and .json (NAME_quick / NAME_paper for --quick / --paper)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -345,12 +467,15 @@ def main() -> None:
         return
     if args.paper and not args.cpu and not torch.cuda.is_available():
         sys.exit("bench_pretrain.py --paper needs a CUDA GPU (bf16 autocast, batch 64) and none is visible; "
-                 "use --paper --cpu for a reduced fp32 run on CPU (batch 4, eager only).")
+                 "use --paper --cpu for a reduced run on CPU (batch 4, eager only).")
     device = "cuda" if args.paper and not args.cpu else "cpu"
     specs = plan(args, device)
+    dtypes, compile_dtypes = step_dtypes(args, device)
     torch.set_num_threads(args.threads)
-    measure_peak = cuda_peak_gflops if device == "cuda" else matmul_peak_gflops
-    loads, peaks, rows, start = [os.getloadavg()], [measure_peak()], [], time.perf_counter()
+    support = bf16_support(device)  # measures auto's fp32/bf16 rates before the runs load the machine
+    loads, start = [os.getloadavg()], time.perf_counter()
+    peaks: dict[str, list[dict[str, float]]] = {d: [matmul_peaks(device, d)] for d in dtypes}
+    rows = []
     for spec in specs:
         left = args.budget_min * 60 - (time.perf_counter() - start)
         timeout = min(COMPILE_TIMEOUT_S if spec["compile"] else 600, left)
@@ -359,17 +484,28 @@ def main() -> None:
         rows.append(r)
         done = r.get("error") or (f"{r['step_ms']:.0f} ms/step, {r['pairs_per_s']:.1f} pairs/s, first step "
                                   f"{r['warmup_s'][0]:.1f} s, peak RSS {r['peak_rss_mib']:.0f} MiB")
-        print(f"{spec['preset']:>5} {spec['model']:>10} compile={spec['compile']!s:5} {done}", flush=True)
-    peaks.append(measure_peak())
+        print(f"{spec['preset']:>5} {spec['model']:>10} compile={spec['compile']!s:5} {spec['dtype']} {done}",
+              flush=True)
+    for d in dtypes:
+        peaks[d].append(matmul_peaks(device, d))
     load_text = [" ".join(f"{x:.1f}" for x in la) for la in loads + [os.getloadavg()]]
     caps = ", ".join(f"{k} {v}" for k, v in BATCH_CAP.items() if k != "paper" or args.paper)
     batch = (f"{args.batch} (--batch)" if args.batch else "4 (the reduced --paper --cpu run)"
              if args.paper and device == "cpu" else f"min(preset train.batch_size, {caps})")
-    precision = "bf16 autocast on CUDA" if device == "cuda" else f"fp32 on CPU, {args.threads} threads"
-    rows.sort(key=lambda r: (list(BATCH_CAP).index(r["preset"]), r["model"], r["compile"]))
-    markdown = report(rows, peaks, device, load_text) + NOTES.format(precision=precision, batch=batch)
-    name = "pretrain" + ("_paper" if args.paper else "_quick" if args.quick else "")
-    write_result(name, {"peak_gflops": peaks, "load_average": load_text, "device": device,
+    where = "on CUDA" if device == "cuda" else f"on CPU, {args.threads} threads"
+    precision = " and ".join(d if d == "fp32" else "bf16 autocast" for d in dtypes) + " " + where
+    if any(s["compile"] for s in specs):
+        compiled = " and ".join(compile_dtypes) + ("" if compile_dtypes == dtypes else " only (--compile-bf16 "
+                                                   "adds bf16)")
+    else:
+        compiled = "none (eager only)"
+    rows.sort(key=lambda r: (list(BATCH_CAP).index(r["preset"]), r["model"], r["compile"],
+                             DTYPES.index(r["dtype"])))
+    markdown = report(rows, peaks, device, load_text, support) + NOTES.format(
+        precision=precision, batch=batch, compiled=compiled)
+    name = args.result + ("_paper" if args.paper else "_quick" if args.quick else "")
+    write_result(name, {"peak_gflops": peaks, "bf16_support": support, "load_average": load_text,
+                        "device": device, "dtypes": dtypes, "compile_dtypes": compile_dtypes,
                         "machine": machine(), "transformers": __import__("transformers").__version__,
                         "rows": rows}, markdown)
 

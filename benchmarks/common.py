@@ -1,4 +1,4 @@
-"""Shared benchmark helpers: the offline environment, the machine's measured fp32 matmul peak and result writing.
+"""Shared benchmark helpers: the offline environment, the machine's measured matmul peak (fp32 or bf16) and result writing.
 
 Every benchmark imports this module before anything from ``kaleido_bert`` or ``transformers``, so the model hubs
 are never asked (the machines have no route to them) and tokenizers do not fork threads under the CLI's workers.
@@ -22,14 +22,23 @@ from kaleido_bert.distributed import describe_machine, machine_line  # noqa: E40
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def matmul_peak_gflops(n: int = 4096, repeats: int = 3) -> float:
-    """Best-of-``repeats`` fp32 GFLOP/s of an n×n matmul with the current torch thread count."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak_gflops(n: int = 4096, repeats: int = 3, *, dtype: torch.dtype = torch.float32,
+                       device: str = "cpu") -> float:
+    """Best-of-``repeats`` GFLOP/s of an n×n matmul in ``dtype`` on ``device`` (fp32 on the CPU by default,
+    with the current torch thread count)."""
+    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
+
+    def sync() -> None:
+        if device != "cpu":
+            torch.cuda.synchronize()
+
     torch.mm(a, b)  # warm-up
     best = float("inf")
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         torch.mm(a, b)
+        sync()
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best / 1e9
 
