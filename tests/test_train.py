@@ -198,6 +198,28 @@ def test_accumulation_gives_the_global_batch_mean(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
 
 
+def test_a_bf16_step_gives_the_fp32_losses_to_bf16_precision(tmp_path):
+    """``train.precision: bf16`` autocasts the forward: the first step (the same seeded weights, the same batch)
+    logs every task's loss within bf16's relative 2e-2 of fp32's, and not bit-equal (bf16 did run)."""
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            cast = torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype
+    except RuntimeError as err:
+        pytest.skip(f"no CPU bf16 autocast in this torch: {err}")
+    if cast != torch.bfloat16:
+        pytest.skip(f"CPU autocast ran a matmul in {cast}, not bf16")
+    base = ("train.max_steps=1", "train.save_every=1", "train.eval_every=1")
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        _train(tmp_path / precision, _config(*base, f"train.precision={precision}"))
+        (row,) = _rows(tmp_path / precision)
+        losses[precision] = {k: float(v) for k, v in row.items() if k.startswith("train/")}
+    assert losses["bf16"].keys() == losses["fp32"].keys() and len(losses["fp32"]) > 2
+    for key, fp32 in losses["fp32"].items():
+        assert losses["bf16"][key] == pytest.approx(fp32, rel=2e-2), key
+    assert losses["bf16"]["train/loss"] != losses["fp32"]["train/loss"]
+
+
 def test_loader_workers_read_the_same_batches_across_epochs(tmp_path):
     """Workers live for the whole run; each item carries its epoch, so they follow ``set_epoch`` too."""
     base = ("train.max_steps=7", "train.save_every=7", "train.eval_every=7")  # 3 steps per epoch: 3 epochs
