@@ -1,6 +1,7 @@
-"""The README's examples run as a newcomer pastes them: every ```python block, against a tiny ``kaleido demo``.
+"""The documentation's examples run as a newcomer pastes them: every ```python block of README.md and docs/*.md,
+against a tiny ``kaleido demo``.
 
-The demo run lives at ``runs/demo`` under a temporary working directory (the path the README uses), built with the
+The demo run lives at ``runs/demo`` under a temporary working directory (the path the examples use), built with the
 tiny preset and a few fine-tuning steps. Also checks that the run describes itself: ``kaleido evaluate runs/demo``
 needs no ``--config`` nor ``--set data.…`` (it reads ``runs/demo/run.yaml``).
 """
@@ -15,7 +16,9 @@ import pytest
 
 from kaleido_bert.cli import main
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCUMENTS = [README, *sorted((ROOT / "docs").glob("*.md"))]
 TINY_DEMO = ["--config", "tiny", "--set", "model.vocab_size=30522", "--set", "model.patch_feature_size=512",
              "--set", "align.epochs=1", "--set", "finetune.max_steps=2", "--set", "finetune.caption_max_steps=2",
              "--set", "finetune.batch_size=8", "--set", "eval.caption_items=4"]
@@ -25,6 +28,11 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def python_blocks(text: str) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+
+
+EXAMPLES = [(f"{doc.relative_to(ROOT).as_posix()} python block {index}", code)
+            for doc in DOCUMENTS for index, code in enumerate(python_blocks(doc.read_text()), 1)]
+"""(where, code) of every ```python block of README.md and docs/*.md, in document order."""
 
 
 @pytest.fixture(scope="module")
@@ -40,15 +48,15 @@ def demo_cwd(tmp_path_factory):
         os.chdir(before)
 
 
-def test_the_readme_has_python_examples():
-    assert len(python_blocks(README.read_text())) >= 4
+def test_the_readme_and_the_docs_have_python_examples():
+    assert python_blocks(README.read_text()), "the README shows no Python example"
+    assert len(EXAMPLES) >= 5 and len({where.split()[0] for where, _ in EXAMPLES}) >= 3
 
 
-@pytest.mark.parametrize("index", range(len(python_blocks(README.read_text()))))
-def test_every_readme_python_block_runs(demo_cwd, index, monkeypatch, capsys):
+@pytest.mark.parametrize("where, code", EXAMPLES, ids=[where for where, _ in EXAMPLES])
+def test_every_python_example_runs(demo_cwd, where, code, monkeypatch, capsys):
     monkeypatch.chdir(demo_cwd)
-    code = python_blocks(README.read_text())[index]
-    exec(compile(code, f"README.md python block {index + 1}", "exec"), {"__name__": "__readme__"})
+    exec(compile(code, where, "exec"), {"__name__": "__readme__"})
     capsys.readouterr()
 
 
