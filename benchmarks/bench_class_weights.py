@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, write_result  # noqa: E402
 
 from kaleido_bert.config.loading import load_config  # noqa: E402
-from kaleido_bert.config.sections import CLASS_WEIGHTS  # noqa: E402
+from kaleido_bert.config.recipe import CLASS_WEIGHTS  # noqa: E402
 from kaleido_bert.data.label_scores import classification_metrics  # noqa: E402
 from kaleido_bert.data.tokenizer import load_tokenizer  # noqa: E402
 from kaleido_bert.runs import resolve_checkpoint  # noqa: E402

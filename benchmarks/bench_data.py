@@ -64,7 +64,7 @@ def build_world(root: Path, products: int, feature_size: int) -> None:
     from kaleido_bert.data.catalogue import load_catalogue
     from kaleido_bert.data.synth import synthesize
     from kaleido_bert.data.tokenizer import load_tokenizer
-    from kaleido_bert.patches.store import StoreWriter
+    from kaleido_bert.patches.store_writer import StoreWriter
 
     cat_dir = root / f"catalogue-{products}"
     if not (cat_dir / "catalogue.jsonl").is_file():

@@ -119,7 +119,7 @@ def random_store(catalogue: Path, target: Path, feature_size: int) -> float:
     import torch
 
     from kaleido_bert.data.catalogue import load_catalogue
-    from kaleido_bert.patches.store import StoreWriter
+    from kaleido_bert.patches.store_writer import StoreWriter
 
     if (target / "manifest.json").is_file() and json.loads((target / "manifest.json").read_text())["complete"]:
         return float("nan")

@@ -30,7 +30,8 @@ from kaleido_bert.model.decoding import generate, generate_one_shot, greedy, seq
 from kaleido_bert.model.encoder import KaleidoBertConfig
 from kaleido_bert.model.heads import KaleidoBertForPreTraining
 from kaleido_bert.patches.features import FEATURES_PER_IMAGE
-from kaleido_bert.patches.store import FeatureStore, StoreWriter
+from kaleido_bert.patches.store import FeatureStore
+from kaleido_bert.patches.store_writer import StoreWriter
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -259,7 +259,7 @@ def test_a_corrupt_caption_choice_is_a_one_line_error(tmp_path):
     config = load_config("tiny", ["eval.caption_retrieval_k=3", "eval.caption_retrieval_grid=[1,3]"])
     assert caption_k(tmp_path, config) == 3
     (tmp_path / CHOICE).write_text('{"k": 3, "gri')
-    with pytest.raises(KaleidoError, match="caption_retrieval.json is unreadable") as err:
+    with pytest.raises(KaleidoError, match="caption_retrieval.json is not valid JSON") as err:
         caption_k(tmp_path, config)
     assert "\n" not in str(err.value)
     (tmp_path / CHOICE).write_text('{"k": 0, "grid": []}')

@@ -76,7 +76,7 @@ def test_product_in_two_splits(tmp_path):
 def test_unloadable_files_are_one_line_problems(catalogue):
     (catalogue / LABELS_FILE).write_text("{not json")
     report = check_catalogue(catalogue, progress=False)
-    assert not report.ok and "labels.json: not valid JSON" in report.problems[0]["problem"]
+    assert not report.ok and "labels.json is not valid JSON" in report.problems[0]["problem"]
     (catalogue / CATALOGUE_FILE).write_bytes(b'{"id": "caf\xe9"}\n')
     report = check_catalogue(catalogue, progress=False)
     assert not report.ok and "line 1: not valid UTF-8" in report.problems[0]["problem"]

@@ -365,8 +365,9 @@ def test_an_invalid_config_value_is_one_line_naming_the_key(tmp_path, capsys, ov
     error_line(err, override.split("=")[0])
 
 
-def _out_commands() -> list[list[str]]:
-    """argv (with placeholder positionals) of every subcommand that takes --out."""
+def _out_commands(placeholder: str = "x") -> list[list[str]]:
+    """argv (with ``placeholder`` positionals: an existing path passes the RUN check) of every subcommand that
+    takes --out."""
     commands = []
 
     def walk(parser, prefix):
@@ -379,7 +380,7 @@ def _out_commands() -> list[list[str]]:
             argv = list(prefix)
             for a in parser._actions:
                 if not a.option_strings and a.__class__.__name__ != "_SubParsersAction":
-                    argv.append(a.choices[0] if a.choices else "x")
+                    argv.append(a.choices[0] if a.choices else placeholder)
                 elif a.required and a.option_strings[0] != "--out":
                     argv += [a.option_strings[0], "x"]
             commands.append(argv)
@@ -391,7 +392,7 @@ def _out_commands() -> list[list[str]]:
 def test_out_naming_an_existing_file_is_refused_by_every_command(tmp_path, capsys):
     target = tmp_path / "a-file"
     target.write_text("keep me")
-    commands = _out_commands()
+    commands = _out_commands(str(tmp_path))
     assert len(commands) >= 15
     for argv in commands:
         out = tmp_path if argv[:2] in (["patches", "show"], ["align", "show"]) else target / "sub"

@@ -191,7 +191,7 @@ def test_hash_mismatch_and_damaged_directories(tmp_path, data):
     with pytest.raises(ProductIndexError, match="not a readable FAISS index"):
         ProductIndex.load(tmp_path / "idx")
     (tmp_path / "idx" / "meta.json").write_text("{")
-    with pytest.raises(ProductIndexError, match="meta.json: not valid JSON"):
+    with pytest.raises(ProductIndexError, match="meta.json is not valid JSON"):
         ProductIndex.load(tmp_path / "idx")
 
 

@@ -19,7 +19,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from fixtures import pretrain_itc_run, tiny_config_on
+from fixtures import ITC_TASKS, pretrain_itc_run, tiny_config_on
 from kaleido_bert.cli import main
 from kaleido_bert.errors import KaleidoError
 
@@ -50,7 +50,7 @@ def trained(tmp_path_factory, one_torch_thread):
     root = pretrain_itc_run(tmp_path_factory.mktemp("onnx"), _config, products=11, seed=5,
                             extra=("train.max_steps=4",))
     checkpoint = resolve_checkpoint(root / "run")
-    fit_itc_member(checkpoint, _config(root, f"train.probe_mix=[{MIX}]"), progress=False)
+    fit_itc_member(checkpoint, _config(root, ITC_TASKS, f"train.probe_mix=[{MIX}]"), progress=False)
     out = root / "export"
     assert main(["export", str(root / "run"), "--format", "onnx", "--out", str(out), "--int8"]) == 0
     return root, checkpoint, out
@@ -253,7 +253,7 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     (tmp_path / "a-file").write_text("x")
     cases = [
         (["export", str(tmp_path / "catalogue-only"), "--out", str(tmp_path / "out")], "holds no pre-trained model"),
-        (["export", str(tmp_path / "missing"), "--out", str(tmp_path / "out")], "holds no pre-trained model"),
+        (["export", str(tmp_path / "missing"), "--out", str(tmp_path / "out")], "no run at"),
         (["export", str(tmp_path), "--out", str(tmp_path / "a-file")], "is an existing file, not a directory"),
     ]
     for argv, message in cases:
@@ -271,5 +271,5 @@ def test_bad_input_is_one_line(tmp_path, capsys):
         OnnxDualEncoder(tmp_path / "busy")
     shutil.copytree(tmp_path / "busy", tmp_path / "broken")
     (tmp_path / "broken" / "kaleido-onnx.json").write_text("{not json")
-    with pytest.raises(KaleidoError, match="unreadable"):
+    with pytest.raises(KaleidoError, match="kaleido-onnx.json is not valid JSON"):
         OnnxDualEncoder(tmp_path / "broken")

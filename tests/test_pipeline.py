@@ -262,7 +262,8 @@ def test_a_query_bank_in_the_checkpoint_normalises_the_services_search(run_root,
     """A β kept in the retrieval checkpoint (eval.query_bank_betas) gives the index's vectors their offsets: a
     description query ranks images by ``cos − offset`` (brute force over every image), a photo ranks products by
     the plain cosine, and the config hash changes, so an index built without the bank is refused."""
-    from kaleido_bert.eval.query_bank import BANK_CONFIG, choose_query_bank, load_query_bank
+    from kaleido_bert.eval.query_bank import BANK_CONFIG, load_query_bank
+    from kaleido_bert.eval.query_bank_fit import choose_query_bank
     from kaleido_bert.model.dual_encoder import store_patches
     from kaleido_bert.runs import resolve_checkpoint
     from kaleido_bert.serve.catalogue_index import CatalogueIndex, open_run

@@ -320,6 +320,7 @@ def test_each_classifier_is_weighted_by_its_own_field(pipeline):
                                           load_tokenizer(checkpoint))
         labels = [model.config.label2id[getattr(it, field)] for it in train_set.items]
         assert torch.equal(model.class_weight, class_weights(labels, model.config.num_labels, kind))
+        assert model.config.classifier_class_weights == model.class_weight.tolist()  # saved in config.json
     config = _config(pipeline, "finetune.class_weights={'category': 'sqrt'}")
     model, *_ = build_task("subcategory", finetune_config(config, "subcategory"), checkpoint,
                            load_tokenizer(checkpoint))

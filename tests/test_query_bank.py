@@ -25,11 +25,11 @@ from kaleido_bert.eval.query_bank import (
     QueryBank,
     as_queries,
     bank_offsets,
-    choose_query_bank,
     load_query_bank,
     query_bank_choice,
     with_offsets,
 )
+from kaleido_bert.eval.query_bank_fit import choose_query_bank
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -209,7 +209,7 @@ def test_a_corrupt_bank_is_a_one_line_error(pretrained, tmp_path):
     shutil.copytree(resolve_checkpoint(pretrained / "run" / "pretrain"), checkpoint)
     config = _config(pretrained, f"eval.query_bank_betas={BETAS}")
     (checkpoint / BANK_CONFIG).write_text('{"beta": 3, "gri')
-    with pytest.raises(KaleidoError, match="query_bank.json is unreadable") as err:
+    with pytest.raises(KaleidoError, match="query_bank.json is not valid JSON") as err:
         query_bank_choice(checkpoint, config)
     assert "\n" not in str(err.value)
     body = {"beta": -1, "grid": [], "mix": 1.0, "dim": 8, "images": 2, "texts": 2}

@@ -134,7 +134,8 @@ def test_new_parameters_are_those_the_initialisation_did_not_provide():
     assert patches and any(n.startswith("heads.itc.") for n in heads)
     assert new_parameters(model, report, _config()) == heads | patches
     assert new_parameters(model, None, _config()) == set()  # no initialisation: one lr for all
-    probed = new_parameters(model, report, _config("train.probe_init=true"))
+    probed = new_parameters(model, report, _config("train.probe_init=true", f"model.tasks={list(KNOWN_TASKS)}",
+                                                   "model.itc_pool=mean"))
     assert probed == {n for n in heads | patches if not n.startswith("heads.itc.")}
     with pytest.raises(Exception, match="new_lr_scale"):
         _config("train.new_lr_scale=0")

@@ -165,7 +165,7 @@ def test_a_store_grows_with_its_catalogue_and_equals_one_built_from_scratch(tmp_
 
 
 def test_a_grow_killed_before_its_swap_leaves_the_old_store_and_a_rerun_finishes(tmp_path, monkeypatch):
-    from kaleido_bert.patches import store as store_module
+    from kaleido_bert.patches import store_writer as store_module
 
     root = make_catalogue(tmp_path / "cat")
     config = load_config("tiny").features

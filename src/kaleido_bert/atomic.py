@@ -5,6 +5,7 @@ A directory is built in a hidden sibling ``.NAME.<pid>@<host>.<random>.partial``
 partial of a process that was killed (kill -9, power loss) is removed by the next :func:`atomic_directory` of the
 same target once its owner is known to be gone (same host, pid no longer alive). :func:`describe_os_error` and
 :func:`one_line_os_errors` turn an ``OSError`` (a full disk, a read-only file system) into one line naming the path.
+:func:`read_json` is the reading side of :func:`atomic_write_json`: the one way a JSON file is read and checked.
 """
 
 from __future__ import annotations
@@ -84,6 +85,40 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
+
+
+JSON_KINDS = {dict: "a JSON object", list: "a JSON array"}
+"""How :func:`read_json` names the kinds of value a file may be asked to hold."""
+
+
+def read_json(path: str | Path, kind: type = dict, *, what: str | None = None, fix: str = "",
+              error: type[KaleidoError] = KaleidoError) -> Any:
+    """The value of the JSON file at ``path``, checked to be a ``kind`` (``dict``, ``list``; ``object``: any).
+
+    Args:
+        what: how a refusal names what the file should hold (default: "a JSON object" / "a JSON array").
+        fix: what to do about a refusal, appended after a colon (e.g. "re-run `kaleido evaluate`").
+        error: the :class:`~kaleido_bert.errors.KaleidoError` subclass to raise.
+
+    Raises:
+        error: one line naming ``path``: it is missing, unreadable (an ``OSError``: a directory, no permission),
+            not UTF-8 JSON (the decoder's reason and position), or not a ``kind``.
+    """
+    path = Path(path)
+    tail = f": {fix}" if fix else ""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path} is missing{tail}") from None
+    except OSError as err:
+        raise error(f"{path} is unreadable ({err.strerror or type(err).__name__}){tail}") from None
+    except UnicodeDecodeError:
+        raise error(f"{path} is not valid JSON (not UTF-8 text){tail}") from None
+    except json.JSONDecodeError as err:
+        raise error(f"{path} is not valid JSON ({err.msg}: line {err.lineno} column {err.colno}){tail}") from None
+    if not isinstance(value, kind):
+        raise error(f"{path} does not hold {what or JSON_KINDS.get(kind, kind.__name__)}{tail}")
+    return value
 
 
 def _owner_alive(pid: int) -> bool:

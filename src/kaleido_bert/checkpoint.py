@@ -19,7 +19,6 @@ moment leaves the previous checkpoint usable. ``.pt`` files are read with ``torc
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import shutil
@@ -31,7 +30,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from kaleido_bert.atomic import atomic_directory, atomic_write_text
+from kaleido_bert.atomic import atomic_directory, atomic_write_text, read_json
 from kaleido_bert.config import ModelConfig, RunConfig
 from kaleido_bert.data.tokenizer import resolve_bert_dir
 from kaleido_bert.errors import KaleidoError
@@ -200,15 +199,12 @@ def read_model_config(checkpoint: str | Path) -> dict[str, Any]:
         KaleidoError: the file is missing, not JSON, not an object, or its ``tasks`` is not a list of names.
     """
     path = Path(checkpoint) / "config.json"
-    try:
-        found = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise KaleidoError(f"{path} is missing or unreadable ({type(err).__name__}): the checkpoint is corrupt, "
-                           "use another one") from None
-    tasks = found.get("tasks", []) if isinstance(found, dict) else None
-    if not isinstance(found, dict) or not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
+    corrupt = "the checkpoint is corrupt, use another one"
+    found = read_json(path, dict, what="a Kaleido-BERT model config (a JSON object)", fix=corrupt)
+    tasks = found.get("tasks", [])
+    if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
         raise KaleidoError(f"{path} does not describe a Kaleido-BERT model (expected a JSON object with a task "
-                           "list): the checkpoint is corrupt, use another one")
+                           f"list): {corrupt}")
     return found
 
 

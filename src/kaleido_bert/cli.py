@@ -1,10 +1,10 @@
-"""The ``kaleido`` command line: a thin map from subcommands to plain functions (SPEC §2 flows).
+"""The ``kaleido`` command line: a thin map from subcommands to plain functions (the flows of docs/cli.md).
 
 Every command that reads a run config takes ``--config NAME|PATH`` and repeated ``--set a.b=value``. A
 :class:`~kaleido_bert.errors.KaleidoError` anywhere becomes one line on stderr and exit code 2, never a traceback;
 so does an ``OSError`` (a full disk, a read-only file system: the line names the path), and an ``--out`` that
 names an existing file where a directory is written (or a directory where a file is) is refused before anything
-runs.
+runs, as is a RUN argument that does not exist.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from kaleido_bert import __version__, commands
 from kaleido_bert.config import PRESET_NAMES
 from kaleido_bert.errors import KaleidoError
 from kaleido_bert.model.zero_shot import DEFAULT_TEMPLATE
-from kaleido_bert.runs import FINETUNE_TASKS
+from kaleido_bert.runs import FINETUNE_TASKS, require_run
 
 
 def _out_dir(value: str) -> str:
@@ -36,6 +36,12 @@ def _out_file(value: str) -> str:
     if Path(value).is_dir():
         raise KaleidoError(f"--out {value} is an existing directory, not a file")
     _out_dir(str(Path(value).parent))
+    return value
+
+
+def _run_path(value: str) -> str:
+    """argparse ``type`` of every RUN argument: refuse a path that does not exist before anything runs."""
+    require_run(value)
     return value
 
 
@@ -200,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     fine.set_defaults(func=commands.cmd_finetune)
 
     ev = sub.add_parser("evaluate", help="the paper's protocols over a run: report.md, metrics.json, plots")
-    ev.add_argument("run", help="run directory (RUN/pretrain, RUN/finetune/...) or a pre-training checkpoint")
+    ev.add_argument("run", type=_run_path, help="run directory (RUN/pretrain, RUN/finetune/...) or a pre-training checkpoint")
     ev.add_argument("--out", type=_out_dir, help="report directory (default RUN/report)")
     ev.add_argument("--candidates", help="re-use a sample-100 candidate file (candidates.json of an earlier report)")
     ev.add_argument("--dataset", default="", help="dataset name printed in the report's column headers")
@@ -214,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=commands.cmd_evaluate)
 
     bl = sub.add_parser("baseline", help="the frozen dual-encoder baseline on the run's test items and candidates")
-    bl.add_argument("run", help="run directory (its report/candidates.json is used when present)")
+    bl.add_argument("run", type=_run_path, help="run directory (its report/candidates.json is used when present)")
     bl.add_argument("--out", type=_out_dir, help="report directory (default RUN/report): baseline.json, report.md's column")
     bl.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="projection training seeds")
     bl.add_argument("--candidates", help="a sample-100 candidate file when the report directory has none")
@@ -223,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     card = sub.add_parser("card", help="(re)write the model card (README.md) of each checkpoint of a run with the "
                                        "metrics of its last evaluation")
-    card.add_argument("run", help="run directory (RUN/pretrain, RUN/finetune/...) or a checkpoint")
+    card.add_argument("run", type=_run_path, help="run directory (RUN/pretrain, RUN/finetune/...) or a checkpoint")
     card.add_argument("--report", help="report directory of the evaluation (default RUN/report)")
     card.set_defaults(func=commands.cmd_card)
 
@@ -236,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     abl.set_defaults(func=commands.cmd_ablate)
 
     idx = sub.add_parser("index", help="embed a catalogue with a run's retrieval model into a search index")
-    idx.add_argument("run", help="run directory (RUN/finetune/retrieval, else RUN/pretrain) or a checkpoint")
+    idx.add_argument("run", type=_run_path, help="run directory (RUN/finetune/retrieval, else RUN/pretrain) or a checkpoint")
     idx.add_argument("--out", type=_out_dir, required=True, help="index directory")
     idx.add_argument("--catalogue", help="catalogue to index (default: data.catalogue of the run config)")
     idx.add_argument("--features", help="its feature store (default: data.features of the run config)")
@@ -247,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     idx.set_defaults(func=commands.cmd_index)
 
     srv = sub.add_parser("serve", help="product search API and web page over a run (search, caption, classify)")
-    srv.add_argument("run", help="run directory (RUN/pretrain, RUN/finetune/...) or a checkpoint")
+    srv.add_argument("run", type=_run_path, help="run directory (RUN/pretrain, RUN/finetune/...) or a checkpoint")
     srv.add_argument("--index", help="index directory from kaleido index (default: embed the catalogue at start)")
     srv.add_argument("--catalogue", help="catalogue served (default: data.catalogue of the run config)")
     srv.add_argument("--features", help="its feature store (default: data.features of the run config)")
@@ -258,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.set_defaults(func=commands.cmd_serve)
 
     zs = sub.add_parser("classify", help="rank labels no classifier was trained on for a photo (zero-shot)")
-    zs.add_argument("run", help="run directory (RUN/finetune/retrieval, else RUN/pretrain) or a checkpoint")
+    zs.add_argument("run", type=_run_path, help="run directory (RUN/finetune/retrieval, else RUN/pretrain) or a checkpoint")
     zs.add_argument("--image", required=True, help="the photo (JPEG, PNG, WebP)")
     zs.add_argument("--labels", required=True, help="comma-separated labels, e.g. 'striped,floral,plain'")
     zs.add_argument("--template", default=DEFAULT_TEMPLATE,
@@ -268,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     zs.set_defaults(func=commands.cmd_classify)
 
     exp = sub.add_parser("export", help="export the dual encoder's text and image towers to ONNX (onnxruntime, no torch)")
-    exp.add_argument("run", help="run directory (RUN/finetune/retrieval, else RUN/pretrain) or a checkpoint")
+    exp.add_argument("run", type=_run_path, help="run directory (RUN/finetune/retrieval, else RUN/pretrain) or a checkpoint")
     exp.add_argument("--format", choices=("onnx",), default="onnx", help="export format (default: onnx)")
     exp.add_argument("--out", type=_out_dir, required=True, help="export directory: text.onnx, image.onnx, "
                      "tokenizer.json, kaleido-onnx.json")

@@ -1,4 +1,4 @@
-"""What each ``kaleido`` subcommand does: plain functions of the parsed arguments (SPEC §2 flows).
+"""What each ``kaleido`` subcommand does: plain functions of the parsed arguments (the flows of docs/cli.md).
 
 :mod:`kaleido_bert.cli` parses the command line and calls one of these; each maps its flags onto the run config
 (:func:`run_config`) and calls the stage it names. Heavy imports happen inside the functions, so ``kaleido --help``
@@ -212,15 +212,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_baseline(args: argparse.Namespace) -> None:
-    import json
-
     from kaleido_bert.eval.baseline import run_baseline
     from kaleido_bert.eval.baseline_report import baseline_intervals, baseline_section, update_report
+    from kaleido_bert.eval.cards import read_metrics
 
     out = Path(args.out) if args.out else Path(args.run) / "report"
     result = run_baseline(run_config(args, args.run), out, seeds=tuple(args.seeds), candidates=args.candidates)
-    metrics_path = out / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    metrics = read_metrics(out) or {}
     print("\n".join(baseline_section(metrics, result, baseline_intervals(out, metrics))[1:-3]))
     report = update_report(out)
     print(f"\nbaseline: {out / 'baseline.json'}" + (f"; report: {report}" if report else ""))
@@ -320,7 +318,7 @@ def cmd_config_show(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    """The whole pipeline on the built-in synthetic catalogue; grows stage by stage (README, "Demo")."""
+    """The whole pipeline on the built-in synthetic catalogue; grows stage by stage (docs/demo.md)."""
     from kaleido_bert.workflows.demo import run_demo
 
     if args.config is None:  # a real catalogue gets the recipe for real catalogues; the synthetic one the demo's

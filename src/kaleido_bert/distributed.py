@@ -179,14 +179,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """Average ``tensor`` over ranks in place (unchanged for one process) and return it."""
-    if dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        tensor /= dist.get_world_size()
-    return tensor
-
-
 def all_gather_object(obj: Any) -> list[Any]:
     """Every rank's ``obj`` in rank order (``[obj]`` for one process)."""
     if not dist.is_initialized():

@@ -18,7 +18,6 @@ report's units (% for recalls and accuracies, a fraction for macro-F1, ×100 for
 from __future__ import annotations
 
 import functools
-import json
 import math
 from collections import Counter
 from collections.abc import Mapping
@@ -29,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from kaleido_bert.atomic import atomic_write_text
+from kaleido_bert.atomic import atomic_write_text, read_json
 from kaleido_bert.data.catalogue import CATALOGUE_FILE, compute_stats, load_catalogue
 from kaleido_bert.errors import KaleidoError
 from kaleido_bert.patches.store_files import MANIFEST
@@ -117,10 +116,10 @@ def _catalogue_facts(path: str, stamp: tuple[int, int]) -> dict[str, Any] | None
 def feature_facts(path: str | Path | None) -> dict[str, Any] | None:
     """Backbone, weights, mode and feature size from the feature store's manifest at ``path`` (None: unknown)."""
     try:
-        manifest = json.loads((Path(path) / MANIFEST).read_text(encoding="utf-8")) if path else None
-    except (OSError, ValueError):
+        manifest = read_json(Path(path) / MANIFEST, dict) if path else None
+    except KaleidoError:  # unreadable: the card says unknown
         return None
-    if not isinstance(manifest, dict):
+    if manifest is None:
         return None
     return {"path": str(path), **{key: manifest.get(key, "?") for key in ("backbone", "weights", "mode",
                                                                             "feature_size")}}
@@ -333,7 +332,7 @@ def render_card(checkpoint: str | Path, *, training: Mapping[str, Any] | None = 
     """
     checkpoint, training = Path(checkpoint), dict(training or {})
     location = str(location or checkpoint)
-    config = json.loads((checkpoint / CONFIG).read_text(encoding="utf-8"))
+    config = read_json(checkpoint / CONFIG, dict)
     recipe_path = checkpoint / RUN_CONFIG
     recipe = (yaml.safe_load(recipe_path.read_text(encoding="utf-8")) or {}) if recipe_path.is_file() else {}
     part = part or training.get("part") or checkpoint_part(config)

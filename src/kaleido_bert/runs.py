@@ -87,6 +87,18 @@ def find_checkpoint(path: str | Path) -> Path | None:
     return None
 
 
+def require_run(path: str | Path) -> Path:
+    """``path`` as a ``Path`` when something exists there: the check every command that reads a run (or a
+    checkpoint) makes first, so a mistyped path is named as such, not as a setting the run would have given.
+
+    Raises:
+        KaleidoError: ``no run at PATH: the path does not exist``.
+    """
+    if not Path(path).exists():
+        raise KaleidoError(f"no run at {path}: the path does not exist")
+    return Path(path)
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory (``config.json`` inside), a stage directory (its latest checkpoint) or a run
     directory (its pre-trained model's latest checkpoint).

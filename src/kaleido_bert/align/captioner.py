@@ -24,7 +24,6 @@ size), ``model.safetensors``, ``vocab.json`` (words in id order) and ``history.j
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
@@ -37,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from kaleido_bert.atomic import atomic_path, atomic_write_json
+from kaleido_bert.atomic import atomic_path, atomic_write_json, read_json
 from kaleido_bert.config import AlignConfig
 from kaleido_bert.data.catalogue import Catalogue, Item, load_catalogue
 from kaleido_bert.errors import KaleidoError
@@ -229,9 +228,9 @@ class Captioner(nn.Module):
     def from_pretrained(cls, directory: str | Path, device: str = "cpu") -> Captioner:
         """Load a checkpoint written by :func:`train_captioner` (weights through safetensors only)."""
         directory = Path(directory)
+        config = read_json(directory / "config.json", dict, fix=f"{directory} is not a captioner checkpoint")
+        vocab = read_json(directory / "vocab.json", list, fix=f"{directory} is not a captioner checkpoint")
         try:
-            config = json.loads((directory / "config.json").read_text())
-            vocab = json.loads((directory / "vocab.json").read_text())
             state = load_file(str(directory / "model.safetensors"), device=device)
         except (OSError, ValueError) as err:
             raise KaleidoError(f"{directory} is not a captioner checkpoint ({type(err).__name__}: {err})") from None

@@ -1,95 +1,27 @@
-"""Loading run configs (SPEC §5, presets): YAML presets shipped in the package, files, dotted ``--set`` overrides.
+"""Loading run configs (the presets of docs/cli.md): YAML presets shipped in the package, files, dotted ``--set`` overrides.
 
 Presets live in ``kaleido_bert/configs/*.yaml`` and are loaded with :func:`load_config`; ``--set a.b=value``
-overrides are parsed with ``ast.literal_eval`` and type-checked against the field's annotation
-(:func:`apply_overrides`, :func:`config_from_dict`): an unknown key or a wrong type is one line naming the key.
+overrides are parsed with ``ast.literal_eval`` (:func:`apply_overrides`) and type-checked against the field's
+annotation when the config is built (:func:`~kaleido_bert.config.sections.config_from_dict`): an unknown key or a
+wrong type is one line naming the key.
 """
 
 from __future__ import annotations
 
 import ast
-import dataclasses
-import math
-import types
-import typing
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from kaleido_bert.config.sections import ConfigError, RunConfig
+from kaleido_bert.config.sections import RunConfig, config_from_dict
+from kaleido_bert.config.validation import ConfigError
 
 PRESET_NAMES = ("tiny", "demo", "small", "real", "paper")
 
 
-# ---------------------------------------------------------------------------------------------- typed building
-def _check_value(key: str, value: Any, annotation: Any) -> Any:
-    """Return ``value`` converted to ``annotation`` or raise a one-line ConfigError naming ``key``."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _check_value(key, value, option)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
-    if origin is list:
-        (item_type,) = typing.get_args(annotation)
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
-        return [_check_value(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
-    if origin is dict:
-        key_type, item_type = typing.get_args(annotation)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
-        return {_check_value(f"{key} key", k, key_type): _check_value(f"{key}.{k}", v, item_type)
-                for k, v in value.items()}
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if annotation is float and isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{key}: {value!r} is not a finite number")
-    if annotation in (int, float, str, bool):
-        if isinstance(value, bool) and annotation is not bool or not isinstance(value, annotation):
-            raise ConfigError(f"{key}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
-        return value
-    raise ConfigError(f"{key}: unsupported field type {annotation!r}")
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")
-    kwargs = {}
-    for name, value in data.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value or {}, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _check_value(f"{prefix}{name}", value, hint)
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {err}") from None
-
-
-def config_from_dict(data: dict[str, Any]) -> RunConfig:
-    """Build a validated RunConfig from a (possibly partial) nested dict."""
-    return _build(RunConfig, data)
-
-
+# ---------------------------------------------------------------------------------------------- overrides
 def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form key.path=value")
@@ -109,7 +41,7 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b=value`` overrides to a nested dict; unknown keys and wrong types fail in :func:`_build`."""
+    """Apply ``a.b=value`` overrides to a nested dict; unknown keys and wrong types fail in :func:`~kaleido_bert.config.validation.build`."""
     for text in overrides:
         path, value = _parse_override(text)
         node = data

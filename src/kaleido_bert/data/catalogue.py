@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from kaleido_bert.atomic import atomic_write_json, atomic_write_text, one_line_os_errors
-from kaleido_bert.config.sections import LABEL_TASKS
+from kaleido_bert.atomic import atomic_write_json, atomic_write_text, one_line_os_errors, read_json
+from kaleido_bert.config.recipe import LABEL_TASKS
 from kaleido_bert.errors import KaleidoError
 
 CATALOGUE_FILE = "catalogue.jsonl"
@@ -291,16 +291,6 @@ def _parse_row(line: str, lineno: int) -> Item:
     return Item(**data)
 
 
-def _read_labels(path: Path) -> dict[str, Any]:
-    try:
-        labels = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CatalogueError(f"{LABELS_FILE}: not valid JSON ({str(err).splitlines()[0][:80]})") from None
-    if not isinstance(labels, dict):
-        raise CatalogueError(f"{LABELS_FILE}: expected a JSON object")
-    return labels
-
-
 def load_catalogue(root: str | Path) -> Catalogue:
     """Read and validate a catalogue directory.
 
@@ -329,7 +319,7 @@ def load_catalogue(root: str | Path) -> Catalogue:
             items.append(item)
     check_split_rule(items)
     labels_path = root / LABELS_FILE
-    labels = _read_labels(labels_path) if labels_path.is_file() else build_labels(items)
+    labels = read_json(labels_path, dict, error=CatalogueError) if labels_path.is_file() else build_labels(items)
     for it in items:
         for kind in ("category", "subcategory"):
             if getattr(it, kind) not in labels.get(kind, {}):

@@ -9,13 +9,13 @@ recomputed, plus image width/height quantiles and the problem count.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from kaleido_bert.atomic import read_json
 from kaleido_bert.data.catalogue import (
     STATS_FILE,
     CatalogueError,
@@ -25,6 +25,7 @@ from kaleido_bert.data.catalogue import (
     quantiles,
 )
 from kaleido_bert.data.images import ImageProblem, inspect_image
+from kaleido_bert.errors import KaleidoError
 
 LISTED_PROBLEMS = 10
 """How many problems :meth:`CheckReport.format` lists one by one."""
@@ -88,10 +89,9 @@ def _stale_stats(root: Path, stats: dict[str, Any]) -> list[dict[str, Any]]:
     if not path.is_file():
         return [{"problem": f"{STATS_FILE} is missing", "level": "warning"}]
     try:
-        stored = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return [{"problem": f"{STATS_FILE} is not valid JSON", "level": "warning"}]
-    stored = stored if isinstance(stored, dict) else {}
+        stored = read_json(path, dict)
+    except KaleidoError as err:  # not valid JSON or not an object: a warning, the numbers are recomputed anyway
+        return [{"problem": str(err), "level": "warning"}]
     return [
         {
             "problem": f"{STATS_FILE} is stale: {key} is {stored.get(key)} there, {stats[key]} recomputed",

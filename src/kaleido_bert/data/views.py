@@ -17,7 +17,7 @@ copy of a test product in every gallery). Search indexes leave views out
 
 Adding views rewrites ``catalogue.jsonl`` (its hash changes and it gains items): ``kaleido patches CAT --out
 STORE`` on the catalogue's store then grows it and extracts only the views
-(:func:`kaleido_bert.patches.store.grow_rows`). Adding views again with the same ``max_side`` changes nothing.
+(:func:`kaleido_bert.patches.store_writer.grow_rows`). Adding views again with the same ``max_side`` changes nothing.
 """
 
 from __future__ import annotations

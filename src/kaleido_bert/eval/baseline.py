@@ -1,4 +1,4 @@
-"""The frozen dual-encoder baseline: what a linear probe on frozen features scores on the model's protocols (issue 13).
+"""The frozen dual-encoder baseline: what a linear probe on frozen features scores on the model's protocols (beyond the paper).
 
 Image side: the feature store's frozen features, either the whole-image pooled feature (the 1×1 Kaleido patch, row 0
 of the colour patches) or the mean of the 55 colour patches, whichever scores higher full-gallery mean recall on the
@@ -199,8 +199,8 @@ def query_bank_gallery(scorer: EmbeddingScorer, catalogue: Catalogue, available:
                         betas: list[float]) -> dict[str, float]:
     """The baseline's full gallery normalised by its own training queries as the model's is
     (:mod:`kaleido_bert.eval.query_bank`, β chosen among ``betas`` on validation mean recall; not a row of the
-    comparison, which keeps the issue's baseline): ``query_bank/beta`` and ``query_bank/{itr,tir}_gallery/…``."""
-    from kaleido_bert.eval.query_bank import choose_beta, embed_bank
+    comparison, which keeps the plain baseline): ``query_bank/beta`` and ``query_bank/{itr,tir}_gallery/…``."""
+    from kaleido_bert.eval.query_bank_fit import choose_beta, embed_bank
     from kaleido_bert.eval.retrieval import evaluate_gallery
 
     bank = embed_bank(scorer, catalogue, available, progress=False)

@@ -1,6 +1,6 @@
-"""The frozen baseline's column in ``report.md``: chance, baseline (mean ± std over seeds) and the model (issue 13).
+"""The frozen baseline's column in ``report.md``: chance, baseline (mean ± std over seeds) and the model (beyond the paper).
 
-:func:`baseline_section` renders the rows of issue 13's table from the model's ``metrics.json`` and the
+:func:`baseline_section` renders the rows of the baseline comparison table from the model's ``metrics.json`` and the
 baseline's ``baseline.json`` (:mod:`kaleido_bert.eval.baseline`), all in %, between HTML-comment markers, so
 :func:`update_report` can put the section into an existing report (``kaleido baseline RUN``) or replace it.
 Where both per-unit outcome files exist (the model's ``outcomes.json``, the baseline's ``baseline-outcomes.json``:
@@ -11,11 +11,10 @@ the model wins or loses by less than the test set can tell apart says so.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from kaleido_bert.atomic import atomic_write_text
+from kaleido_bert.atomic import atomic_write_text, read_json
 from kaleido_bert.errors import KaleidoError
 
 BASELINE_FILE = "baseline.json"
@@ -71,12 +70,12 @@ def baseline_intervals(out: str | Path, metrics: dict[str, Any], *, resamples: i
     (:func:`~kaleido_bert.eval.bootstrap.paired_bootstrap`, macro-F1 in points), for the rows whose model metric
     (the one :func:`comparison_rows` shows) both outcome files in ``out`` cover; ``{}`` without them. Rows over
     different test items (another candidate draw or split) are left out rather than paired wrongly."""
-    from kaleido_bert.eval.bootstrap import OUTCOMES_FILE, available_metrics, paired_bootstrap
+    from kaleido_bert.eval.bootstrap import OUTCOMES_FILE, available_metrics, load_outcomes, paired_bootstrap
 
     out = Path(out)
     if not (out / OUTCOMES_FILE).is_file() or not (out / BASELINE_OUTCOMES_FILE).is_file():
         return {}
-    model, base = (json.loads((out / name).read_text()) for name in (OUTCOMES_FILE, BASELINE_OUTCOMES_FILE))
+    model, base = (load_outcomes(out / name) for name in (OUTCOMES_FILE, BASELINE_OUTCOMES_FILE))
     have_model, have_base = set(available_metrics(model)), set(available_metrics(base))
     found = {}
     for label, model_keys, key in ROWS:
@@ -165,7 +164,7 @@ def format_interval(found: dict[str, float] | None) -> str:
 
 def load_baseline(out: str | Path) -> dict[str, Any] | None:
     path = Path(out) / BASELINE_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(path, dict, fix="re-run `kaleido baseline`") if path.is_file() else None
 
 
 def update_report(out: str | Path) -> Path | None:
@@ -175,7 +174,7 @@ def update_report(out: str | Path) -> Path | None:
     if baseline is None or not report.is_file() or not metrics_path.is_file():
         return None
     text = report.read_text()
-    metrics = json.loads(metrics_path.read_text())
+    metrics = read_json(metrics_path, dict, what="a metrics report (a JSON object)", fix="re-run `kaleido evaluate`")
     section = "\n".join(baseline_section(metrics, baseline, baseline_intervals(out, metrics)))
     if BEGIN in text and END in text:
         head, rest = text.split(BEGIN, 1)

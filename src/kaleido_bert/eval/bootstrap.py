@@ -17,12 +17,12 @@ Shapes: per-query outcomes ``(Q, 3)``; labels ``(N,)``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from kaleido_bert.atomic import read_json
 from kaleido_bert.errors import KaleidoError
 
 OUTCOMES_FILE = "outcomes.json"
@@ -37,12 +37,9 @@ def load_outcomes(report: str | Path) -> dict[str, Any]:
     """
     path = Path(report)
     path = path / OUTCOMES_FILE if path.is_dir() else path
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise KaleidoError(f"no per-query outcomes at {path}: re-run `kaleido evaluate` to write them") from None
-    except json.JSONDecodeError as exc:
-        raise KaleidoError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not path.is_file():
+        raise KaleidoError(f"no per-query outcomes at {path}: re-run `kaleido evaluate` to write them")
+    return read_json(path, dict, fix="re-run `kaleido evaluate` to write it again")
 
 
 def _macro_f1(gold: np.ndarray, pred: np.ndarray) -> float:

@@ -298,17 +298,17 @@ def caption_choice(checkpoint: str | Path, config: RunConfig) -> dict[str, Any] 
     Raises:
         KaleidoError: an unreadable or malformed choice file (one line naming it).
     """
-    import json
+    from kaleido_bert.atomic import read_json
 
     path = Path(checkpoint) / CHOICE
     if not config.eval.caption_retrieval_grid or not path.is_file():
         return None
+    again = "delete it to choose k on validation again"
+    choice = read_json(path, dict, fix=again)
     try:
-        choice = json.loads(path.read_text(encoding="utf-8"))
         k, among = choice["k"], [g["k"] for g in choice["grid"]]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise KaleidoError(f"{path} is unreadable or lacks k and grid ({err.__class__.__name__}): delete it to "
-                           f"choose k on validation again") from None
+    except (KeyError, TypeError) as err:
+        raise KaleidoError(f"{path} lacks k and grid ({err.__class__.__name__}): {again}") from None
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise KaleidoError(f"{path}: k must be a positive integer, got {k!r}")
     return choice if not among or among == list(config.eval.caption_retrieval_grid) else None

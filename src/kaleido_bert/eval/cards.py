@@ -25,12 +25,12 @@ that the last evaluation did not measure (a newer step, a part added later) is "
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from kaleido_bert.atomic import read_json
 from kaleido_bert.checkpoint import load_train_state, read_model_config
 from kaleido_bert.errors import KaleidoError
 from kaleido_bert.eval.baseline_report import load_baseline
@@ -160,13 +160,7 @@ def read_metrics(report: Path) -> dict[str, Any] | None:
     path = report / METRICS_FILE
     if not path.is_file():
         return None
-    try:
-        found = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise KaleidoError(f"{path} is unreadable ({type(err).__name__}): re-run `kaleido evaluate`") from None
-    if not isinstance(found, dict):
-        raise KaleidoError(f"{path} is not a metrics report (expected a JSON object): re-run `kaleido evaluate`")
-    return found
+    return read_json(path, dict, what="a metrics report (a JSON object)", fix="re-run `kaleido evaluate`")
 
 
 def _eval_split(run: str | Path) -> str:

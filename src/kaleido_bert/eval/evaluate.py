@@ -1,4 +1,4 @@
-"""``kaleido evaluate``: the paper's evaluation protocols over a run directory (paper §4.2–4.3; SPEC §4).
+"""``kaleido evaluate``: the paper's evaluation protocols over a run directory (paper §4.2–4.3).
 
 A run directory has the layout ``kaleido demo`` writes (each part optional except the pre-trained model)::
 
@@ -201,7 +201,8 @@ def _evaluate_parts(parts: dict[str, Path], config: RunConfig, out: Path, *, can
 
     searched = parts.get("retrieval", parts["pretrain"])  # the model whose dual encoder ranks the full gallery
     if gallery and config.eval.query_bank_betas:
-        from kaleido_bert.eval.query_bank import choose_query_bank, query_bank_choice
+        from kaleido_bert.eval.query_bank import query_bank_choice
+        from kaleido_bert.eval.query_bank_fit import choose_query_bank
 
         if query_bank_choice(searched, config) is None:  # once per grid (and WiSE-FT weight)
             timed("query_bank", lambda: choose_query_bank(searched, config, progress=progress, data=data))

@@ -1,4 +1,4 @@
-"""Metric definitions of the evaluation protocols (paper §4, Tables 2 and 3; SPEC §4).
+"""Metric definitions of the evaluation protocols (paper §4, Tables 2 and 3).
 
 Retrieval (ITR / TIR):
 

@@ -20,7 +20,6 @@ Shapes: query embeddings ``(Q, D)``, gallery ``(G, D)``, rankings ``(Q, 10)`` ga
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +32,7 @@ from kaleido_bert.atomic import atomic_write_json, atomic_write_text
 from kaleido_bert.config import RunConfig
 from kaleido_bert.data.catalogue import Catalogue
 from kaleido_bert.errors import KaleidoError
-from kaleido_bert.eval.baseline_report import BASELINE_FILE, format_interval
+from kaleido_bert.eval.baseline_report import BASELINE_FILE, format_interval, load_baseline
 from kaleido_bert.eval.graded_metrics import (
     CUTOFF,
     METRIC_NAMES,
@@ -103,14 +102,9 @@ def recorded_pool(report_dirs: list[Path]) -> tuple[str, str]:
     """The baseline image pool recorded in the first ``baseline.json`` among ``report_dirs`` and where it came
     from; :data:`DEFAULT_POOL` without one."""
     for directory in report_dirs:
-        path = directory / BASELINE_FILE
-        if path.is_file():
-            try:
-                pool = json.loads(path.read_text(encoding="utf-8")).get("image_pool")
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
-                raise KaleidoError(f"{path} is unreadable ({type(err).__name__})") from None
-            if pool:
-                return str(pool), str(path)
+        pool = (load_baseline(directory) or {}).get("image_pool")
+        if pool:
+            return str(pool), str(directory / BASELINE_FILE)
     return DEFAULT_POOL, "the default: the run's report has no baseline.json"
 
 

@@ -1,4 +1,4 @@
-"""Query-bank normalisation of full-gallery search (beyond the paper, SPEC §3.5; the inverted softmax of Smith et
+"""Query-bank normalisation of full-gallery search (beyond the paper; the inverted softmax of Smith et
 al. 2017, "Offline bilingual word vectors, orthogonal transformations and the inverted softmax", as QB-Norm uses
 it, Bogolin et al. CVPR 2022).
 
@@ -13,7 +13,9 @@ Banks, from the **training** split: the training images for a gallery of descrip
 products' descriptions for a gallery of images (TIR). ``β`` is chosen among ``eval.query_bank_betas`` by
 full-gallery mean recall (ITR and TIR averaged) on the **validation** split (the first on a tie) and kept in the
 retrieval checkpoint with the banks' embeddings (:data:`BANK_CONFIG`, :data:`BANK_WEIGHTS`), so the evaluation and
-the search service rank alike.
+the search service rank alike. Embedding the banks and choosing ``β`` (which needs the full-gallery evaluation of
+:mod:`kaleido_bert.eval.retrieval`) is :mod:`kaleido_bert.eval.query_bank_fit`; this module is the bank itself,
+the offsets and the files kept in the checkpoint.
 
 Shapes: bank ``(B, D)``, gallery ``(G, D)`` → offsets ``(G,)``; :func:`with_offsets` ``(G, D)`` → ``(G, D + 1)``,
 :func:`as_queries` ``(Q, D)`` → ``(Q, D + 1)``.
@@ -21,21 +23,17 @@ Shapes: bank ``(B, D)``, gallery ``(G, D)`` → offsets ``(G,)``; :func:`with_of
 
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kaleido_bert.atomic import atomic_path, atomic_write_json
+from kaleido_bert.atomic import atomic_path, atomic_write_json, read_json
 from kaleido_bert.errors import KaleidoError
 
 if TYPE_CHECKING:
     from kaleido_bert.config import RunConfig
-    from kaleido_bert.data.catalogue import Catalogue
-    from kaleido_bert.patches.store import FeatureStore
 
 BANK_CONFIG = "query_bank.json"
 """In the retrieval checkpoint: ``{"beta", "grid", "split", "mix", "dim", "images", "texts", "seconds"}``."""
@@ -103,71 +101,7 @@ class QueryBank:
         return QueryBank(self.images, self.texts, float(beta))
 
 
-def embed_bank(scorer, catalogue: Catalogue, available: set[str], *, progress: bool) -> QueryBank:
-    """The training split's images and product descriptions embedded by ``scorer`` (a
-    :class:`~kaleido_bert.eval.retrieval.PairScorer`), with ``β = 0``."""
-    train = [it for it in catalogue.split("train") if it.id in available]
-    pids = sorted({it.product_id for it in train})
-    return QueryBank(scorer.embed_images([it.id for it in train], progress=progress),
-                     scorer.embed_texts(pids, progress=progress))
-
-
-def choose_query_bank(checkpoint: str | Path, config: RunConfig, *, progress: bool,
-                      data: tuple[Catalogue, FeatureStore] | None = None) -> dict[str, Any]:
-    """Embed the training banks with the retrieval model of ``checkpoint``, choose ``β`` among
-    ``eval.query_bank_betas`` on validation full-gallery mean recall and keep both in ``checkpoint``.
-
-    Returns:
-        The report written to :data:`BANK_CONFIG`: ``beta``, ``grid`` (``[{"beta", "mean_recall"}]``, in %),
-        the banks' sizes and ``seconds``. Without validation items the grid is empty and ``β = 0``.
-
-    Raises:
-        KaleidoError: the checkpoint has no ITC head (no dual encoder to normalise).
-    """
-    from kaleido_bert import distributed as dist
-    from kaleido_bert.eval.retrieval import PairScorer
-    from kaleido_bert.inputs.sources import open_data
-    from kaleido_bert.model.dual_encoder import DualEncoder, product_descriptions
-
-    start = time.perf_counter()
-    checkpoint = Path(checkpoint)
-    catalogue, store = data or open_data(config)
-    encoder = DualEncoder.from_checkpoint(checkpoint, batch_size=config.eval.batch_size, device=dist.device())
-    if not encoder.has_itc:
-        raise KaleidoError(f"eval.query_bank_betas normalises the dual encoder's gallery scores, but checkpoint "
-                           f"{checkpoint} has no ITC head: add itc to model.tasks or set eval.query_bank_betas=[]")
-    scorer = PairScorer(encoder, store, product_descriptions(catalogue.items))
-    available = set(store.available_ids())
-    bank = embed_bank(scorer, catalogue, available, progress=progress)
-    grid, beta = choose_beta(scorer, catalogue, available, bank, config.eval.query_bank_betas)
-    report = {"beta": beta, "grid": grid, "split": "val",
-              "selection": "validation full-gallery mean recall (ITR and TIR averaged, no re-ranking)",
-              "mix": _member_mix(checkpoint), "dim": int(encoder.dim), "images": len(bank.images), "texts": len(bank.texts),
-              "seconds": round(time.perf_counter() - start, 1)}
-    save_query_bank(checkpoint, bank, report)
-    return report
-
-
-def choose_beta(scorer, catalogue: Catalogue, available: set[str], bank: QueryBank, betas: list[float]
-                ) -> tuple[list[dict[str, float]], float]:
-    """Validation full-gallery mean recall (ITR and TIR averaged, no re-ranking, in %) of ``scorer`` with ``bank``
-    at each β (the validation split embedded once), and the best β (the first on a tie; 0 without validation
-    items, when the grid is empty)."""
-    from kaleido_bert.eval.retrieval import evaluate_gallery
-
-    val = {it.id for it in catalogue.split("val") if it.id in available}
-    grid: list[dict[str, float]] = []
-    cache: dict[str, Any] = {}  # the validation embeddings, computed once for every β
-    for beta in betas if val else []:
-        found = evaluate_gallery(scorer, catalogue, val, split="val", rerank_k=0, progress=False,
-                                 bank=bank.with_beta(beta), cache=cache)["metrics"]
-        grid.append({"beta": float(beta), "mean_recall": (found["itr_gallery/mean_recall"]
-                                                          + found["tir_gallery/mean_recall"]) / 2})
-    best = max(range(len(grid)), key=lambda j: (grid[j]["mean_recall"], -j)) if grid else None
-    return grid, grid[best]["beta"] if best is not None else 0.0
-
-
-def _member_mix(checkpoint: str | Path) -> float:
+def member_mix(checkpoint: str | Path) -> float:
     """The WiSE-FT weight ``checkpoint`` ranks with now (1.0 without a frozen member)."""
     from kaleido_bert.model.itc_member import read_member_config
 
@@ -198,18 +132,18 @@ def query_bank_choice(checkpoint: str | Path, config: RunConfig) -> dict[str, An
     path = Path(checkpoint) / BANK_CONFIG
     if not config.eval.query_bank_betas or not path.is_file():
         return None
+    again = "delete it to choose β on validation again"
+    report = read_json(path, dict, fix=again)
     try:
-        report = json.loads(path.read_text(encoding="utf-8"))
         beta, among = float(report["beta"]), [float(g["beta"]) for g in report["grid"]]
         float(report["mix"]), int(report["dim"])
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
-        raise KaleidoError(f"{path} is unreadable or lacks beta, grid, mix and dim ({err.__class__.__name__}): "
-                           f"delete it to choose β on validation again") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise KaleidoError(f"{path} lacks beta, grid, mix and dim ({err.__class__.__name__}): {again}") from None
     if not np.isfinite(beta) or beta < 0:
         raise KaleidoError(f"{path}: beta must be a finite number ≥ 0, got {report['beta']!r}")
     if among and among != [float(b) for b in config.eval.query_bank_betas]:
         return None
-    return report if abs(float(report["mix"]) - _member_mix(checkpoint)) <= 1e-6 else None
+    return report if abs(float(report["mix"]) - member_mix(checkpoint)) <= 1e-6 else None
 
 
 def load_query_bank(checkpoint: str | Path, config: RunConfig, encoder) -> QueryBank | None:

@@ -206,7 +206,7 @@ def write_report(metrics: dict[str, Any], extras: dict[str, Any], config, out: s
              f"R@10 = {1000 / n:.2f}%, SumR = {metrics.get('sample100/chance_SumR', 3200 / n):.1f}.", "", *table2(metrics, dataset), ""]
     lines += _member_note(metrics)
     baseline = load_baseline(out)
-    if baseline is not None:  # the frozen dual-encoder column (issue 13), before the paper's tables
+    if baseline is not None:  # the frozen dual-encoder column, before the paper's tables
         at = lines.index("## Table 2: image↔text retrieval, sample-100 protocol")
         lines[at:at] = baseline_section(metrics, baseline, baseline_intervals(out, metrics))
     sources = metrics.get("sample100/sources")

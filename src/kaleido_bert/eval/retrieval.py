@@ -1,4 +1,4 @@
-"""Cross-modal retrieval: the paper's sample-100 protocol (§4.2 tasks 1–2, Table 2) and full-gallery search (SPEC §3.5).
+"""Cross-modal retrieval: the paper's sample-100 protocol (§4.2 tasks 1–2, Table 2) and full-gallery search (beyond the paper).
 
 **Sample-100** (as the released ``run_i2t.sh``/``run_t2i.sh``, no retrieval fine-tuning needed): each query gets its
 positive and ``num_negatives`` negatives, drawn from the same sub-category first, then the same category, then
@@ -22,7 +22,6 @@ L2-normalised.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from kaleido_bert import distributed as dist
-from kaleido_bert.atomic import atomic_write_json
+from kaleido_bert.atomic import atomic_write_json, read_json
 from kaleido_bert.data.catalogue import Catalogue, Item
 from kaleido_bert.errors import KaleidoError
 from kaleido_bert.eval.metrics import expected_rank_chance, rank_hits, ranked_recall, sum_r
@@ -137,14 +136,13 @@ def load_candidates(path: str | Path, catalogue: Catalogue, available: set[str])
         KaleidoError: unreadable file, missing fields, or an id the catalogue (or store) does not know.
     """
     path = Path(path)
+    data = read_json(path, dict, what="a sample-100 candidate file (a JSON object)")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
         itr, tir = data["itr"], data["tir"]
         for q in (*itr, *tir):
             q["query"], q["positive"], q["candidates"][0]  # noqa: B018 - the shape of every query, checked once
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, IndexError) as err:
-        raise KaleidoError(f"candidate file {path} is unreadable or not a sample-100 file ({type(err).__name__})") \
-            from None
+    except (KeyError, TypeError, IndexError) as err:
+        raise KaleidoError(f"candidate file {path} is not a sample-100 file ({type(err).__name__})") from None
     products = {it.product_id for it in catalogue.items}
     for direction, queries, query_ids, cand_ids in (("itr", itr, available, products), ("tir", tir, products, available)):
         for q in queries:

@@ -17,7 +17,6 @@ Shapes: N items, L labels, D embedding size; image embeddings ``(N, D)``, gold a
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from kaleido_bert.atomic import read_json
 from kaleido_bert.data.catalogue import Catalogue, Item, label_map
 from kaleido_bert.data.label_scores import classification_metrics
 from kaleido_bert.errors import KaleidoError
@@ -211,7 +211,7 @@ def trained_scores(report_dir: Path) -> dict[str, dict[str, float]]:
     path = report_dir / "metrics.json"
     if not path.is_file():
         return {}
-    metrics = json.loads(path.read_text(encoding="utf-8"))
+    metrics = read_json(path, dict, what="a metrics report (a JSON object)", fix="re-run `kaleido evaluate`")
     out: dict[str, dict[str, float]] = {}
     for source in ("image", "image+text"):
         row = {f"{short}/{key}": float(metrics[f"{short}/{source}/{key}"]) for short in FIELDS.values()
@@ -224,13 +224,11 @@ def trained_scores(report_dir: Path) -> dict[str, dict[str, float]]:
 def baseline_pool(report_dir: Path) -> tuple[str, str]:
     """The frozen baseline's image pool chosen on validation (``report_dir/baseline.json``), else
     :data:`DEFAULT_POOL`: ``(pool, where it came from)``."""
-    from kaleido_bert.eval.baseline_report import BASELINE_FILE
+    from kaleido_bert.eval.baseline_report import BASELINE_FILE, load_baseline
 
-    path = report_dir / BASELINE_FILE
-    if path.is_file():
-        pool = json.loads(path.read_text(encoding="utf-8")).get("image_pool")
-        if pool:
-            return str(pool), f"{path.parent.name}/{BASELINE_FILE}"
+    pool = (load_baseline(report_dir) or {}).get("image_pool")
+    if pool:
+        return str(pool), f"{report_dir.name}/{BASELINE_FILE}"
     return DEFAULT_POOL, "default (no baseline report)"
 
 

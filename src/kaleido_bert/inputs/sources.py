@@ -1,4 +1,4 @@
-"""The data a run reads (SPEC §3): the catalogue and the feature store its config names, opened together.
+"""The data a run reads (its config's ``data`` section): the catalogue and the feature store its config names, opened together.
 
 Every stage after feature extraction (pre-training, fine-tuning, evaluation) opens its inputs here, so the checks
 that a store fits its catalogue and the model live in one place.

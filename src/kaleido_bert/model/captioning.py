@@ -1,4 +1,4 @@
-"""Fashion captioning that generates (paper §4.2, task 4 "FC"; SPEC §3.5 "Captioning that actually generates").
+"""Fashion captioning that generates (paper §4.2, task 4 "FC"; generation is beyond the authors' code).
 
 The authors released no captioning code; they described an encoder-only fine-tuning on image features alone that
 masks the whole caption and predicts it in one shot. We keep that as a baseline and add a real generator in the
@@ -40,8 +40,6 @@ from kaleido_bert.model.heads import masked_cross_entropy
 from kaleido_bert.runs import WEIGHTS, resolve_checkpoint
 
 OBJECTIVES = ("seq2seq", "one_shot")
-LOSS_NAMES = {"seq2seq": "caption", "one_shot": "one_shot"}
-"""Objective → the name of its loss in :attr:`CaptionOutput.losses`."""
 
 
 def seq2seq_attention_mask(text_mask: Tensor, num_patches: int) -> Tensor:

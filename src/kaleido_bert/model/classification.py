@@ -1,7 +1,7 @@
 """Category and sub-category prediction (paper §4.2 task 3, "CR & SUB"; Table 3).
 
 As the released ``finetune_main.py``: dropout 0.1 on the pooled ``[CLS]``, one ``Linear(D→C)`` initialised with
-std 0.01, softmax cross-entropy; no pre-training losses and no blanking while fine-tuning. Two inputs (SPEC §3.5):
+std 0.01, softmax cross-entropy; no pre-training losses and no blanking while fine-tuning. Two inputs:
 ``image+text`` (``[CLS] description [SEP]`` + 55 patches, the paper's setting, where the description often names the
 category) and ``image`` (a lone ``[CLS]`` + 55 patches: what a shop needs for a new photo).
 
@@ -29,7 +29,9 @@ alone) that the probe chooses on validation.
 Shapes: text ``(B, T)`` (T = 1 image-only), patches ``(B, 55, F)``, head input ``(B, H)`` (H = D pooled,
 3D+F wide, 3D+F+S wide with the sentence), logits ``(B, C)``, labels ``(B,)``.
 The label map is the training catalogue's ``labels.json`` (``config.label2id``); an item whose label is missing from
-it is refused in one line.
+it is refused in one line. The loss weights per class (``finetune.class_weights``) are ``config.classifier_class_weights``
+(C numbers in ``config.json``; absent = unweighted, as checkpoints written before they were saved), so a reloaded
+classifier computes the loss it was trained with.
 """
 
 from __future__ import annotations
@@ -44,10 +46,27 @@ from torch import Tensor, nn
 from kaleido_bert.errors import KaleidoError
 from kaleido_bert.model.encoder import KaleidoBertModel, KaleidoBertPreTrainedModel, masked_mean
 
-INPUTS = ("image+text", "image")
-"""The two classifier inputs: the description with the image (the paper) or the image alone."""
 HEADS = ("pooled", "wide")
 """The two classifier heads: the pooled ``[CLS]`` (the released code) or the wide concatenation."""
+
+
+def class_weight_of(config) -> Tensor | None:
+    """``config.classifier_class_weights`` (a list of C loss weights, absent or None = unweighted) as ``(C,)``.
+
+    Raises:
+        KaleidoError: not one finite weight ≥ 0 per label (names the lengths or the first bad weight).
+    """
+    weights = getattr(config, "classifier_class_weights", None)
+    if weights is None:
+        return None
+    if not isinstance(weights, list | tuple) or len(weights) != config.num_labels:
+        count = len(weights) if isinstance(weights, list | tuple) else type(weights).__name__
+        raise KaleidoError(f"config.classifier_class_weights has {count} weights for {config.num_labels} labels")
+    bad = [w for w in weights if isinstance(w, bool) or not isinstance(w, int | float) or not 0 <= w < float("inf")]
+    if bad:
+        raise KaleidoError(f"config.classifier_class_weights has the weight {bad[0]!r}: each must be a finite "
+                           "number ≥ 0")
+    return torch.tensor([float(w) for w in weights], dtype=torch.float32)
 
 
 @dataclass
@@ -81,8 +100,9 @@ class KaleidoBertForClassification(KaleidoBertPreTrainedModel):
             self.frozen_classifier = nn.Linear(self.head_size - self.frozen_start, config.num_labels)
             self.frozen_classifier.requires_grad_(False)
             self.register_buffer("frozen_mix", torch.ones(()))  # α: the head's weight in the ensemble
-        # per-class loss weights (C,) set by fine-tuning (finetune.class_weights); not saved with the weights
-        self.register_buffer("class_weight", None, persistent=False)
+        # per-class loss weights (C,) of config.classifier_class_weights (finetune.class_weights; None = unweighted):
+        # config.json owns them, the buffer only follows the model's device
+        self.register_buffer("class_weight", class_weight_of(config), persistent=False)
         self.post_init()
 
     def _sentence_encoder(self, config) -> nn.Module | None:
@@ -149,6 +169,9 @@ class KaleidoBertForClassification(KaleidoBertPreTrainedModel):
             with torch.no_grad():
                 module.weight.normal_(0.0, 0.01)
                 module.bias.zero_()
+        if module is self and self.class_weight is not None:  # non-persistent: rebuilt from config.json
+            with torch.no_grad():
+                self.class_weight.copy_(class_weight_of(self.config))
         if module is self and self.head_type == "wide":
             with torch.no_grad():
                 self.feature_mean.zero_()

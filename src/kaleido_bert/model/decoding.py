@@ -1,4 +1,4 @@
-"""Caption decoding (paper §4.2 FC; SPEC §3.5): greedy, batched beam search and the authors' one-shot fill.
+"""Caption decoding (paper §4.2 FC, generated token by token): greedy, batched beam search and the authors' one-shot fill.
 
 Works on a :class:`~kaleido_bert.model.captioning.KaleidoBertForCaptioning` under its sequence-to-sequence mask:
 each step runs the encoder over ``[caption so far, patches]`` and reads the next-token distribution at the last

@@ -1,4 +1,4 @@
-"""Pre-training heads and losses of Kaleido-BERT (paper §3.5: AMLM, ITM and the five AKPM tasks; SPEC §3.5 ITC).
+"""Pre-training heads and losses of Kaleido-BERT (paper §3.5: AMLM, ITM and the five AKPM tasks; ITC beyond the paper).
 
 =================  ==========================================  =========================  ================
 task               input                                       head                       loss
@@ -23,8 +23,12 @@ ITC queue (``queue_size`` > 0, ``train.itc_queue``; ALBEF §3.1 and MoCo): InfoN
 the other positives of the batch **and** with the detached embeddings of the last ``queue_size`` positives of
 earlier batches, so a batch of 32 still sees hundreds of negatives (the frozen baseline's InfoNCE sees 255). Queued
 pairs of the same product as a row are masked out of its row. The queue is filled in training mode only (validation
-losses stay in-batch), lives on the head and is not saved: a resumed run starts it empty. ALBEF fills its queue
-from a momentum encoder; here the encoder itself fills it, which is close at LP-FT's small learning rates.
+losses stay in-batch) and lives on the head; its size is saved in ``config.json`` (``itc_queue``), the queued
+embeddings are not: a resumed run starts it empty. ALBEF fills its queue from a momentum encoder; here the encoder
+itself fills it, which is close at LP-FT's small learning rates.
+
+Both settings are fields of :class:`~kaleido_bert.model.encoder.KaleidoBertConfig` (``itm_negatives``,
+``itc_queue``), set when the heads are built, so ``from_pretrained`` restores them with the weights.
 
 The KL follows the original: prediction and target are both softmaxed over the F feature dimensions and the loss
 is KL(target ‖ prediction), averaged over the masked patches. Losses are summed unweighted.
@@ -42,6 +46,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.models.bert.modeling_bert import BertLMPredictionHead
 
+from kaleido_bert.config import ITM_NEGATIVES
+from kaleido_bert.errors import KaleidoError
 from kaleido_bert.inputs.masking import IGNORE
 from kaleido_bert.model.encoder import (
     KaleidoBertConfig,
@@ -112,9 +118,12 @@ class ContrastiveHead(nn.Module):
     frozen features stay one linear map away, the frozen baseline's map when ``train.probe_init`` starts from it).
     """
 
-    def __init__(self, hidden_size: int, dim: int = 256, *, pool: str = "cls", feature_size: int | None = None) -> None:
+    def __init__(self, hidden_size: int, dim: int = 256, *, pool: str = "cls", feature_size: int | None = None,
+                 queue_size: int = 0) -> None:
         super().__init__()
         self.pool = pool
+        # config.itc_queue (train.itc_queue): earlier positives kept as extra negatives; 0 = in-batch only
+        self.queue_size = int(queue_size)
         self.text = nn.Linear(hidden_size, dim)
         self.image = nn.Linear(hidden_size, dim)
         if pool == "mean":
@@ -142,10 +151,6 @@ class ContrastiveHead(nn.Module):
         states = masked_mean(out.hidden[:, out.num_text:], attended)  # (B, D)
         raw = masked_mean(patch_features.to(out.hidden.dtype), attended)  # (B, F)
         return F.normalize(self.image(states) + self.skip(raw), dim=-1)
-
-    queue_size: int = 0
-    """``train.itc_queue``: earlier positives kept as extra negatives (see the module docstring); set by the
-    training code, not saved with the weights."""
 
     def forward(self, text_emb: Tensor, image_emb: Tensor, positive: Tensor, product: Tensor | None = None) -> Tensor:
         """InfoNCE over the matching pairs of the batch (``positive`` marks them), ``(B, d)`` embeddings → scalar;
@@ -216,14 +221,19 @@ def mine_negatives(image_emb: Tensor, text_emb: Tensor, scale: Tensor | float, s
 
 
 class PretrainingHeads(nn.Module):
-    """The enabled tasks' heads; :meth:`losses` returns a dict of named scalar losses."""
+    """The enabled tasks' heads; :meth:`losses` returns a dict of named scalar losses.
 
-    itm_negatives: str = "sampled"
-    """``sampled`` or ``mined`` (see the module docstring); set by the training code, not saved with the weights."""
+    Raises:
+        KaleidoError: ``config.itm_negatives`` is not one of :data:`~kaleido_bert.config.ITM_NEGATIVES`.
+    """
 
-    def __init__(self, config, word_embeddings: nn.Embedding) -> None:
+    def __init__(self, config: KaleidoBertConfig, word_embeddings: nn.Embedding) -> None:
         super().__init__()
         tasks, d, f = set(config.tasks), config.hidden_size, config.patch_feature_size
+        if config.itm_negatives not in ITM_NEGATIVES:
+            raise KaleidoError(f"config.itm_negatives={config.itm_negatives!r} must be one of "
+                               f"{', '.join(ITM_NEGATIVES)}")
+        self.itm_negatives = config.itm_negatives  # masking.itm_negatives: sampled or mined (module docstring)
         if "mlm" in tasks:
             self.mlm = BertLMPredictionHead(config)
             self.mlm.decoder.weight = word_embeddings.weight  # tied, as BERT
@@ -234,7 +244,8 @@ class PretrainingHeads(nn.Module):
         self.reconstruct = nn.ModuleDict({name: PatchReconstructor(level, d, f)
                                           for name, level in RECONSTRUCTION_TASKS.items() if name in tasks})
         if "itc" in tasks:
-            self.itc = ContrastiveHead(d, pool=getattr(config, "itc_pool", "cls"), feature_size=f)
+            self.itc = ContrastiveHead(d, pool=getattr(config, "itc_pool", "cls"), feature_size=f,
+                                       queue_size=config.itc_queue)
 
     def losses(self, hidden: Tensor, pooled: Tensor, num_text: int, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         text_hidden, patch_hidden = hidden[:, :num_text], hidden[:, num_text:]  # (B, T, D), (B, P, D)

@@ -1,4 +1,4 @@
-"""The dual encoder's frozen member (issue 13, beyond the paper): WiSE-FT's output ensemble for retrieval.
+"""The dual encoder's frozen member (the `real` recipe, beyond the paper): WiSE-FT's output ensemble for retrieval.
 
 LP-FT starts the ITC head from the linear probe on frozen features (``train.probe_init``); pre-training then moves
 it. Fine-tuning from a strong frozen start can lose robustness under distribution shift (catalogue thumbnails in
@@ -19,7 +19,6 @@ BERT's config, the validation grid) and, when α < 1, :data:`MEMBER_WEIGHTS` (``
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kaleido_bert.atomic import atomic_path, atomic_write_json
+from kaleido_bert.atomic import atomic_path, atomic_write_json, read_json
 from kaleido_bert.errors import KaleidoError
 from kaleido_bert.model.encoder import masked_mean
 
@@ -126,12 +125,12 @@ def read_member_config(checkpoint: str | Path) -> dict[str, Any] | None:
     path = Path(checkpoint) / MEMBER_CONFIG
     if not path.is_file():
         return None
+    again = "fit the ITC member again (`kaleido pretrain --resume`)"
+    found = read_json(path, dict, fix=again)
     try:
-        found = json.loads(path.read_text(encoding="utf-8"))
         float(found["mix"])
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise KaleidoError(f"{path} is unreadable ({type(err).__name__}): fit the ITC member again "
-                           "(`kaleido pretrain --resume`)") from None
+    except (KeyError, TypeError, ValueError) as err:
+        raise KaleidoError(f"{path} has no valid mix ({type(err).__name__}): {again}") from None
     return found
 
 

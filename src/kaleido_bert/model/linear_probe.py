@@ -1,4 +1,4 @@
-"""The linear probe on frozen features (issue 13): the frozen baseline's maps, and the start of LP-FT.
+"""The linear probe on frozen features (beyond the paper): the frozen baseline's maps, and the start of LP-FT.
 
 Frozen image features are the store's colour patch features, pooled (the 1×1 patch or the mean of the patches);
 frozen text features are a BERT checkpoint's last hidden states mean-pooled over real tokens (as sentence encoders

@@ -1,4 +1,4 @@
-"""Loading Kaleido-BERT models from checkpoints (SPEC §3.6): one-line errors, run and stage directories.
+"""Loading Kaleido-BERT models from checkpoints: one-line errors, run and stage directories.
 
 :func:`load_pretrained` is ``cls.from_pretrained`` with transformers' load report silenced, config overrides
 (``tasks``, ``num_labels`` …) and our one-line errors; :func:`require_head` refuses a checkpoint that lacks a

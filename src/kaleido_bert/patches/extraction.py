@@ -7,7 +7,8 @@ image next to the same images as one uninterrupted process does, and writes the 
 already marked done are skipped, so a killed run re-run with the same arguments only does the rest; a bad image
 is recorded and the run goes on. Each image is checked against the content hash the catalogue recorded, and a
 re-run after the catalogue changed extracts the images whose content changed again, and the items it gained
-(the store grows: :func:`~kaleido_bert.patches.store.grow_rows`; :class:`~kaleido_bert.patches.store.StoreWriter`).
+(the store grows: :func:`~kaleido_bert.patches.store_writer.grow_rows`;
+:class:`~kaleido_bert.patches.store_writer.StoreWriter`).
 
 Under ``torchrun`` (``RANK``/``WORLD_SIZE``, :mod:`kaleido_bert.distributed`) batch b goes to rank b mod W.
 Rank 0 projects the store's size, creates or resumes the store and merges what an earlier run's shards committed;
@@ -40,8 +41,8 @@ from kaleido_bert.patches.features import PatchEncoder
 from kaleido_bert.patches.grid import kaleido_boxes, positions
 from kaleido_bert.patches.saliency import build_saliency
 from kaleido_bert.patches.shards import ShardWriter
-from kaleido_bert.patches.store import RowWriter, StoreWriter
 from kaleido_bert.patches.store_files import FAILED, TODO, load_status, shard_files
+from kaleido_bert.patches.store_writer import RowWriter, StoreWriter
 
 IMAGES_PER_BATCH = 8
 """Images per encoder call; batch b of a store is always rows 8b … 8b+7."""

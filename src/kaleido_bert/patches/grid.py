@@ -22,8 +22,6 @@ from torchvision.ops import roi_align
 MAX_LEVELS = 5
 ROTATIONS = (1, 2, 3)
 """Quarter turns of the rotated 1×1 variants (90°, 180°, 270°); label 0 is the unrotated patch."""
-GREY_LEVEL = 4
-"""The level whose patches are greyed (paper: grey-to-colour modelling on the 4×4 grid)."""
 
 
 def level_sizes(num_levels: int = MAX_LEVELS) -> list[int]:

@@ -19,7 +19,6 @@ the whole image is returned with ``fallback=True``; a valid image never raises.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 from tqdm.auto import tqdm
 
-from kaleido_bert.atomic import atomic_write_bytes, atomic_write_json
+from kaleido_bert.atomic import atomic_write_bytes, atomic_write_json, read_json
 from kaleido_bert.data.catalogue import load_catalogue
 from kaleido_bert.data.images import ImageProblem, load_rgb
 from kaleido_bert.errors import KaleidoError
@@ -293,8 +292,9 @@ def _load_unet(checkpoint: str | Path, device: str) -> tuple[SaliencyUNet, int]:
     if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
         raise KaleidoError(f"saliency checkpoint not found: {path} (needs config.json and model.safetensors "
                            "written by 'train_saliency')")
+    cfg = read_json(path / "config.json", dict,
+                    fix="the saliency checkpoint is corrupt (write it again with 'train_saliency')")
     try:
-        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
         depth, image_size = int(cfg.get("depth", 3)), int(cfg["image_size"])
         if image_size < 16 or image_size % 2**depth:
             raise ValueError(f"image_size {image_size} is not a multiple of {2**depth}")

@@ -1,6 +1,6 @@
-"""One rank's part of a sharded feature extraction (``torchrun``; paper §3.2 output, issue 14).
+"""One rank's part of a sharded feature extraction (``torchrun``; paper §3.2 output; sharding is beyond the paper).
 
-Rank 0 creates or resumes the store with :class:`~kaleido_bert.patches.store.StoreWriter` (merging the shards an
+Rank 0 creates or resumes the store with :class:`~kaleido_bert.patches.store_writer.StoreWriter` (merging the shards an
 earlier run left); then every rank opens a :class:`ShardWriter` on the same store: it writes its own rows into
 the shared arrays (``os.pwrite``, :class:`~kaleido_bert.patches.store_files.RowFiles`) and commits its status and
 problems into files of its own, ``status.rank-R-of-W.npy`` ((N,) uint8; 3 where another rank owns the row) and
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from kaleido_bert.atomic import atomic_path, atomic_write_text, one_line_os_errors
-from kaleido_bert.patches.store import RowWriter, describe_mismatch
+from kaleido_bert.patches.store import describe_mismatch
 from kaleido_bert.patches.store_files import (
     IDS,
     MANIFEST,
@@ -31,6 +31,7 @@ from kaleido_bert.patches.store_files import (
     read_store_json,
     shard_files,
 )
+from kaleido_bert.patches.store_writer import RowWriter
 
 
 class ShardWriter(RowWriter):

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from kaleido_bert.atomic import read_json
 from kaleido_bert.errors import KaleidoError
 
 MANIFEST, IDS, IMAGES, STATUS, PROBLEMS = "manifest.json", "ids.json", "images.json", "status.npy", "problems.jsonl"
@@ -95,15 +96,11 @@ def check_npy(path: str | Path, shape: tuple[int, ...] | None = None, dtype: Any
 
 
 def read_store_json(path: Path, kind: type, what: str) -> Any:
-    """A store's JSON file, refused in one line when missing, not JSON or not a ``kind``."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise StoreError(f"{path} is missing (corrupt store: {REBUILD})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise StoreError(f"{path} is not valid JSON ({str(err).splitlines()[0][:60]}): corrupt store, {REBUILD}") from None
-    if not isinstance(value, kind) or (kind is list and not all(isinstance(v, str) for v in value)):
-        raise StoreError(f"{path} does not hold {what} (corrupt store: {REBUILD})")
+    """A store's JSON file (:func:`~kaleido_bert.atomic.read_json`), refused in one line when missing, not JSON or
+    not a ``kind`` (a list: of strings)."""
+    value = read_json(path, kind, what=what, fix=f"corrupt store, {REBUILD}", error=StoreError)
+    if kind is list and not all(isinstance(v, str) for v in value):
+        raise StoreError(f"{path} does not hold {what}: corrupt store, {REBUILD}")
     return value
 
 

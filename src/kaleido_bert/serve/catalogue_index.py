@@ -1,6 +1,6 @@
-"""The catalogue index of the search service: dual-encoder embeddings of every catalogue item (SPEC §3.5, §2 serve).
+"""The catalogue index of the search service: dual-encoder embeddings of every catalogue item (beyond the paper).
 
-Full-gallery search (SPEC §3.5) runs the retrieval model as a dual encoder: text alone gives the text embedding,
+Full-gallery search (beyond the paper) runs the retrieval model as a dual encoder: text alone gives the text embedding,
 a lone ``[CLS]`` in front of the 55 Kaleido patches gives the image embedding (both through the ITC projections
 when the model has them), and the ITM head re-scores the best candidates as a cross-encoder.
 :class:`~kaleido_bert.eval.retrieval.DualEncoder` does all three on raw inputs (query strings, patch features of uploads
@@ -40,7 +40,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from kaleido_bert import distributed as dist
-from kaleido_bert.atomic import atomic_directory, atomic_write_json
+from kaleido_bert.atomic import atomic_directory, atomic_write_json, read_json
+from kaleido_bert.checkpoint import read_model_config
 from kaleido_bert.config import RunConfig, load_config
 from kaleido_bert.data.catalogue import Catalogue, Item, is_view, load_catalogue
 from kaleido_bert.errors import KaleidoError
@@ -109,7 +110,7 @@ def open_run(run: str | Path, *, catalogue: str | Path | None = None,
             raise KaleidoError(f"{configured}, named by the run config of {checkpoint}, is not a directory (relative "
                                f"paths are read from the current directory): pass {flag}")
     cat = load_catalogue(catalogue_dir)
-    feature_size = int(json.loads((checkpoint / "config.json").read_text())["patch_feature_size"])
+    feature_size = int(read_model_config(checkpoint)["patch_feature_size"])
     store = FeatureStore(features_dir, expect={"feature_size": feature_size})
     store.require_catalogue(cat)
     return RunData(run=run, parts=parts, checkpoint=checkpoint, config=config, catalogue=cat, store=store)
@@ -180,10 +181,7 @@ class CatalogueIndex:
         if not (directory / INDEX_JSON).is_file():
             raise KaleidoError(f"{directory} is not a catalogue index ({INDEX_JSON} not found): build one with "
                                "kaleido index RUN --out DIR")
-        try:
-            facts = json.loads((directory / INDEX_JSON).read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise KaleidoError(f"{directory / INDEX_JSON} is unreadable ({type(err).__name__})") from None
+        facts = read_json(directory / INDEX_JSON, dict, fix=f"rebuild it with kaleido index RUN --out {directory}")
         images = ProductIndex.load(directory / IMAGES_DIR, expect_hash=expect_hash)
         texts = ProductIndex.load(directory / TEXTS_DIR, expect_hash=expect_hash)
         return cls(images=images, texts=texts, facts=facts)

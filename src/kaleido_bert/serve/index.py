@@ -27,7 +27,6 @@ On disk an index is a directory, written atomically::
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -36,7 +35,7 @@ from typing import Any, Literal
 import faiss
 import numpy as np
 
-from kaleido_bert.atomic import atomic_directory, atomic_write_json
+from kaleido_bert.atomic import atomic_directory, atomic_write_json, read_json
 from kaleido_bert.errors import KaleidoError
 from kaleido_bert.eval.query_bank import as_queries, with_offsets
 
@@ -352,7 +351,7 @@ class ProductIndex:
         for name in (INDEX_FILE, IDS_FILE, META_FILE):
             if not (directory / name).is_file():
                 raise ProductIndexError(f"{directory} is not a product index: {name} not found")
-        meta = _read_json(directory / META_FILE, dict)
+        meta = read_json(directory / META_FILE, dict, error=ProductIndexError)
         facts = meta.pop("index", None)
         if not isinstance(facts, dict) or facts.get("kind") not in KINDS:
             raise ProductIndexError(f"{directory / META_FILE}: missing or invalid 'index' section")
@@ -361,7 +360,7 @@ class ProductIndex:
             raise ProductIndexError(
                 f"index {directory} was built for config hash {stored or '(none)'}, not {expect_hash}: rebuild it"
             )
-        ids = _read_json(directory / IDS_FILE, list)
+        ids = read_json(directory / IDS_FILE, list, error=ProductIndexError)
         if not all(isinstance(i, str) for i in ids) or len(set(ids)) != len(ids):
             raise ProductIndexError(f"{directory / IDS_FILE}: ids must be unique strings")
         try:
@@ -414,16 +413,6 @@ def _with_offsets(ids: list[str], vectors: np.ndarray, offsets: np.ndarray) -> n
         bad = int(np.flatnonzero(~np.isfinite(found))[0])
         raise ProductIndexError(f"offset of id {ids[bad]!r} is NaN or infinite")
     return np.ascontiguousarray(with_offsets(vectors, found))
-
-
-def _read_json(path: Path, kind: type) -> Any:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ProductIndexError(f"{path}: not valid JSON ({_first_line(err)})") from None
-    if not isinstance(value, kind):
-        raise ProductIndexError(f"{path}: expected a JSON {'object' if kind is dict else 'array'}")
-    return value
 
 
 def _first_line(err: BaseException) -> str:

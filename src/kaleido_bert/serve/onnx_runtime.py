@@ -16,7 +16,6 @@ tokens (≤ the max text length), P patches (55), F patch feature size, D' embed
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from kaleido_bert.atomic import read_json
 from kaleido_bert.errors import KaleidoError
 
 MANIFEST = "kaleido-onnx.json"
@@ -52,11 +52,8 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise KaleidoError(f"{directory} is not an ONNX export ({MANIFEST} not found): write one with "
                            "kaleido export RUN --format onnx --out DIR")
-    try:
-        found = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise KaleidoError(f"{path} is unreadable ({type(err).__name__})") from None
-    if not isinstance(found, dict) or found.get("format") != FORMAT:
+    found = read_json(path, dict, what=f"a {FORMAT} export description (a JSON object)")
+    if found.get("format") != FORMAT:
         raise KaleidoError(f"{path} does not describe a {FORMAT} export")
     if found.get("format_version") != FORMAT_VERSION:
         raise KaleidoError(f"{path} has format version {found.get('format_version')!r}; this reader knows "

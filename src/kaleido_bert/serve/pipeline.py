@@ -1,4 +1,4 @@
-"""The Python API of a trained run: encode, score, search, caption and classify raw images and texts (SPEC §2).
+"""The Python API of a trained run: encode, score, search, caption and classify raw images and texts (beyond the paper).
 
 :class:`KaleidoBertPipeline` loads every model of a run directory once (the layout of
 :func:`kaleido_bert.runs.run_parts`) and is what ``kaleido serve`` wraps (:mod:`kaleido_bert.serve.app`):
@@ -7,7 +7,7 @@
 model                         used by
 ============================  =====================================================================
 finetune/retrieval (else      ``encode_text``, ``encode_image``, ``score``, ``search_text``,
-pretrain)                     ``search_image``: dual-encoder recall, ITM re-ranking (SPEC §3.5); ``zero_shot``:
+pretrain)                     ``search_image``: dual-encoder recall, ITM re-ranking; ``zero_shot``:
                               labels ranked by their prompts' cosine with the photo
 finetune/caption              ``caption``: beam search with the seq2seq mask (paper §4.2 FC); a run
                               without one and with ``eval.caption_retrieval_k`` = k > 0 (the ``real``

@@ -1,4 +1,4 @@
-"""Request fields the search service accepts, and error bodies it can always send back (SPEC §2, ``kaleido serve``).
+"""Request fields the search service accepts, and error bodies it can always send back (``kaleido serve``).
 
 The app (:mod:`kaleido_bert.serve.app`) builds its request models from these field types, so every endpoint holds
 every field to the same rules, and its schema says what the server checks:
@@ -89,7 +89,7 @@ Count = Annotated[StrictInt, BeforeValidator(_json_integer)]
 
 Text = Annotated[StrictStr, BeforeValidator(_utf8)]
 """A string field: a JSON string (not a number, not ``null`` unless the field says ``| None``) that encodes as UTF-8.
-Its length limit is the endpoint's to check: an over-long text is a 413, as the README promises."""
+Its length limit is the endpoint's to check: an over-long text is a 413, as docs/serving.md promises."""
 
 
 def safe_json(value: Any) -> Any:

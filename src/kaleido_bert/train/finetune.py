@@ -1,4 +1,4 @@
-"""Fine-tuning a pre-trained Kaleido-BERT on the downstream tasks (paper §4.2; SPEC §2 ``kaleido finetune``).
+"""Fine-tuning a pre-trained Kaleido-BERT on the downstream tasks (paper §4.2; ``kaleido finetune``).
 
 =============  ==========================================  =================================================
 task           model                                       data
@@ -13,7 +13,7 @@ Each starts from a pre-training checkpoint (the ``bert.*`` weights; the caption 
 retrieval heads from ITM/ITC when present), trains with the one loop of :mod:`kaleido_bert.train.loop` under the
 ``finetune`` section (lr 2e-5 by default, as the released scripts), and writes the same checkpoint layout as
 pre-training, so every run resumes. The paper evaluates retrieval without fine-tuning; ``retrieval`` is our
-addition for full-gallery search (SPEC §3.5).
+addition for full-gallery search (beyond the paper).
 
 Classifiers read ``finetune.head`` (``pooled``, the released code, or ``wide``: see
 :mod:`kaleido_bert.model.classification`; with ``finetune.sentence`` the wide head also reads the frozen sentence
@@ -25,7 +25,6 @@ encoder (LP-FT, Kumar et al. 2022; :mod:`kaleido_bert.train.probe`; its C chosen
 from __future__ import annotations
 
 import dataclasses
-import json
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from kaleido_bert import distributed as dist
-from kaleido_bert.atomic import atomic_write_json
+from kaleido_bert.atomic import atomic_write_json, read_json
 from kaleido_bert.checkpoint import check_model_config, read_model_config
 from kaleido_bert.config import RunConfig
 from kaleido_bert.data.catalogue import LABEL_FIELDS
@@ -105,18 +104,18 @@ def build_task(task: str, config: RunConfig, checkpoint: Path, tokenizer, *, ima
             from transformers import BertConfig
 
             head["classifier_sentence"] = BertConfig.from_pretrained(str(sentence_dir)).to_dict()
+        make = partial(ClassificationDataset, catalogue, store, tokenizer, field=task, label2id=label2id,
+                       image_only=image_only, max_text_len=max_len)
+        train_set = make(split="train")
+        weighting = config.finetune.class_weights_for(task)
+        if weighting != "none":  # the loss weights go into config.json, so the saved classifier keeps them
+            head["classifier_class_weights"] = class_weights([label2id[getattr(it, task)] for it in train_set.items],
+                                                             len(label2id), weighting).tolist()
         model = load_pretrained(KaleidoBertForClassification, checkpoint, num_labels=len(label2id),
                                 label2id=label2id, id2label={i: n for n, i in label2id.items()}, label_field=task,
                                 classifier_input="image" if image_only else "image+text", **head)
         if sentence_dir is not None:
             model.load_sentence(sentence_dir)
-        make = partial(ClassificationDataset, catalogue, store, tokenizer, field=task, label2id=label2id,
-                       image_only=image_only, max_text_len=max_len)
-        train_set = make(split="train")
-        weighting = config.finetune.class_weights_for(task)
-        if weighting != "none":
-            model.class_weight = class_weights([label2id[getattr(it, task)] for it in train_set.items],
-                                               len(label2id), weighting)
         return model, train_set, make(split="val"), collate_fn, None
     if task == "caption":
         from kaleido_bert.inputs.downstream import CaptionDataset
@@ -130,8 +129,10 @@ def build_task(task: str, config: RunConfig, checkpoint: Path, tokenizer, *, ima
     if task == "retrieval":
         from kaleido_bert.model.heads import KaleidoBertForPreTraining, pretraining_loss_counts
 
-        model = load_pretrained(KaleidoBertForPreTraining, checkpoint, tasks=list(RETRIEVAL_TASKS))
-        model.heads.itm_negatives = config.masking.itm_negatives
+        # the heads' settings through config.json: the run's ITM negatives; ITC against the batch alone, as
+        # retrieval fine-tuning always has (the pre-training queue size is not carried over)
+        model = load_pretrained(KaleidoBertForPreTraining, checkpoint, tasks=list(RETRIEVAL_TASKS),
+                                itm_negatives=config.masking.itm_negatives, itc_queue=0)
         make = partial(PretrainDataset, catalogue, store, tokenizer, masking=config.masking, max_text_len=max_len,
                        seed=config.train.seed, corrupt=False)
         return model, make(split="train"), make(split="val"), collate_fn, pretraining_loss_counts
@@ -194,7 +195,7 @@ def probe_head(model, train_set, val_set, collate_fn, config: RunConfig, out_dir
 
     record = out_dir / PROBE_RECORD
     if resume or list_checkpoints(out_dir):
-        return json.loads(record.read_text()) if record.is_file() else None
+        return read_json(record, dict) if record.is_file() else None
     probe = fit_probe(model, train_set, val_set, collate_fn, batch_size=config.eval.batch_size,
                       device=dist.device(), class_weight=model.class_weight, c_values=config.finetune.probe_c,
                       mixes=config.finetune.probe_mix,

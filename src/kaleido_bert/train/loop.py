@@ -265,6 +265,28 @@ def _stop_on_nonfinite(step: int, what: str, micro: list[dict[str, Any]]) -> Non
                        "training stopped, the last good checkpoint is kept")
 
 
+def full_batches(pairs: int, batch_size: int, *, multiple: int = 1, key: str = "train.batch_size") -> int:
+    """Optimizer steps in one pass over ``pairs`` training pairs (the loop drops the last partial batch).
+
+    The one rule for a train split too small to train on: the loop checks it, and ``kaleido demo`` checks it on
+    the catalogue before its first stage.
+
+    Args:
+        multiple: what a batch size must be a multiple of (``train.grad_accum`` × processes).
+        key: the config key that sets ``batch_size`` (``finetune.batch_size`` for a fine-tuned part).
+
+    Raises:
+        KaleidoError: fewer pairs than one batch, in one line naming both numbers and the largest batch size that
+            fits.
+    """
+    steps = pairs // batch_size
+    if steps == 0:
+        fits = pairs - pairs % multiple
+        hint = f"--set {key}={fits} fits" if fits >= 1 else "no batch size fits: add training items"
+        raise KaleidoError(f"the train split has {pairs} pairs, fewer than {key}={batch_size}: {hint}")
+    return steps
+
+
 def train(model: nn.Module, train_dataset: Dataset, val_dataset: Dataset | None, collate_fn: Callable,
           config: RunConfig, out_dir: str | Path, *, resume: bool = False, tokenizer: Any = None,
           progress: bool = True, loss_counts: CountFn | None = None,
@@ -304,10 +326,8 @@ def train(model: nn.Module, train_dataset: Dataset, val_dataset: Dataset | None,
     if tc.batch_size % (tc.grad_accum * world):
         raise KaleidoError(f"train.batch_size={tc.batch_size} must be divisible by train.grad_accum × "
                            f"processes = {tc.grad_accum} × {world}")
-    steps_per_epoch = len(train_dataset) // tc.batch_size
-    if steps_per_epoch == 0:
-        raise KaleidoError(f"the train split has {len(train_dataset)} pairs, "
-                           f"fewer than train.batch_size={tc.batch_size}")
+    steps_per_epoch = full_batches(len(train_dataset), tc.batch_size, multiple=tc.grad_accum * world,
+                                   key="train.batch_size" if part == runs.PRETRAIN else "finetune.batch_size")
     say = (lambda msg: tqdm.write(msg)) if progress and main else (lambda msg: None)
     model.to(device)
     optimizer = build_optimizer(model, tc, new_parameters)

@@ -30,20 +30,21 @@ from kaleido_bert.patches.store import FeatureStore
 from kaleido_bert.train.loop import train
 
 
+def pretraining_model_config(config: RunConfig) -> KaleidoBertConfig:
+    """The model's ``config.json``: the ``model`` section plus the heads' training settings, which the checkpoint
+    keeps so that ``from_pretrained`` restores them (``masking.itm_negatives``, ``train.itc_queue``)."""
+    return KaleidoBertConfig.from_model_config(config.model, itm_negatives=config.masking.itm_negatives,
+                                               itc_queue=config.train.itc_queue)
+
+
 def build_model(config: RunConfig) -> tuple[KaleidoBertForPreTraining, dict[str, list[str]] | None]:
     """The pre-training model, seeded by ``train.seed``, with BERT weights when ``model.init`` is set.
 
     Returns:
         The model and :func:`~kaleido_bert.checkpoint.load_bert_weights`'s report (None for random init).
     """
-    if config.masking.itm_negatives == "mined" and "itc" not in config.model.tasks:
-        raise KaleidoError("masking.itm_negatives=mined draws ITM negatives from ITC similarities: add itc to "
-                           "model.tasks, or use masking.itm_negatives=sampled")
     torch.manual_seed(config.train.seed)
-    model = KaleidoBertForPreTraining(KaleidoBertConfig.from_model_config(config.model))
-    model.heads.itm_negatives = config.masking.itm_negatives
-    if hasattr(model.heads, "itc"):
-        model.heads.itc.queue_size = config.train.itc_queue
+    model = KaleidoBertForPreTraining(pretraining_model_config(config))
     report = load_bert_weights(model.bert, config.model.init) if config.model.init else None
     return model, report
 

@@ -20,12 +20,11 @@ so retrieval differences come from the models alone. ``itc`` stays on in every c
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kaleido_bert.atomic import atomic_write_json, atomic_write_text
+from kaleido_bert.atomic import atomic_write_json, atomic_write_text, read_json
 from kaleido_bert.config import AKPM_TASKS as AKPM
 from kaleido_bert.config import RunConfig
 from kaleido_bert.errors import KaleidoError
@@ -185,7 +184,7 @@ def ablate(config: RunConfig, out: str | Path, *, protocols: tuple[str, ...] = P
 def _feature_store(config: RunConfig, target: Path, saliency: str) -> Path:
     """A feature store of the catalogue with another saliency method (built once, resumed if interrupted)."""
     manifest = target / "manifest.json"
-    if manifest.is_file() and json.loads(manifest.read_text()).get("complete"):
+    if manifest.is_file() and read_json(manifest, dict).get("complete"):
         return target
     extract_store(config.with_overrides({"features.saliency": saliency}), config.data.catalogue, target)
     return target

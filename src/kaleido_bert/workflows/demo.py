@@ -1,4 +1,4 @@
-"""``kaleido demo``: the whole pipeline on the built-in synthetic catalogue, stage by stage (SPEC §2, demo flow).
+"""``kaleido demo``: the whole pipeline on the built-in synthetic catalogue, stage by stage (docs/demo.md).
 
 Every stage writes into ``OUT/<stage>`` and is skipped when its output is already complete, so a re-run after an
 interruption picks up where it stopped (training stages resume from their last checkpoint). Stages: synthetic
@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from kaleido_bert.config import RunConfig
-from kaleido_bert.distributed import machine_line
-from kaleido_bert.runs import RUN_CONFIG
+from kaleido_bert.data.catalogue import Catalogue
+from kaleido_bert.distributed import machine_line, world_size
+from kaleido_bert.errors import KaleidoError
+from kaleido_bert.runs import FINETUNE, PRETRAIN, RUN_CONFIG
 from kaleido_bert.workflows.stages import (
     Stages,
     align,
@@ -25,6 +27,51 @@ from kaleido_bert.workflows.stages import (
     finetune_stage,
     pretrain_stage,
 )
+
+WRITTEN = ("features", "captioner", "alignments", PRETRAIN, FINETUNE, "report", "index")
+"""The directories the demo writes under ``OUT`` (and ``catalogue/`` for the synthetic catalogue)."""
+
+
+def _within(path: Path, root: Path) -> bool:
+    return path.resolve().is_relative_to(root.resolve())
+
+
+def check_demo_paths(out: str | Path, catalogue: str | Path | None, features: str | Path | None) -> None:
+    """Refuse, before anything is written, an ``--out`` that would write into the user's data.
+
+    Refused: ``out`` equal to or inside ``catalogue`` (the ``--catalogue`` given) or inside ``features`` (a store
+    ``data.features`` names), and a catalogue equal to or inside a directory the demo writes (:data:`WRITTEN`).
+
+    Raises:
+        KaleidoError: one line naming both paths.
+    """
+    out = Path(out)
+    if catalogue is not None and _within(out, Path(catalogue)):
+        raise KaleidoError(f"--out {out} is the catalogue {catalogue} or inside it: the demo would write its stages "
+                           "into the catalogue; choose an --out outside it")
+    if features is not None and _within(out, Path(features)):
+        raise KaleidoError(f"--out {out} is the feature store {features} (data.features) or inside it: choose an "
+                           "--out outside it")
+    for name in WRITTEN if catalogue is not None else ():
+        if _within(Path(catalogue), out / name):
+            raise KaleidoError(f"the catalogue {catalogue} is {out / name} or inside it, which the demo writes: "
+                               "choose another --out")
+
+
+def check_batches(config: RunConfig, catalogue: Catalogue) -> None:
+    """Refuse, before any stage runs, a catalogue whose train split is smaller than one batch of pre-training
+    (``train.batch_size``) or, when the run fine-tunes a part, of fine-tuning (``finetune.batch_size``): the
+    training loop's own rule (:func:`~kaleido_bert.train.loop.full_batches`) on the catalogue's train items.
+
+    Raises:
+        KaleidoError: one line naming both numbers and the ``--set KEY=N`` that fits.
+    """
+    from kaleido_bert.train.loop import full_batches
+
+    pairs, multiple = len(catalogue.split("train")), config.train.grad_accum * world_size()
+    full_batches(pairs, config.train.batch_size, multiple=multiple, key="train.batch_size")
+    if finetune_jobs(config):
+        full_batches(pairs, config.finetune.batch_size, multiple=multiple, key="finetune.batch_size")
 
 
 def run_demo(config: RunConfig, out: str | Path, *, catalogue: str | Path | None = None,
@@ -37,6 +84,12 @@ def run_demo(config: RunConfig, out: str | Path, *, catalogue: str | Path | None
             ``pretrain/``, ``finetune/<task>/``, ``report/``).
         catalogue: run the pipeline on this catalogue (e.g. an imported one) instead of the synthetic one.
         dataset_label: the dataset's name in the report's column headers.
+
+    Raises:
+        KaleidoError: before anything is written, an ``out`` inside the catalogue or the feature store (or a
+            catalogue inside what the demo writes: :func:`check_demo_paths`), or a catalogue whose train split is
+            smaller than one batch (:func:`check_batches`; the synthetic one after it is made, before the
+            patches stage).
     """
     from kaleido_bert.align.alignment import draw_attention
     from kaleido_bert.data.catalogue import load_catalogue
@@ -46,8 +99,11 @@ def run_demo(config: RunConfig, out: str | Path, *, catalogue: str | Path | None
     from kaleido_bert.patches.store import FeatureStore
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     own = catalogue is not None
+    check_demo_paths(out, catalogue, config.data.features)
+    if own:
+        check_batches(config, load_catalogue(catalogue))
+    out.mkdir(parents=True, exist_ok=True)
     catalogue, features = (Path(catalogue) if own else out / "catalogue"), out / "features"
     captioner, alignments = out / "captioner", out / "alignments"
     run = config.with_overrides({"data.catalogue": str(catalogue), "data.features": str(features),
@@ -61,6 +117,8 @@ def run_demo(config: RunConfig, out: str | Path, *, catalogue: str | Path | None
             synthesize(catalogue, products=config.data.synthetic_products, seed=config.data.synthetic_seed,
                        val_fraction=config.data.val_fraction, test_fraction=config.data.test_fraction)
         print(check_catalogue(catalogue, progress=False).format())
+        if not own:  # a catalogue given was checked before anything ran
+            check_batches(config, load_catalogue(catalogue))
 
     def make_features() -> None:
         print(json.dumps(extract_store(run, catalogue, features)))

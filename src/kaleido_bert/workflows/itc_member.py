@@ -1,4 +1,4 @@
-"""Fitting the dual encoder's frozen member after pre-training and choosing its weight on validation (issue 13).
+"""Fitting the dual encoder's frozen member after pre-training and choosing its weight on validation (the `real` recipe, beyond the paper).
 
 The member (:mod:`kaleido_bert.model.itc_member`) is the linear probe LP-FT started from, kept frozen: the text
 initialisation (``model.init``) mean-pooled over the model's own WordPiece ids ``(N, S)``, and the mean clean colour

@@ -1,4 +1,4 @@
-"""The pipeline's stages as resumable steps, shared by ``kaleido demo`` and ``kaleido ablate`` (SPEC §2).
+"""The pipeline's stages as resumable steps, shared by ``kaleido demo`` and ``kaleido ablate``.
 
 Each stage reads the run config and skips itself when its output is complete: a training stage resumes from
 its last checkpoint (:func:`kaleido_bert.runs.training_state`), the alignment stage re-uses a trained captioner.
