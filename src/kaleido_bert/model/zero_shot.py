@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from kaleido_bert.errors import KaleidoError
+from kaleido_bert.errors import KaleidoError, require_utf8
 
 SLOT = "{}"
 """Where a template takes its label."""
@@ -31,14 +31,6 @@ DEFAULT_TEMPLATE = "a photo of {}"
 """The prompt a label fills unless another template is given (CLIP's plainest)."""
 
 
-def _utf8(text: str, what: str) -> str:
-    """``text`` when it encodes as UTF-8 (the tokenizer raises a bare TypeError on a lone surrogate)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise KaleidoError(f"{what} is not valid UTF-8 text: it holds a lone surrogate U+{ord(text[err.start]):04X} "
-                           f"at character {err.start}") from None
-    return text
 
 
 def parse_labels(text: str) -> list[str]:
@@ -58,7 +50,7 @@ def check_template(template: str) -> str:
     """
     if not isinstance(template, str):
         raise KaleidoError(f"the template must be a string, got {type(template).__name__}")
-    count = _utf8(template, "the template").count(SLOT)
+    count = require_utf8(template, "the template").count(SLOT)
     if count != 1:
         raise KaleidoError(f"the template {template!r} must contain {SLOT} exactly once (where the label goes); "
                            f"it has {count}")
@@ -82,7 +74,7 @@ def check_labels(labels: Sequence[str]) -> list[str]:
     for i, label in enumerate(labels, 1):
         if not isinstance(label, str):
             raise KaleidoError(f"label {i} is not a string: {label!r}")
-        name = _utf8(label, f"label {i}").strip()
+        name = require_utf8(label, f"label {i}").strip()
         if not name:
             raise KaleidoError(f"label {i} of {len(labels)} is empty or whitespace-only ({label!r})")
         if name in first:

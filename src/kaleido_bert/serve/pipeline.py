@@ -43,7 +43,7 @@ from torch import Tensor
 
 from kaleido_bert import distributed as dist
 from kaleido_bert.data.catalogue import LABEL_FIELDS
-from kaleido_bert.errors import KaleidoError
+from kaleido_bert.errors import KaleidoError, require_utf8
 from kaleido_bert.eval.caption_retrieval import caption_k
 from kaleido_bert.model.dual_encoder import DualEncoder, product_descriptions, store_patches
 from kaleido_bert.model.loading import load_pretrained, require_head
@@ -60,14 +60,6 @@ CLASSIFIER_PARTS = {("category", "image+text"): "category", ("category", "image"
                     ("subcategory", "image+text"): "subcategory", ("subcategory", "image"): "subcategory-image"}
 
 
-def _require_utf8(text: str, what: str) -> str:
-    """``text``, when it encodes as UTF-8 (what the tokenizer needs; it raises a bare TypeError otherwise)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise KaleidoError(f"{what} is not valid UTF-8 text: it holds a lone surrogate U+{ord(text[err.start]):04X} "
-                           f"at character {err.start}") from None
-    return text
 
 
 class PatchGenerator:
@@ -200,7 +192,7 @@ class KaleidoBertPipeline:
         """
         texts = list(texts)
         for i, text in enumerate(texts):
-            _require_utf8(text, f"text {i}")
+            require_utf8(text, f"text {i}")
         return self.encoder.embed_texts(texts)
 
     def image_features(self, image: Image.Image) -> tuple[Tensor, Tensor]:
@@ -214,7 +206,7 @@ class KaleidoBertPipeline:
 
     def score(self, image: Image.Image, text: str) -> float:
         """The ITM logit of an image and a text (higher = a better match)."""
-        _require_utf8(text, "the text")
+        require_utf8(text, "the text")
         feats, pos = self.patches([image])
         return float(self.encoder.itm_logits([text], feats, pos)[0])
 
@@ -259,7 +251,7 @@ class KaleidoBertPipeline:
         """
         if not query or not query.strip():
             raise KaleidoError("the query is empty")
-        _require_utf8(query, "the query")
+        require_utf8(query, "the query")
         if k < 1:
             raise KaleidoError(f"k must be ≥ 1, got {k}")
         allowed = None
@@ -374,7 +366,7 @@ class KaleidoBertPipeline:
         Raises:
             KaleidoError: the run lacks a classifier a field needs (one line naming the missing part).
         """
-        text = _require_utf8(text.strip(), "the text") if text and text.strip() else None
+        text = require_utf8(text.strip(), "the text") if text and text.strip() else None
         chosen = {field: self._classifier(field, text) for field in LABEL_FIELDS}
         feats, pos = self.patches([image])
         feats, pos = feats.to(self.device), pos.to(self.device)
