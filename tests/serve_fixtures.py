@@ -86,7 +86,8 @@ class CataloguePipeline:
             it = self.items[i]
             if it.product_id not in seen and len(descriptions) < 5:
                 seen.add(it.product_id)
-                descriptions.append({"product_id": it.product_id, "description": it.description, "score": sims[i]})
+                descriptions.append({"product_id": it.product_id, "title": it.title, "description": it.description,
+                                     "score": sims[i]})
         return {"products": products, "descriptions": descriptions}
 
     def caption(self, image: Image.Image) -> str:

@@ -161,6 +161,10 @@ def test_image_search_caption_score_and_classify(pipeline):
     descriptions = found["descriptions"]
     assert 1 <= len(descriptions) <= 5 and len({d["product_id"] for d in descriptions}) == len(descriptions)
     assert all(d["description"] == pipeline.descriptions[d["product_id"]] for d in descriptions)
+    first = {}  # product id → its first catalogue row, which names the product
+    for it in pipeline.data.catalogue.items:
+        first.setdefault(it.product_id, it)
+    assert all(isinstance(d["title"], str) and d["title"] == first[d["product_id"]].title for d in descriptions)
     assert [d["score"] for d in descriptions] == sorted((d["score"] for d in descriptions), reverse=True)
 
     caption = pipeline.caption(image)

@@ -8,6 +8,8 @@ needs no ``--config`` nor ``--set data.…`` (it reads ``runs/demo/run.yaml``).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 from pathlib import Path
@@ -37,12 +39,15 @@ EXAMPLES = [(f"{doc.relative_to(ROOT).as_posix()} python block {index}", code)
 
 @pytest.fixture(scope="module")
 def demo_cwd(tmp_path_factory):
-    """A working directory holding a finished tiny demo run at ``runs/demo``."""
+    """A working directory holding a finished tiny demo run at ``runs/demo`` and what it printed (``demo.out``)."""
     root = tmp_path_factory.mktemp("readme")
     before = Path.cwd()
     os.chdir(root)
+    printed = io.StringIO()
     try:
-        assert main(["demo", "--out", "runs/demo", *TINY_DEMO]) == 0
+        with contextlib.redirect_stdout(printed):
+            assert main(["demo", "--out", "runs/demo", *TINY_DEMO]) == 0
+        (root / "demo.out").write_text(printed.getvalue())
         yield root
     finally:
         os.chdir(before)
@@ -95,3 +100,19 @@ def test_every_checkpoint_of_the_demo_has_a_model_card_with_its_metrics(demo_cwd
         assert values and front["library_name"] == "kaleido-bert", part
     card = (parts["category"] / "README.md").read_text()
     assert f"| {metrics['cr/image+text/accuracy']:.2f} |" in card and "Frozen baseline" in card
+
+
+def test_the_demo_names_its_recipe_and_ends_with_the_baseline_comparison(demo_cwd):
+    """The demo's first line names the recipe; at the end it prints the report's baseline section (intervals
+    included) and says that the tiny test split cannot tell the model from the baseline."""
+    from kaleido_bert.data.catalogue import load_catalogue
+    from kaleido_bert.eval.baseline_report import BEGIN, END
+
+    printed = (demo_cwd / "demo.out").read_text()
+    assert printed.splitlines()[0] == "[demo] recipe: tiny (--config)"
+    report = (demo_cwd / "runs/demo/report/report.md").read_text()
+    section = report.split(BEGIN, 1)[1].split(END, 1)[0].strip()
+    assert "kaleido − baseline [95% interval]" in section and section in printed
+    assert printed.index(section) > printed.index("Table 3 (classification and captioning)")
+    items = len(load_catalogue(demo_cwd / "runs/demo/catalogue").split("test"))
+    assert f"[demo] the test split has {items} items: too few to tell the model from the baseline (" in printed

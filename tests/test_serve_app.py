@@ -265,6 +265,8 @@ def test_image_endpoints(client, pipeline, photo):
     assert len(body["products"]) == 4 and body["products"][0]["id"] == pipeline.items[0].id
     assert body["products"][0]["image_url"].startswith("/images/images/")
     assert body["descriptions"][0]["product_id"] == pipeline.items[0].product_id
+    assert all(isinstance(d["title"], str) and d["title"] for d in body["descriptions"])  # never a None title
+    assert body["descriptions"][0]["title"] == pipeline.items[0].title
     caption = client.post("/api/caption", files=files).json()
     assert caption == {"caption": pipeline.items[0].title.lower()}
     labels = client.post("/api/classify", files=files, data={"text": "a shirt"}).json()

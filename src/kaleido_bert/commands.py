@@ -319,9 +319,9 @@ def cmd_config_show(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """The whole pipeline on the built-in synthetic catalogue; grows stage by stage (docs/demo.md)."""
-    from kaleido_bert.workflows.demo import run_demo
+    from kaleido_bert.workflows.demo import demo_recipe, run_demo
 
-    if args.config is None:  # a real catalogue gets the recipe for real catalogues; the synthetic one the demo's
-        args.config = "real" if args.catalogue else "demo"
+    args.config, line = demo_recipe(args.config, args.catalogue)  # real for one's own catalogue, else demo's
+    print(line, flush=True)
     label = args.dataset or (Path(args.catalogue).name if args.catalogue else "synthetic demo catalogue")
     run_demo(run_config(args), args.out, catalogue=args.catalogue, dataset_label=label)

@@ -102,6 +102,21 @@ class SearchPipeline(Protocol):
 # ---------------------------------------------------------------------------------------------- API models
 
 
+PRODUCT_SCORE = (
+    "higher is better; comparable only within one response. Text search without re-ranking: the dual encoder's "
+    "cosine of the query and the image, in [-1, 1]; when the index holds a query bank, that cosine minus the "
+    "image's query-bank offset (inverted-softmax normalisation), which can fall outside [-1, 1]. Text search "
+    "re-ranked (rerank, on a model with an ITM head): the ITM logit, unbounded (with eval.pair_score = itm+itc: "
+    "the ITM log-odds plus the ITC logit). Image search: the cosine of the two images' embeddings, in [-1, 1].")
+"""What a search result's ``score`` is (the OpenAPI schema's description of the field)."""
+DESCRIPTION_SCORE = (
+    "higher is better; comparable only within one response. On a model with an ITM head: the ITM logit of the "
+    "photo and the description, unbounded (with eval.pair_score = itm+itc: the ITM log-odds plus the ITC "
+    "logit); otherwise the dual encoder's cosine in [-1, 1], minus the description's query-bank offset when the "
+    "index holds a query bank.")
+"""What a matching description's ``score`` is."""
+
+
 class Product(BaseModel):
     """One search result: a catalogue image of a product with its texts, labels and score."""
 
@@ -111,7 +126,7 @@ class Product(BaseModel):
     description: str
     category: str
     subcategory: str
-    score: float = Field(description="similarity to the query; higher is better")
+    score: float = Field(description=PRODUCT_SCORE)
     image: str = Field(description="image path relative to the catalogue root")
     image_url: str = Field(description="where this service serves the image (/images/...)")
 
@@ -124,9 +139,12 @@ class TextSearchResponse(BaseModel):
 
 
 class DescriptionHit(BaseModel):
+    """One catalogue product whose description matches the uploaded photo."""
+
     product_id: str
-    description: str
-    score: float
+    title: str = Field(description="the product's title in the catalogue")
+    description: str = Field(description="the product's description in the catalogue")
+    score: float = Field(description=DESCRIPTION_SCORE)
 
 
 class ImageSearchResponse(BaseModel):

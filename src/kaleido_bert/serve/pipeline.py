@@ -132,9 +132,11 @@ class KaleidoBertPipeline:
                                f"{unknown[0]!r}): index this catalogue with kaleido index")
         indexed = [self.items[i] for i in index.images.ids]
         self.descriptions = product_descriptions(indexed)
+        self.titles: dict[str, str] = {}  # product id → its title (a product's first row names it)
         self.by_category: dict[str, list[str]] = {}
         views: dict[str, int] = {}
         for it in indexed:
+            self.titles.setdefault(it.product_id, it.title)
             self.by_category.setdefault(it.category, []).append(it.id)
             views[it.product_id] = views.get(it.product_id, 0) + 1
         self.max_views = max(views.values(), default=1)
@@ -277,7 +279,8 @@ class KaleidoBertPipeline:
         embedding from the description index and, when the model has an ITM head, re-scored by the ITM logit.
 
         Returns:
-            ``{"products": [result dicts, ≤ k], "descriptions": [{"product_id", "description", "score"}, ≤ 5]}``
+            ``{"products": [result dicts, ≤ k], "descriptions": [{"product_id", "title", "description", "score"},
+            ≤ 5]}`` (the product's title and description as the catalogue holds them)
         """
         if k < 1:
             raise KaleidoError(f"k must be ≥ 1, got {k}")
@@ -292,7 +295,8 @@ class KaleidoBertPipeline:
                                               pair_score=self.config.eval.pair_score)
             found = sorted(((p, float(s)) for (p, _), s in zip(found, logits, strict=True)), key=lambda h: -h[1])
         return {"products": products, "descriptions": [
-            {"product_id": p, "description": self.descriptions[p], "score": float(s)} for p, s in found[:DESCRIPTIONS]]}
+            {"product_id": p, "title": self.titles[p], "description": self.descriptions[p], "score": float(s)}
+            for p, s in found[:DESCRIPTIONS]]}
 
     # ------------------------------------------------------------------ caption and classify
     @property

@@ -5,7 +5,11 @@ interruption picks up where it stopped (training stages resume from their last c
 catalogue → Kaleido patches and features → alignment captioner and token↔patch alignments → pre-training (loss
 curves) → fine-tuning (retrieval, category and sub-category from image+text and from the image alone, captioning)
 → evaluation (``OUT/report``: the paper's Tables 2–3 beside ours) → the product index of the search service
-(``OUT/index``) → each checkpoint's model card (``README.md``) with the report's metrics. The wall time of each stage and the command that serves the demo model are printed at the end.
+(``OUT/index``) → each checkpoint's model card (``README.md``) with the report's metrics. It first names the recipe
+it runs and why (:func:`demo_recipe`). At the end it prints the report's model-against-baseline table with its paired
+intervals and one line saying whether the test split can tell the two apart
+(:mod:`kaleido_bert.eval.baseline_verdict`), then the wall time of each stage and the command that serves the demo
+model.
 """
 
 from __future__ import annotations
@@ -72,6 +76,28 @@ def check_batches(config: RunConfig, catalogue: Catalogue) -> None:
     full_batches(pairs, config.train.batch_size, multiple=multiple, key="train.batch_size")
     if finetune_jobs(config):
         full_batches(pairs, config.finetune.batch_size, multiple=multiple, key="finetune.batch_size")
+
+
+def demo_recipe(config: str | None, catalogue: str | Path | None) -> tuple[str, str]:
+    """The recipe ``kaleido demo`` runs and the line that names it and why: ``--config`` when given, else ``real``
+    for a ``--catalogue`` of one's own and ``demo`` for the synthetic one. Returns ``(name or path, line)``."""
+    if config is not None:
+        return config, f"[demo] recipe: {config} (--config)"
+    if catalogue is not None:
+        return "real", "[demo] recipe: real (the default for your own catalogue; --config NAME to choose another)"
+    return "demo", "[demo] recipe: demo (the synthetic catalogue's preset; --config NAME to choose another)"
+
+
+def print_baseline_summary(report: Path, catalogue: Path, split: str) -> None:
+    """Print the report's model-against-baseline table with its intervals and the verdict line
+    (:func:`~kaleido_bert.eval.baseline_verdict.baseline_summary`); nothing without a baseline."""
+    from kaleido_bert.data.catalogue import load_catalogue
+    from kaleido_bert.eval.baseline_verdict import baseline_summary
+
+    found = baseline_summary(report, len(load_catalogue(catalogue).split(split)), split=split)
+    if found is not None:
+        section, verdict = found
+        print("\n" + "\n".join(section).rstrip() + f"\n\n[demo] {verdict}")
 
 
 def run_demo(config: RunConfig, out: str | Path, *, catalogue: str | Path | None = None,
@@ -186,6 +212,7 @@ def run_demo(config: RunConfig, out: str | Path, *, catalogue: str | Path | None
     stages.run("index", make_index)
     stages.run("card", make_cards)
     timings = stages.timings
+    print_baseline_summary(out / "report", catalogue, run.eval.split)
     print("\n[demo] stage times: " + stages.summary() + f" (on {machine_line(config.train.precision)})")
     print(f"[demo] serve the demo model (search page at http://127.0.0.1:8000/):\n"
           f"    kaleido serve {out} --index {out / 'index'} --catalogue {catalogue} --features {features}")
