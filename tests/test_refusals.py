@@ -56,7 +56,8 @@ def test_a_catalogue_smaller_than_a_batch_is_refused_before_anything_is_written(
     before = _snapshot(catalogue)
     out = tmp_path / "run"
     code, stdout, err = _run(capsys, "demo", "--catalogue", catalogue, "--out", out)  # the `real` recipe: batches of 32
-    assert code == 2 and stdout == ""
+    assert code == 2 and stdout.splitlines() == [  # the recipe's line, then nothing but the refusal
+        "[demo] recipe: real (the default for your own catalogue; --config NAME to choose another)"]
     _one_line(err, "the train split has 27 pairs", "train.batch_size=32", "--set train.batch_size=27 fits")
     assert not out.exists() and _snapshot(catalogue) == before
     code, _, err = _run(capsys, "demo", "--catalogue", catalogue, "--out", out, "--set", "train.batch_size=27")
