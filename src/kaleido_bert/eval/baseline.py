@@ -32,9 +32,9 @@ from kaleido_bert.eval.caption_retrieval import nearest_descriptions
 from kaleido_bert.model.linear_probe import (
     IMAGE_POOLS,
     BaselineSettings,
+    FrozenText,
     image_features,
     standardiser,
-    text_features,
     train_projection,
 )
 from kaleido_bert.patches.store import FeatureStore
@@ -89,7 +89,7 @@ class FrozenBaseline:
     def __init__(self, catalogue: Catalogue, store: FeatureStore, bert_dir: str | Path, *,
                  settings: BaselineSettings | None = None) -> None:
         settings = settings or BaselineSettings()
-        self.catalogue, self.store, self.settings, self.bert_dir = catalogue, store, settings, bert_dir
+        self.catalogue, self.store, self.settings = catalogue, store, settings
         self.items = [it for it in catalogue.items if it.id in store]
         if not any(it.split == "train" for it in self.items):
             raise KaleidoError("the frozen baseline needs train items with features")
@@ -97,7 +97,8 @@ class FrozenBaseline:
         for it in self.items:
             self.descriptions.setdefault(it.product_id, it.description)
         self.pids = list(self.descriptions)
-        raw_text = text_features([self.descriptions[p] for p in self.pids], bert_dir, max_len=settings.text_max_len)
+        self.frozen_text = FrozenText(bert_dir)  # loaded once: the descriptions now, new strings later
+        raw_text = self.frozen_text([self.descriptions[p] for p in self.pids], max_len=settings.text_max_len)
         train_pids = sorted({it.product_id for it in self.split("train")}, key=self.pids.index)
         rows = {p: j for j, p in enumerate(self.pids)}
         mean, std = standardiser(raw_text[[rows[p] for p in train_pids]])
@@ -131,7 +132,7 @@ class FrozenBaseline:
     def _embed_strings(self, model, texts: list[str]) -> np.ndarray:
         """New strings through the frozen text encoder, the training standardisation and ``model``'s text map."""
         mean, std = self.text_stats
-        raw = (text_features(texts, self.bert_dir, max_len=self.settings.text_max_len) - mean) / std
+        raw = (self.frozen_text(texts, max_len=self.settings.text_max_len) - mean) / std
         with torch.no_grad():
             return model.embed(torch.from_numpy(raw).float(), "text").numpy()
 

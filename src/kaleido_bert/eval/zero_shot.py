@@ -200,7 +200,8 @@ def baseline_zero_shot(baseline: Any, pool: str, seeds: Sequence[int], *, split:
 
     std = (lambda v: float(v.std(ddof=1))) if len(runs) > 1 else (lambda v: 0.0)
     val = stats("val", lambda v: float(v.mean()))
-    test = {t: {"mean": m, "std": stats("test", std)[t]} for t, m in stats("test", lambda v: float(v.mean())).items()}
+    test_std = stats("test", std)
+    test = {t: {"mean": m, "std": test_std[t]} for t, m in stats("test", lambda v: float(v.mean())).items()}
     return {"per_seed": [{"seed": int(s), **r} for s, r in zip(seeds, runs, strict=True)], "val": val, "test": test,
             "template": choose_template(val)}
 

@@ -60,20 +60,30 @@ def image_features(store: FeatureStore, ids: list[str], pool: str, chunk: int = 
     return out
 
 
-@torch.no_grad()
+class FrozenText:
+    """A frozen BERT checkpoint (tokenizer and model, loaded once): strings → mean-pooled (over real tokens) last
+    hidden states, ``(M, H)`` float32."""
+
+    def __init__(self, bert_dir: str | Path) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(bert_dir))
+        self.model = AutoModel.from_pretrained(str(bert_dir)).eval()
+
+    @torch.no_grad()
+    def __call__(self, texts: list[str], *, max_len: int = 64, batch_size: int = 128) -> np.ndarray:
+        parts = [np.empty((0, self.model.config.hidden_size), np.float32)]
+        for lo in range(0, len(texts), batch_size):
+            enc = self.tokenizer(texts[lo:lo + batch_size], padding=True, truncation=True, max_length=max_len,
+                                 return_tensors="pt")
+            hidden = self.model(**enc).last_hidden_state  # (B, T, H)
+            parts.append(masked_mean(hidden, enc["attention_mask"][..., None]).float().numpy())
+        return np.concatenate(parts)
+
+
 def text_features(texts: list[str], bert_dir: str | Path, *, max_len: int = 64, batch_size: int = 128) -> np.ndarray:
     """Mean-pooled (over real tokens) last hidden states of a frozen BERT checkpoint: ``(M, H)`` float32."""
-    from transformers import AutoModel, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(bert_dir))
-    model = AutoModel.from_pretrained(str(bert_dir)).eval()
-    parts = [np.empty((0, model.config.hidden_size), np.float32)]
-    for lo in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[lo:lo + batch_size], padding=True, truncation=True, max_length=max_len,
-                        return_tensors="pt")
-        hidden = model(**enc).last_hidden_state  # (B, T, H)
-        parts.append(masked_mean(hidden, enc["attention_mask"][..., None]).float().numpy())
-    return np.concatenate(parts)
+    return FrozenText(bert_dir)(texts, max_len=max_len, batch_size=batch_size)
 
 
 MIN_STD = 1e-6
