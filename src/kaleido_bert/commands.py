@@ -285,8 +285,7 @@ def cmd_classify(args: argparse.Namespace) -> None:
     data = open_run(args.run)  # the feature store's patch generator encodes the photo as the catalogue was
     device = args.device or dist.device()
     encoder = DualEncoder.from_checkpoint(data.checkpoint, device=device)
-    patches = PatchGenerator(data.store.manifest, saliency_checkpoint=data.config.features.saliency_checkpoint,
-                             device=device)
+    patches = PatchGenerator.of_run(data, device)
     ranked = rank_labels(encoder, encoder.embed_patches(*patches([image])), labels, args.template)
     if args.json:
         print(json.dumps({"image": str(args.image), "template": args.template, "labels": ranked}, indent=2))

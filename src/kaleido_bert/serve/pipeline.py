@@ -95,6 +95,12 @@ class PatchGenerator:
         self.settings = {k: manifest.get(k) for k in ("backbone", "weights", "mode", "patch_size", "image_size",
                                                       "saliency")} | {"max_side": self.max_side}
 
+    @classmethod
+    def of_run(cls, data: RunData, device: str | torch.device = "cpu") -> PatchGenerator:
+        """The patch generator of a run's feature store, with the run's saliency checkpoint and batch size."""
+        return cls(data.store.manifest, saliency_checkpoint=data.config.features.saliency_checkpoint,
+                   batch_size=data.config.features.batch_size, device=device)
+
     def __call__(self, images: list[Image.Image]) -> tuple[Tensor, Tensor]:
         """RGB images → colour patch features ``(B, P, F)`` and positions ``(B, P, 5)``, float32 on the CPU."""
         from kaleido_bert.data.images import downscale
@@ -171,8 +177,7 @@ class KaleidoBertPipeline:
             loaded, _ = embed_catalogue(encoder, data, progress=progress)
         else:
             loaded = CatalogueIndex.load(index, expect_hash=data.config_hash())
-        patches = PatchGenerator(data.store.manifest, saliency_checkpoint=data.config.features.saliency_checkpoint,
-                                 batch_size=data.config.features.batch_size, device=device)
+        patches = PatchGenerator.of_run(data, device)
         captioner = None
         if "caption" in data.parts:
             require_head(data.parts["caption"], "lm.", "captioning")
