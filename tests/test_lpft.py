@@ -172,8 +172,8 @@ def test_new_fields_are_validated_and_the_real_preset_uses_them():
     real = load_config("real")
     assert real.model.itc_pool == "mean" and real.train.probe_init and real.finetune.probe
     assert real.eval.pair_score == "itm+itc" and real.eval.caption_retrieval_k > 0
-    assert finetune_jobs(real) == [("category", False), ("category", True), ("subcategory", False),
-                                   ("subcategory", True)]
+    assert finetune_jobs(real) == [("caption", False), ("category", False), ("category", True),
+                                   ("subcategory", False), ("subcategory", True)]
     assert [t for t, _ in finetune_jobs(load_config("tiny"))][:2] == ["retrieval", "caption"]
 
 
@@ -198,6 +198,7 @@ def test_demo_on_a_catalogue_runs_the_lpft_recipe_end_to_end(tiny, tmp_path):
                 "eval.caption_retrieval_grid": "[1,3]",
                 "eval.query_bank_betas": "[" + ",".join(f"{b:g}" for b in real.eval.query_bank_betas) + "]",
                 "masking.itm_negatives": "mined", "eval.baseline_seeds": "[0]",
+                "masking.itm_negative_ratio": str(real.masking.itm_negative_ratio),
                 "train.probe_mix": "[" + ",".join(map(str, real.train.probe_mix)) + "]"}
     args = ["demo", "--catalogue", str(tiny / "catalogue"), "--out", str(tmp_path / "run"), "--config", "tiny",
             "--set", "model.vocab_size=30522", "--set", "model.patch_feature_size=512", "--set", TASKS, "--set", "align.epochs=1", "--set", "finetune.max_steps=2",
@@ -217,6 +218,12 @@ def test_demo_on_a_catalogue_runs_the_lpft_recipe_end_to_end(tiny, tmp_path):
     member = json.loads((resolve_checkpoint(run / "pretrain") / "itc_member.json").read_text())  # WiSE-FT
     assert [g["mix"] for g in member["grid"]] == real.train.probe_mix and member["mix"] in real.train.probe_mix
     assert metrics.get("dual_encoder/member_mix", 1.0) == member["mix"]
+    choice = json.loads((resolve_checkpoint(run / "pretrain") / "rerank.json").read_text())  # chosen on validation
+    assert choice["rerank"] == (choice["validation"]["reranked"] > choice["validation"]["dual_encoder"])
+    assert metrics["gallery/reranks"] == choice["rerank"]
+    assert metrics["sample100/ranked_by"].startswith("itm+itc" if choice["rerank"] else "dual encoder")
+    summary = json.loads((run / "pretrain" / "summary.json").read_text())
+    assert summary["itm_shortlists"]["train"]["fit"].startswith("cross-fitted")
     bank = json.loads((resolve_checkpoint(run / "pretrain") / "query_bank.json").read_text())  # gallery search
     assert [g["beta"] for g in bank["grid"]] == real.eval.query_bank_betas and bank["mix"] == member["mix"]
     assert metrics["gallery/query_bank_beta"] == bank["beta"] and "query_bank" in metrics["timings"]

@@ -35,27 +35,54 @@ def _batch(b: int = 6, t: int = 5, f: int = 24, vocab: int = 99) -> dict[str, to
             "itm_label": torch.tensor([1, 1, 1, 1, 0, 1])}
 
 
-def test_mined_itm_adds_one_hard_negative_per_positive():
+def test_mined_itm_is_a_correction_to_itc_that_starts_at_zero():
     from kaleido_bert.model.encoder import KaleidoBertConfig
     from kaleido_bert.model.heads import KaleidoBertForPreTraining
 
     config = load_config("tiny", ["model.tasks=['itm','itc']"])
     torch.manual_seed(0)
-    model = KaleidoBertForPreTraining(KaleidoBertConfig.from_model_config(config.model)).eval()
-    batch = _batch()
-    sampled = model(batch).losses["itm"]
-    model.heads.itm_negatives = "mined"
+    model = KaleidoBertForPreTraining(KaleidoBertConfig.from_model_config(config.model, itm_negatives="mined"))
+    assert not model.heads.itm.weight.any() and not model.heads.itm.bias.any()  # the score starts as ITC's
+    batch = {**_batch(), "product": torch.tensor([0, 1, 2, 2, 3, 4])}
+    batch["text_ids"][5] = batch["text_ids"][0]  # two products with one title: never each other's negative
     calls = []
     hook = model.bert.register_forward_hook(lambda m, args, kwargs_out: calls.append(1))
     torch.manual_seed(1)
-    mined = model(batch).losses["itm"]
+    output = model(batch)
     hook.remove()
-    assert len(calls) == 4  # joint, text-only, image-only, then the mined pairs in one pass
-    logits = model._mined_itm_logits(batch, torch.randn(6, 32), torch.randn(6, 32))
-    assert logits.shape == (5, 2)  # five positives, one negative each
-    assert torch.isfinite(mined) and not torch.isclose(mined, sampled)
-    mined.backward()
-    assert model.heads.itm.weight.grad is not None
+    assert len(calls) == 4  # the corrupted joint pass, text-only, image-only, then positives + negatives clean
+    text_emb, image_emb = model.itc_embeddings(batch)
+    torch.manual_seed(1)
+    loss, accuracy = model.itm_ranking(batch, text_emb, image_emb)
+    assert torch.isclose(loss, output.losses["itm"]) and 0 <= float(accuracy) <= 1
+    assert torch.isclose(accuracy, output.metrics["itm_accuracy"])
+    # at zero the loss is the CE of ITC logits alone, which ITM does not train (detached)
+    output.losses["itm"].backward()
+    assert model.heads.itm.weight.grad.abs().sum() > 0
+    assert model.heads.itc.logit_scale.grad is None or model.heads.itc.logit_scale.grad == 0
+    with torch.no_grad():
+        model.heads.itm.weight.normal_()
+    torch.manual_seed(1)
+    moved, _ = model.itm_ranking(batch, text_emb.detach(), image_emb.detach())
+    assert not torch.isclose(moved, loss)
+    one = {**batch, "itm_label": torch.tensor([1, 0, 0, 0, 0, 0])}
+    assert model.itm_ranking(one, text_emb, image_emb) is None
+    assert model(one).losses["itm"].item() == 0.0
+
+
+def test_validation_reports_itm_accuracy_beside_the_losses():
+    from kaleido_bert.model.encoder import KaleidoBertConfig
+    from kaleido_bert.model.heads import KaleidoBertForPreTraining
+    from kaleido_bert.train.loop import validate
+
+    config = load_config("tiny", ["model.tasks=['itm','itc']"])
+    torch.manual_seed(0)
+    model = KaleidoBertForPreTraining(KaleidoBertConfig.from_model_config(config.model, itm_negatives="mined"))
+    batches = [{**_batch(), "product": torch.arange(6)} for _ in range(2)]
+    val = validate(model, batches, lambda items: items[0], batch_size=1, tasks=["itm", "itc"],
+                   count_fn=lambda b: {"*": 6, "itm": 6, "itc": 5})
+    assert set(val) == {"itm", "itc", "loss", "itm_accuracy"} and 0 <= val["itm_accuracy"] <= 1
+    assert val["loss"] == pytest.approx(val["itm"] + val["itc"])
 
 
 def test_mined_negatives_need_itc():
@@ -72,13 +99,14 @@ def test_epoch_budgets_become_steps_in_one_place():
                                   "finetune.batch_size=10", "finetune.caption_max_steps=99"])
     resolved = config.with_train_items(100)
     assert resolved.train.max_steps == 7 and resolved.finetune.max_steps == 15  # ceil(200/32), ceil(150/10)
-    assert resolved.finetune.caption_max_steps == 0  # captions follow the same epochs
+    assert resolved.finetune.caption_max_steps == 99  # a generative captioner keeps its own budget
     assert resolved.with_train_items(100) == resolved
     plain = load_config("tiny")
     assert plain.with_train_items(1000) is plain
     from kaleido_bert.train.finetune import finetune_config
 
-    assert finetune_config(resolved, "caption").train.max_steps == 15
+    assert finetune_config(resolved, "caption").train.max_steps == 99
+    assert finetune_config(resolved.with_overrides({"finetune.caption_max_steps": 0}), "caption").train.max_steps == 15
 
 
 def test_class_weights_balance_the_training_labels():

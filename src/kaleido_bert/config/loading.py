@@ -54,6 +54,39 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} cannot be read ({type(err).__name__}): not a YAML text file") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    return data
+
+
+def _with_base(path: Path, data: dict[str, Any], *, seen: set[str]) -> dict[str, Any]:
+    """A config built on another preset (``base: NAME``): that preset's sections (its own base resolved first),
+    with this file's keys over them."""
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if base not in PRESET_NAMES or base in seen:
+        raise ConfigError(f"config file {path}: base {base!r} must be another preset ({', '.join(PRESET_NAMES)}) "
+                          "that does not lead back to this one")
+    found = preset_path(base)
+    return _merged(_with_base(found, _read_yaml(found), seen=seen | {base}), data)
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over``'s keys on top of ``base``, section by section (a section's fields are merged, values replaced)."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def preset_path(name: str) -> Path:
     return Path(str(resources.files("kaleido_bert") / "configs" / f"{name}.yaml"))
 
@@ -74,14 +107,7 @@ def load_config(name_or_path: str | Path = "demo", overrides: list[str] | None =
             raise ConfigError(f"config file {path} {'is a directory' if path.is_dir() else 'does not exist'}")
     else:
         raise ConfigError(f"unknown preset {text!r}: use one of {', '.join(PRESET_NAMES)} or a YAML file path")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"config file {path} cannot be read ({type(err).__name__}): not a YAML text file") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    data = _with_base(path, _read_yaml(path), seen={text})
     data.setdefault("name", label)
     apply_overrides(data, list(overrides or []))
     return config_from_dict(data)

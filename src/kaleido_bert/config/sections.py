@@ -262,7 +262,8 @@ class RunConfig:
 
     def with_train_items(self, items: int) -> RunConfig:
         """Epoch budgets made steps: ``train.max_steps`` from ``train.epochs`` and ``finetune.max_steps`` /
-        ``caption_max_steps`` from ``finetune.epochs`` (each only when positive), for ``items`` training items.
+        caption steps (unless ``caption_max_steps`` sets them) from ``finetune.epochs`` (each only when positive), for
+        ``items`` training items.
 
         The one place epochs become steps (pre-training, fine-tuning and the demo call it); idempotent.
         """
@@ -272,9 +273,8 @@ class RunConfig:
         values: dict[str, Any] = {}
         if self.train.epochs > 0:
             values["train.max_steps"] = steps(self.train.epochs, self.train.batch_size)
-        if self.finetune.epochs > 0:
+        if self.finetune.epochs > 0:  # a generative captioner keeps its own step budget when it has one
             values["finetune.max_steps"] = steps(self.finetune.epochs, self.finetune.batch_size)
-            values["finetune.caption_max_steps"] = 0
         return self.with_overrides(values) if values else self
 
     def with_overrides(self, values: dict[str, Any]) -> RunConfig:

@@ -47,12 +47,21 @@ OPTIONAL = ("sample100_finetuned/", "fc/nearest/", "fc/consensus/")
 """Model keys of rows shown only when the model has them (a fine-tuned retrieval part, retrieval captions)."""
 
 
+def shown_key(metrics: dict[str, Any], model_keys: tuple[str, ...]) -> str | None:
+    """The first of a row's model keys that ``metrics`` holds; the re-ranked gallery only when the model re-ranks
+    (``gallery/reranks``, its validation choice; absent = it does)."""
+    if not metrics.get("gallery/reranks", True):
+        model_keys = tuple(k for k in model_keys if "_gallery_rerank/" not in k)
+    return next((k for k in model_keys if k in metrics), None)
+
+
 def comparison_rows(metrics: dict[str, Any], baseline: dict[str, Any]) -> list[tuple[str, Any, Any, Any, Any]]:
     """``(label, chance, baseline mean, baseline std, model)`` per row, all in % (None where absent)."""
     rows = []
     for label, model_keys, key in ROWS:
         scale = 100.0 if key.endswith("macro_f1") else 1.0
-        model = next((metrics[k] for k in model_keys if k in metrics), None)
+        shown = shown_key(metrics, model_keys)
+        model = None if shown is None else metrics[shown]
         if model is None and key not in baseline.get("mean", {}):
             continue
         if model is None and model_keys[0].startswith(OPTIONAL):
@@ -79,7 +88,7 @@ def baseline_intervals(out: str | Path, metrics: dict[str, Any], *, resamples: i
     have_model, have_base = set(available_metrics(model)), set(available_metrics(base))
     found = {}
     for label, model_keys, key in ROWS:
-        shown = next((k for k in model_keys if k in metrics), None)
+        shown = shown_key(metrics, model_keys)
         if shown is None or shown not in have_model or key not in have_base:
             continue
         scale = 100.0 if key.endswith("macro_f1") else 1.0
@@ -131,8 +140,8 @@ def query_bank_note(metrics: dict[str, Any], baseline: dict[str, Any]) -> list[s
     if not metrics.get("gallery/query_bank_beta") or not all(k in mean for k in keys):
         return []
     betas = [float(m["query_bank/beta"]) for m in baseline.get("per_seed", []) if "query_bank/beta" in m]
-    model = [next((metrics[k] for k in (f"{d}_gallery_rerank/mean_recall", f"{d}_gallery/mean_recall")
-                   if k in metrics), None) for d in ("itr", "tir")]
+    shown = [shown_key(metrics, (f"{d}_gallery_rerank/mean_recall", f"{d}_gallery/mean_recall")) for d in ("itr", "tir")]
+    model = [None if k is None else metrics[k] for k in shown]
     parts = [f"{d} {mean[k]:.1f} ± {std.get(k, 0.0):.1f} (kaleido-bert {m:.1f})" for d, k, m
              in zip(("ITR", "TIR"), keys, model, strict=True) if m is not None]
     return [f"Diagnostic, not a row of the table: the model's full gallery is normalised by a bank of its training "

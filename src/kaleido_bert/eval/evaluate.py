@@ -70,7 +70,8 @@ def evaluate_retrieval(checkpoint: Path, config: RunConfig, *, candidates_in: st
     encoder = DualEncoder.from_checkpoint(checkpoint, batch_size=config.eval.batch_size, device=dist.device())
     scorer = PairScorer(encoder, store, product_descriptions(catalogue.items), pair_score=config.eval.pair_score)
     bank = load_query_bank(checkpoint, config, encoder) if gallery else None
-    result = evaluate_sample100(scorer, candidates, progress=progress, shortlist=config.eval.sample100_shortlist)
+    result = evaluate_sample100(scorer, candidates, progress=progress, shortlist=config.eval.sample100_shortlist,
+                                rerank=encoder.rerank)
     result["metrics"]["sample100/sources"] = candidates["sources"]
     if encoder.member is not None:  # the dual encoder is the WiSE-FT ensemble with the frozen member
         result["metrics"]["dual_encoder/member_mix"] = float(encoder.member.mix)
@@ -80,6 +81,7 @@ def evaluate_retrieval(checkpoint: Path, config: RunConfig, *, candidates_in: st
         found = evaluate_gallery(scorer, catalogue, available, split=config.eval.split,
                                  rerank_k=config.eval.rerank_k, progress=progress, bank=bank)
         result["metrics"].update(found["metrics"])
+        result["metrics"]["gallery/reranks"] = encoder.rerank  # the checkpoint's validation choice
         choice = query_bank_choice(checkpoint, config)
         if choice is not None:
             result["metrics"]["gallery/query_bank_grid"] = ", ".join(

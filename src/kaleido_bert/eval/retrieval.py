@@ -247,13 +247,15 @@ def shortlist_scores(scorer: PairScorer, pairs: list[tuple[str, str]], widths: l
 
 
 def evaluate_sample100(scorer: PairScorer, candidates: dict[str, Any], *, progress: bool = True,
-                       ks: tuple[int, ...] = (1, 5, 10), shortlist: int = 0) -> dict[str, Any]:
+                       ks: tuple[int, ...] = (1, 5, 10), shortlist: int = 0, rerank: bool = True) -> dict[str, Any]:
     """Rank@K of both directions and SumR, keys named by protocol (``itr_sample100/R@1`` …), in %.
 
     ``shortlist`` > 0 (``eval.sample100_shortlist``, with an ITC head): each query's candidates are ranked by the
     dual encoder and only its top ``shortlist`` are scored by the cross-encoder (:func:`shortlist_scores`); 0
-    scores every candidate, the paper's protocol."""
+    scores every candidate, the paper's protocol. ``rerank`` False (with an ITC head): the dual encoder's cosine
+    ranks every candidate and the cross-encoder is not run (a model whose validation choice is not to re-rank)."""
     shortlist = shortlist if shortlist and scorer.has_itc else 0
+    rerank = rerank or not scorer.has_itc
     metrics: dict[str, Any] = {}
     ranked: dict[str, Any] = {}
     outcomes: dict[str, list] = {}  # per query: P(rank ≤ K) for each K, what a paired bootstrap resamples
@@ -265,7 +267,9 @@ def evaluate_sample100(scorer: PairScorer, candidates: dict[str, Any], *, progre
         else:
             pairs = [(c, q["query"]) for q in queries for c in q["candidates"]]
         desc = f"{direction.upper()} sample-100"
-        if shortlist:
+        if not rerank:
+            flat = scorer.cosines(pairs)
+        elif shortlist:
             flat = shortlist_scores(scorer, pairs, [len(q["candidates"]) for q in queries], shortlist, desc=desc,
                                     progress=progress)
         else:
@@ -293,6 +297,9 @@ def evaluate_sample100(scorer: PairScorer, candidates: dict[str, Any], *, progre
     width = 1 + int(candidates["num_negatives"])
     metrics["sample100/candidates_per_query"] = width
     metrics["sample100/shortlist"] = shortlist
+    score = getattr(scorer, "pair_score", "cosine")
+    metrics["sample100/ranked_by"] = ("dual encoder" if not rerank else
+                                      f"{score} on the dual encoder's top {shortlist}" if shortlist else score)
     chance = {k: expected_rank_chance(width, k) for k in ks}
     metrics["sample100/chance_SumR"] = sum_r(chance, chance)
     return {"metrics": metrics, "ranked": ranked, "outcomes": outcomes}

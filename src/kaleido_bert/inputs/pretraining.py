@@ -85,6 +85,7 @@ class PretrainDataset(Dataset):
         self.corrupt = corrupt
         self.store, self.seed, self.epoch = store, seed, 0
         alignments = alignments or {}
+        self.split = split
         split_items = catalogue.split(split)
         self.items: list[Item] = [it for it in split_items if it.id in store]
         self.skipped = len(split_items) - len(self.items)
@@ -102,6 +103,12 @@ class PretrainDataset(Dataset):
         self.positions = RowReader(store.arrays["positions"])
         self.feature_size = store.feature_size
         self._prefetched: deque[tuple[int, ...]] = deque(maxlen=8)  # batches read_ahead hinted already
+        self.shortlists = None  # set_shortlists: where ITM's pairs come from and their ITC logits
+
+    def set_shortlists(self, shortlists) -> None:
+        """Draw each item's ITM negatives from ``shortlists`` (:class:`~kaleido_bert.train.shortlists.Shortlists`:
+        its nearest other descriptions, its product's nearest other images, and their ITC logits)."""
+        self.shortlists = shortlists
 
     def _tokenize(self, tokenizer, max_text_len: int) -> None:
         """Every product's description once: ``tokens`` (products, L) right-padded, ``lengths`` (products,)."""
@@ -146,7 +153,8 @@ class PretrainDataset(Dataset):
         keys = item_keys(self.seed, self.epoch, index)
         m, b = self.masking, len(index)
         product = self.item_product[index]
-        scalars = uniforms(keys, _SCALARS, 5 + DONOR_TRIES)  # negative?, easy?, which, turns, order, donors
+        scalars = uniforms(keys, _SCALARS, 7 + DONOR_TRIES)  # negative?, easy?, which, turns, order, donors,
+        # and two shortlist draws (a text, an image)
         negative = self.negatives.has_negative(product) & (scalars[:, 0] < m.itm_negative_ratio)
         easy = negative & (m.itm_hard_ratio < 1) & (scalars[:, 1] >= m.itm_hard_ratio)
         text_product = self.negatives.sample(product, negative, easy, scalars[:, 2])
@@ -160,6 +168,8 @@ class PretrainDataset(Dataset):
         batch: dict[str, Any] = {"ids": [self.items[i].id for i in index.tolist()], "text_mask": text_mask,
                                  "itm_label": torch.from_numpy((~negative).astype(np.int64)),
                                  "product": torch.from_numpy(product.copy())}
+        if self.shortlists is not None:
+            batch.update(self._shortlisted(index, product, scalars[:, 5 + DONOR_TRIES:]))
         if not self.corrupt:
             colour = torch.from_numpy(self.features.read(rows)[:, :NUM_COLOUR]).float()
             return {**batch, **self._clean(text_ids, colour, rows)}
@@ -200,6 +210,33 @@ class PretrainDataset(Dataset):
             "grey_index": grey_index, "grey_target": grey_target,
             "blank_index": blank_index, "blank_target": blank_target,
         }
+
+    def _shortlisted(self, index: np.ndarray, product: np.ndarray, draws: np.ndarray) -> dict[str, Tensor]:
+        """One ITM negative of each kind per item, uniform over its shortlist (:meth:`set_shortlists`): another
+        product's description (``shortlist_text_ids`` / ``_mask`` ``(B, T)``) and another product's image
+        (``shortlist_patch_features`` ``(B, 55, F)``, ``shortlist_patch_positions``), and the ITC logits of the
+        positive and of both negatives (``itm_prior`` ``(B, 3)``). An item whose shortlists are empty gets its own
+        pair (``shortlist_valid`` False)."""
+        s, rows = self.shortlists, np.arange(len(index))
+        picks = []
+        for pool, logits, u in ((s.texts[index], s.text_logits[index], draws[:, 0]),
+                                (s.images[product], s.image_logits[product], draws[:, 1])):
+            n = (pool >= 0).sum(1)
+            j = np.minimum((u * n).astype(np.int64), np.maximum(n - 1, 0))
+            picks.append((pool[rows, j], logits[rows, j], n > 0))
+        (text_pick, text_logit, has_text), (image_pick, image_logit, has_image) = picks
+        valid = has_text & has_image
+        text_pick, image_pick = np.where(valid, text_pick, product), np.where(valid, image_pick, index)
+        lengths = self.lengths[text_pick]
+        width = int(lengths.max())
+        image_rows = self.item_row[image_pick]
+        prior = np.stack([s.positive_logits[index], text_logit, image_logit], 1)
+        return {"shortlist_text_ids": self.tokens[torch.from_numpy(text_pick), :width],
+                "shortlist_text_mask": (torch.arange(width)[None, :] < torch.from_numpy(lengths)[:, None]).long(),
+                "shortlist_patch_features": torch.from_numpy(self.features.read(image_rows)[:, :NUM_COLOUR]).float(),
+                "shortlist_patch_positions": torch.from_numpy(self.positions.read(image_rows)),
+                "itm_prior": torch.from_numpy(np.where(valid[:, None], prior, 0.0).astype(np.float32)),
+                "shortlist_valid": torch.from_numpy(valid)}
 
     def _donors(self, tries: np.ndarray, product: np.ndarray) -> np.ndarray:
         """A camouflage donor per item: the first of ``DONOR_TRIES`` random items of another product, else -1."""

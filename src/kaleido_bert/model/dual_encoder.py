@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from kaleido_bert.atomic import read_json
 from kaleido_bert.data.catalogue import Item
 from kaleido_bert.data.tokenizer import load_tokenizer
 from kaleido_bert.errors import KaleidoError
@@ -27,6 +28,9 @@ from kaleido_bert.model.loading import load_pretrained
 from kaleido_bert.patches.features import NUM_COLOUR
 from kaleido_bert.patches.store import FeatureStore
 from kaleido_bert.runs import resolve_checkpoint
+
+RERANK_FILE = "rerank.json"
+"""A checkpoint's choice whether its cross-encoder re-ranks (:mod:`kaleido_bert.eval.rerank_choice` writes it)."""
 
 
 class DualEncoder:
@@ -40,10 +44,14 @@ class DualEncoder:
         device: where the model runs.
         member: the frozen member (:class:`~kaleido_bert.model.itc_member.ITCMember`) whose ensemble the
             embeddings are, or None for the model alone.
+        rerank_choice: the checkpoint's ``rerank.json`` (chosen on validation), or None: re-rank when there is
+            an ITM head.
     """
 
     def __init__(self, model, tokenizer, *, max_text_len: int, batch_size: int = 64,
-                 device: str | torch.device = "cpu", member: ITCMember | None = None) -> None:
+                 device: str | torch.device = "cpu", member: ITCMember | None = None,
+                 rerank_choice: dict | None = None) -> None:
+        self.rerank_choice = rerank_choice
         self.device = torch.device(device)
         self.model = model.eval().to(self.device)
         self.member = None if member is None else member.to(self.device)
@@ -57,9 +65,11 @@ class DualEncoder:
         from kaleido_bert.model.heads import KaleidoBertForPreTraining
 
         model = load_pretrained(KaleidoBertForPreTraining, checkpoint)
-        found = load_itc_member(resolve_checkpoint(checkpoint)) if member else None
+        directory = resolve_checkpoint(checkpoint)
+        found = load_itc_member(directory) if member else None
+        choice = read_json(directory / RERANK_FILE) if (directory / RERANK_FILE).is_file() else None
         return cls(model, load_tokenizer(checkpoint), max_text_len=int(model.config.max_text_len),
-                   batch_size=batch_size, device=device, member=found)
+                   batch_size=batch_size, device=device, member=found, rerank_choice=choice)
 
     @property
     def has_itm(self) -> bool:
@@ -68,6 +78,12 @@ class DualEncoder:
     @property
     def has_itc(self) -> bool:
         return hasattr(self.model.heads, "itc")
+
+    @property
+    def rerank(self) -> bool:
+        """Whether ranking re-scores the dual encoder's shortlist with the cross-encoder: an ITM head, and the
+        checkpoint's validation choice when it has one (``rerank.json``)."""
+        return self.has_itm and (self.rerank_choice is None or bool(self.rerank_choice["rerank"]))
 
     def tokenize(self, texts: list[str]) -> tuple[Tensor, Tensor]:
         """``[CLS] text [SEP]`` WordPiece ids and mask, right-padded: ``(B, T)`` each, on the device."""

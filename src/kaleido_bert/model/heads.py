@@ -38,7 +38,7 @@ Shapes: B batch, T text tokens, P patches, D hidden, F feature size.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -255,7 +255,7 @@ class PretrainingHeads(nn.Module):
             picked = labels != IGNORE
             logits = self.mlm(text_hidden[picked])  # only masked positions: (N, V)
             out["mlm"] = masked_cross_entropy(logits, labels[picked])
-        if hasattr(self, "itm"):
+        if hasattr(self, "itm") and self.itm_negatives == "sampled":  # mined: scored on mined pairs, in the model
             out["itm"] = F.cross_entropy(self.itm(pooled).float(), batch["itm_label"])
         for name, head in self.levels.items():
             out[name] = masked_cross_entropy(head(patch_hidden), batch[f"{name}_label"])
@@ -285,22 +285,28 @@ class KaleidoBertForPreTraining(KaleidoBertPreTrainedModel):
         if isinstance(module, ContrastiveHead):  # CLIP's temperature 0.07, also when a checkpoint lacks the head
             with torch.no_grad():
                 module.logit_scale.fill_(math.log(1 / 0.07))
+        heads = getattr(self, "heads", None)
+        if heads is not None and module is getattr(heads, "itm", None) and heads.itm_negatives == "mined":
+            with torch.no_grad():  # ITM as a correction to ITC starts at zero: the score starts as the dual encoder's
+                module.weight.zero_()
+                module.bias.zero_()
 
     def forward(self, batch: dict[str, Tensor]) -> PretrainingOutput:
         """One joint pass over text + patches (plus text-only and patch-only passes when ITC is on)."""
         out = self.bert(text_ids=batch["text_ids"], text_mask=batch["text_mask"],
                         patch_features=batch["patch_features"], patch_positions=batch["patch_positions"])
         losses = self.heads.losses(out.hidden, out.pooled, out.num_text, batch)
+        metrics: dict[str, Tensor] = {}
         if hasattr(self.heads, "itc"):  # on the clean text and patches (ALBEF), when the batch carries them
             text_emb, image_emb = self.itc_embeddings(batch)
             losses["itc"] = self.heads.itc(text_emb, image_emb, batch["itm_label"], batch.get("product"))
-            if self.heads.itm_negatives == "mined" and "itm" in losses:
-                mined = self._mined_itm_logits(batch, text_emb, image_emb)
-                if mined is not None:
-                    logits = torch.cat([self.heads.itm(out.pooled), mined]).float()
-                    labels = torch.cat([batch["itm_label"], batch["itm_label"].new_zeros(len(mined))])
-                    losses["itm"] = F.cross_entropy(logits, labels)
-        return PretrainingOutput(loss=sum(losses.values()), losses=losses)
+            if self.heads.itm_negatives == "mined" and hasattr(self.heads, "itm"):
+                ranked = self.itm_ranking(batch, text_emb, image_emb)
+                if ranked is None:
+                    losses["itm"] = self.heads.itm.weight.sum() * 0.0
+                else:
+                    losses["itm"], metrics["itm_accuracy"] = ranked
+        return PretrainingOutput(loss=sum(losses.values()), losses=losses, metrics=metrics)
 
     def itc_embeddings(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """ITC text and image embeddings ``(B, d)`` of a batch: a text-only and a patch-only pass over the clean
@@ -313,37 +319,79 @@ class KaleidoBertForPreTraining(KaleidoBertPreTrainedModel):
         image = self.bert(text_ids=cls, patch_features=features, patch_positions=batch["patch_positions"])
         return text, itc.image_embedding(image, features, self.bert.patch_embeddings.keep)
 
-    def _mined_itm_logits(self, batch: dict[str, Tensor], text_emb: Tensor, image_emb: Tensor) -> Tensor | None:
-        """ITM logits ``(M, 2)`` of one mined hard negative per positive pair (None with fewer than 2 positives).
+    def itm_ranking(self, batch: dict[str, Tensor], text_emb: Tensor,
+                    image_emb: Tensor) -> tuple[Tensor, Tensor] | None:
+        """ITM as a correction to ITC (``itm_negatives = "mined"``): the loss and accuracy over negative pairs.
 
-        Mined from the clean views' ITC embeddings; the mined pairs are scored on the same (masked) views as the
-        joint pass, so that no ITM label can be read off whether an input was corrupted."""
+        Each positive pair meets one negative: the first half of the positives another text, the rest another
+        image. A pair's score is an ITC logit plus the cross-encoder's ITM log-odds δ, as search scores the dual
+        encoder's top k, and the loss is the cross-entropy of the positive against its negative, so ITM learns
+        only what ITC gets wrong; the ITM head starts at zero, so the score starts equal to ITC's. With shortlists
+        in the batch (``shortlist_*`` and ``itm_prior``, :mod:`kaleido_bert.train.shortlists`) the negative is
+        the item's draw from the linear probe's top k over the whole split and the ITC logits are the probe's,
+        cross-fitted on the training split so that they err as on new products; otherwise the negative is mined
+        from the batch's ITC similarities (:func:`mine_negatives`, never of the same product or with the same text)
+        and the logits are the model's own, detached (ITM does not move the dual encoder). Pairs are scored on the
+        clean views (ALBEF): masking and corruption would hide exactly the aligned details a match turns on.
+
+        Returns:
+            ``(loss, accuracy)`` scalars (accuracy: the share of positives scored above their negative), or None
+            when the batch has fewer than two positives or no valid negative.
+        """
         rows = batch["itm_label"].bool().nonzero().squeeze(1)
         if len(rows) < 2:
             return None
-        itc = self.heads.itc
-        same = None
-        if "product" in batch:
-            product = batch["product"][rows]
-            same = product[:, None] == product[None, :]
-        neg_text, neg_image, valid = mine_negatives(image_emb[rows], text_emb[rows],
-                                                    itc.logit_scale.exp().clamp(max=100), same)
+        text_ids = batch.get("clean_text_ids", batch["text_ids"])[rows]
+        mask = batch["text_mask"][rows]
+        features = batch.get("clean_patch_features", batch["patch_features"])[rows]
+        positions = batch["patch_positions"][rows]
+        images, texts = image_emb[rows], text_emb[rows]
         half = len(rows) // 2
-        keep = valid.clone()
-        image_rows = torch.cat([rows[:half], rows[neg_image[half:]]])[keep]
-        text_rows = torch.cat([rows[neg_text[:half]], rows[half:]])[keep]
-        if len(image_rows) == 0:
+        if "shortlist_text_ids" in batch:
+            valid = batch["shortlist_valid"][rows].bool()
+            neg_ids, neg_mask = batch["shortlist_text_ids"][rows[:half]], batch["shortlist_text_mask"][rows[:half]]
+            pair_text_ids = _padded(text_ids, neg_ids, text_ids[half:])  # positives, then the negatives
+            pair_mask = _padded(mask, neg_mask, mask[half:])
+            pair_features = torch.cat([features, features[:half], batch["shortlist_patch_features"][rows[half:]]])
+            pair_positions = torch.cat([positions, positions[:half], batch["shortlist_patch_positions"][rows[half:]]])
+            prior = batch["itm_prior"][rows]  # (N, 3): positive, negative text, negative image
+            logits_itc = torch.cat([prior[:, 0], prior[:half, 1], prior[half:, 2]])
+        else:
+            same = (text_ids[:, None, :] == text_ids[None, :, :]).all(-1)  # (N, N) identical titles
+            if "product" in batch:
+                product = batch["product"][rows]
+                same = same | (product[:, None] == product[None, :])
+            scale = self.heads.itc.logit_scale.exp().clamp(max=100)
+            neg_text, neg_image, valid = mine_negatives(images, texts, scale, same)
+            neg_t = torch.cat([neg_text[:half], torch.arange(half, len(rows), device=rows.device)])
+            neg_i = torch.cat([torch.arange(half, device=rows.device), neg_image[half:]])
+            pair_text_ids, pair_mask = torch.cat([text_ids, text_ids[neg_t]]), torch.cat([mask, mask[neg_t]])
+            pair_features = torch.cat([features, features[neg_i]])
+            pair_positions = torch.cat([positions, positions[neg_i]])
+            logits_itc = scale * torch.cat([(images * texts).sum(-1), (images[neg_i] * texts[neg_t]).sum(-1)])
+        if not valid.any():
             return None
-        out = self.bert(text_ids=batch["text_ids"][text_rows], text_mask=batch["text_mask"][text_rows],
-                        patch_features=batch["patch_features"][image_rows],
-                        patch_positions=batch["patch_positions"][image_rows])
-        return self.heads.itm(out.pooled)
+        keep = torch.cat([valid, valid])
+        out = self.bert(text_ids=pair_text_ids[keep], text_mask=pair_mask[keep],
+                        patch_features=pair_features[keep], patch_positions=pair_positions[keep])
+        logits = self.heads.itm(out.pooled).float()  # (2M, 2): M positives, then their M negatives
+        itc = logits_itc[keep].float().detach()
+        score = (itc + logits[:, 1] - logits[:, 0]).view(2, -1).T  # (M, 2): positive, negative
+        target = score.new_zeros(len(score), dtype=torch.long)
+        return F.cross_entropy(score, target), (score[:, 0] > score[:, 1]).float().mean()
+
+
+def _padded(*parts: Tensor) -> Tensor:
+    """``(N_i, T_i)`` id or mask tensors right-padded with 0 to one width and stacked: ``(ΣN_i, max T_i)``."""
+    width = max(t.shape[1] for t in parts)
+    return torch.cat([F.pad(t, (0, width - t.shape[1])) for t in parts])
 
 
 @dataclass
 class PretrainingOutput:
     loss: Tensor
     losses: dict[str, Tensor]
+    metrics: dict[str, Tensor] = field(default_factory=dict)  # logged beside the losses, not trained on
 
 
 def pretraining_loss_counts(batch: dict[str, Any]) -> dict[str, int]:

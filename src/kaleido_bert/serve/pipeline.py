@@ -251,7 +251,7 @@ class KaleidoBertPipeline:
             category: only products of this category.
             rerank: re-score the recalled products with the ITM cross-encoder (their ``score`` is then the ITM
                 logit, or with ``eval.pair_score = itm+itc`` the ITM log-odds plus the ITC logit; otherwise the
-                cosine similarity).
+                cosine similarity), when the model's validation choice is to re-rank (``encoder.rerank``).
 
         Raises:
             KaleidoError: an empty query, ``k`` < 1, or an unknown category.
@@ -266,7 +266,7 @@ class KaleidoBertPipeline:
             if category not in self.by_category:
                 raise KaleidoError(f"unknown category {category!r} (known: {', '.join(self.categories())})")
             allowed = self.by_category[category]
-        rerank = rerank and self.encoder.has_itm
+        rerank = rerank and self.encoder.rerank
         hits = self._top_products(self.encode_text([query]), self._rerank_depth(k) if rerank else k, allowed)
         if rerank and hits:
             ids = [item_id for item_id, _ in hits]
@@ -293,7 +293,7 @@ class KaleidoBertPipeline:
         query = self.encoder.embed_patches(feats, pos)
         products = [self._hit(i, s) for i, s in self._top_products(query, k, None, normalised=False)]
         found = self.index.texts.search(query, self._rerank_depth(DESCRIPTIONS))[0]
-        if self.encoder.has_itm and found:
+        if self.encoder.rerank and found:
             texts = [self.descriptions[p] for p, _ in found]
             logits = self.encoder.pair_scores(texts, feats.expand(len(texts), -1, -1),
                                               pos.expand(len(texts), -1, -1), [score for _, score in found],
@@ -439,4 +439,4 @@ class KaleidoBertPipeline:
                 "catalogue": self.data.catalogue.root.resolve().name, "items": len(self.index.images),
                 "products": len(self.index.texts), "index": self.index.images.kind,
                 "config_hash": self.index.config_hash, "patch_generator": settings,
-                "rerank": self.encoder.has_itm, "device": str(self.device)}
+                "rerank": self.encoder.rerank, "rerank_choice": self.encoder.rerank_choice, "device": str(self.device)}

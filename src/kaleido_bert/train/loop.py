@@ -45,6 +45,9 @@ from kaleido_bert.errors import KaleidoError
 from kaleido_bert.inputs.rows import read_ahead
 
 CountFn = Callable[[dict[str, Any]], dict[str, float]]
+VALIDATION_METRICS = ("itm_accuracy",)
+"""Validation measures that are not losses (a model's output ``metrics``), logged and plotted beside them; each is
+averaged over the units of the loss its name starts with."""
 DATA_BOUND = 0.5
 """Share of the step time spent waiting for the next batch above which a run is reported as data-bound."""
 
@@ -142,7 +145,8 @@ class _Metrics:
     @staticmethod
     def _columns(row: dict[str, float]) -> list[str]:
         tasks = [k.split("/", 1)[1] for k in row if k.startswith("train/")]
-        return ["step", "lr", "data_wait", *[f"train/{t}" for t in tasks], *[f"val/{t}" for t in tasks]]
+        measures = [m for m in VALIDATION_METRICS if m.split("_", 1)[0] in tasks]
+        return ["step", "lr", "data_wait", *[f"train/{t}" for t in tasks], *[f"val/{t}" for t in tasks + measures]]
 
     def log(self, row: dict[str, float]) -> None:
         self.history.append(row)
@@ -169,7 +173,7 @@ class _Metrics:
             return
         from kaleido_bert.plots import plt, save_figure
 
-        tasks = [c.split("/", 1)[1] for c in self._columns(self.history[0]) if c.startswith("train/")]
+        tasks = [c.split("/", 1)[1] for c in self._columns(self.history[0]) if c.startswith("val/")]
         cols = min(4, len(tasks))
         rows = math.ceil(len(tasks) / cols)
         fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
@@ -180,7 +184,8 @@ class _Metrics:
                     ax.plot(*zip(*points, strict=True), style, ms=3, lw=1, label=split)
             ax.set_title(task, fontsize=9)
             ax.set_xlabel("step", fontsize=8)
-            ax.legend(fontsize=7)
+            if ax.get_lines():
+                ax.legend(fontsize=7)
         for ax in list(axes.flat)[len(tasks):]:
             ax.axis("off")
         fig.tight_layout()
@@ -207,19 +212,24 @@ def validate(model: nn.Module, dataset: Dataset, collate_fn: Callable, *, batch_
         dataset.set_epoch(0)
     mine = list(range(dist.rank(), len(dataset), dist.world_size()))
     chunks = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
-    totals = torch.zeros(2, len(tasks), dtype=torch.float64, device=device)  # weighted loss sums, unit counts
+    names = [*tasks, *VALIDATION_METRICS]
+    totals = torch.zeros(2, len(names), dtype=torch.float64, device=device)  # weighted sums, unit counts
     for batch in DataLoader(dataset, batch_sampler=chunks, collate_fn=collate_fn):
         counts = _counts(batch, count_fn)
         with dist.autocast(device, dtype):
-            losses = model(_to_device(batch, device)).losses
-        for i, task in enumerate(tasks):
-            n = counts.get(task, counts["*"])
-            totals[0, i] += float(losses[task]) * n
-            totals[1, i] += n
+            output = model(_to_device(batch, device))
+        values = {**getattr(output, "metrics", {}), **output.losses}
+        for i, name in enumerate(names):
+            if name in values:
+                n = counts.get(name.split("_", 1)[0] if name in VALIDATION_METRICS else name, counts["*"])
+                totals[0, i] += float(values[name]) * n
+                totals[1, i] += n
     dist.all_reduce_sum(totals)
     model.train(was_training)
     out = {t: float(totals[0, i] / totals[1, i]) for i, t in enumerate(tasks) if totals[1, i] > 0}
     out["loss"] = sum(out.values())
+    out.update({m: float(totals[0, i] / totals[1, i]) for i, m in enumerate(names)
+                if m in VALIDATION_METRICS and totals[1, i] > 0})
     return out
 
 

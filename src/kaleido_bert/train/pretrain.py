@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from kaleido_bert import distributed as dist
 from kaleido_bert.atomic import atomic_write_json
 from kaleido_bert.checkpoint import load_bert_weights
 from kaleido_bert.config import RunConfig
@@ -118,9 +119,13 @@ def pretrain(config: RunConfig, out_dir: str | Path, *, resume: bool = False,
     config = config.with_train_items(len(train_set))  # train.epochs → train.max_steps
     counts = {"train": train_set.counts(), "val": val_set.counts()}
     model, init_report = build_model(config)
-    probe = None
+    mined = model.config.itm_negatives == "mined" and "itm" in config.model.tasks
+    inputs = probe_inputs(model, train_set, config, progress=progress) if config.train.probe_init or mined else None
+    probe = shortlists = None
     if config.train.probe_init and not resume:  # a resumed run loads its own weights
-        probe = probe_init(model, train_set, config, progress=progress)
+        probe = probe_init(model, train_set, config, inputs=inputs, progress=progress)
+    if mined:
+        shortlists = set_itm_shortlists(model, train_set, val_set, config, inputs, progress=progress)
     # Every process of a DDP run writes the same bytes atomically, so no rank has to be singled out here.
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "data_counts.json", counts)
@@ -133,45 +138,84 @@ def pretrain(config: RunConfig, out_dir: str | Path, *, resume: bool = False,
         summary["init"] = {k: len(v) for k, v in init_report.items()}
     if probe is not None:
         summary["probe_init"] = probe
+    if shortlists is not None:
+        summary["itm_shortlists"] = shortlists
+    if dist.is_main():
+        atomic_write_json(out_dir / "summary.json", summary)  # the loop's summary with what pre-training added
     return summary
 
 
+def set_itm_shortlists(model: KaleidoBertForPreTraining, train_set: PretrainDataset, val_set: PretrainDataset,
+                       config: RunConfig, train_inputs: tuple[Any, Any], *,
+                       progress: bool = True) -> dict[str, dict[str, float]]:
+    """Give both splits' datasets the probe shortlists and ITC logits their ITM pairs are drawn and scored with
+    (:mod:`kaleido_bert.train.shortlists`), ``eval.rerank_k`` deep (at least 1): what search hands the
+    cross-encoder. The training split's come from probes cross-fitted over product folds, the validation split's
+    from the probe of every training pair. Returns their reports."""
+    from kaleido_bert.train.shortlists import probe_shortlists
+
+    k, seed = max(1, config.eval.rerank_k), config.train.seed
+    reports = {}
+    found = probe_shortlists(train_inputs, train_set.item_product, k, seed=seed)
+    train_set.set_shortlists(found)
+    reports["train"] = found.report
+    if len(val_set):
+        found = probe_shortlists(train_inputs, train_set.item_product, k, seed=seed,
+                                 apply_to=(probe_inputs(model, val_set, config, progress=False), val_set.item_product))
+        val_set.set_shortlists(found)
+        reports["val"] = found.report
+    if progress:
+        for split, r in reports.items():
+            print(f"[pretrain] ITM pairs from the probe's top {r['k']} on {split} ({r['fit']}): {r['images']} images × "
+                  f"{r['descriptions']} descriptions, the positive's mean rank {r['positive_mean_rank']} "
+                  f"({r['seconds']} s)", flush=True)
+    return reports
+
+
+def probe_inputs(model: KaleidoBertForPreTraining, dataset: PretrainDataset, config: RunConfig, *,
+                 progress: bool = True) -> tuple[Any, Any]:
+    """What the linear probe reads for a split: each product's text ``(products, D)`` (the model's own text-only
+    pass, its initialisation such as MiniLM, mean-pooled over real tokens) and each image's mean clean colour
+    feature over the attended patches ``(N, F)``, both numpy float32."""
+    import numpy as np
+    from tqdm import tqdm
+
+    from kaleido_bert.model.linear_probe import image_features
+
+    was_training = model.training
+    model.eval()
+    tokens, lengths, size = dataset.tokens, torch.from_numpy(dataset.lengths), config.eval.batch_size
+    parts = []
+    for lo in tqdm(range(0, len(tokens), size), desc="probe: text states", unit="batch", disable=not progress,
+                   leave=False):
+        width = int(lengths[lo:lo + size].max())
+        mask = (torch.arange(width)[None] < lengths[lo:lo + size, None]).long()
+        with torch.no_grad():  # the pooling ContrastiveHead.text_embedding reads
+            hidden = model.bert(text_ids=tokens[lo:lo + size, :width], text_mask=mask).hidden  # (B, T, D)
+        parts.append(masked_mean(hidden, mask[..., None]).float().numpy())
+    model.train(was_training)
+    keep = model.bert.patch_embeddings.keep.numpy().astype(bool)
+    images = image_features(dataset.store, [it.id for it in dataset.items], "mean", keep=keep)
+    return np.concatenate(parts), images
+
+
 def probe_init(model: KaleidoBertForPreTraining, train_set: PretrainDataset, config: RunConfig, *,
-               progress: bool = True) -> dict[str, Any]:
+               inputs: tuple[Any, Any] | None = None, progress: bool = True) -> dict[str, Any]:
     """Fit the linear probe on the training pairs and start the ITC head from it (``train.probe_init``).
 
-    Text side: the model's own text-only pass (its initialisation, e.g. MiniLM), mean-pooled over real tokens,
-    once per product; image side: the mean clean colour feature over the attended patches, per image.
+    ``inputs``: the training split's :func:`probe_inputs`, when already computed.
 
     Raises:
         KaleidoError: ITC is off, or its pooling is not ``mean``.
     """
-    import numpy as np
-    from tqdm import tqdm
-
-    from kaleido_bert.model.linear_probe import image_features, init_itc_from_probe
+    from kaleido_bert.model.linear_probe import init_itc_from_probe
 
     if not hasattr(model.heads, "itc") or model.config.itc_pool != "mean":
         raise KaleidoError("train.probe_init starts the ITC head from a linear probe: it needs itc in model.tasks "
                            "and model.itc_pool=mean")
     start = time.perf_counter()
-    was_training = model.training
-    model.eval()
-    tokens, lengths = train_set.tokens, torch.from_numpy(train_set.lengths)
-    parts = []
-    for lo in tqdm(range(0, len(tokens), config.eval.batch_size), desc="probe: text states", unit="batch",
-                   disable=not progress, leave=False):
-        width = int(lengths[lo:lo + config.eval.batch_size].max())
-        ids = tokens[lo:lo + config.eval.batch_size, :width]
-        mask = (torch.arange(width)[None] < lengths[lo:lo + config.eval.batch_size, None]).long()
-        with torch.no_grad():  # the pooling ContrastiveHead.text_embedding reads
-            hidden = model.bert(text_ids=ids, text_mask=mask).hidden  # (B, T, D)
-        parts.append(masked_mean(hidden, mask[..., None]).float().numpy())
-    text = np.concatenate(parts)[train_set.item_product]  # (N, D): each image's product text
-    keep = model.bert.patch_embeddings.keep.numpy().astype(bool)
-    images = image_features(train_set.store, [it.id for it in train_set.items], "mean", keep=keep)
-    model.train(was_training)
-    report = init_itc_from_probe(model.heads.itc, text, images, seed=config.train.seed)
+    text, images = inputs or probe_inputs(model, train_set, config, progress=progress)
+    report = init_itc_from_probe(model.heads.itc, text[train_set.item_product], images, seed=config.train.seed)
     report["seconds"] = round(time.perf_counter() - start, 1)
     print(f"[pretrain] ITC started from the linear probe: InfoNCE {report['loss_before']:.3f} → "
           f"{report['loss_after']:.3f} on {report['pairs']} training pairs ({report['seconds']} s)", flush=True)
