@@ -51,6 +51,8 @@ class CataloguePipeline:
     of its most similar item and a prompt its own words.
     """
 
+    reranks = False  # word overlap has no cross-encoder to re-score with
+
     def __init__(self, root: Path) -> None:
         self.catalogue = load_catalogue(root)
         self.items = self.catalogue.items

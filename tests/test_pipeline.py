@@ -551,3 +551,24 @@ def test_page_with_the_real_pipeline(in_process_server, pipeline, tmp_path):
         page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
     assert not errors, errors
     assert (tmp_path / "page.png").stat().st_size > 10_000
+
+
+def test_a_model_that_chose_not_to_rerank_ranks_by_its_dual_encoder(run_root, tmp_path):
+    """``rerank.json`` saying no (validation search was better without the cross-encoder): text search asked to
+    re-rank gives the dual encoder's ranking and scores, and ``info()`` says so with the validation numbers."""
+    from kaleido_bert.model.dual_encoder import RERANK_FILE
+    from kaleido_bert.runs import resolve_checkpoint
+    from kaleido_bert.serve.pipeline import KaleidoBertPipeline
+
+    run = tmp_path / "no-rerank"
+    checkpoint = resolve_checkpoint(run_root / "run" / "pretrain")
+    copy = shutil.copytree(checkpoint, run / "pretrain" / checkpoint.name)
+    choice = {"rerank": False, "rerank_k": 20, "validation": {"dual_encoder": 50.0, "reranked": 41.0}}
+    (copy / RERANK_FILE).write_text(json.dumps(choice))
+    pipe = KaleidoBertPipeline.from_pretrained(run, device="cpu", progress=False)
+    assert pipe.encoder.has_itm and not pipe.reranks
+    assert pipe.info()["rerank"] is False and pipe.info()["rerank_choice"] == choice
+    item = list(pipe.items.values())[4]
+    asked, plain = (pipe.search_text(item.title, 5, rerank=r) for r in (True, False))
+    assert [(h["id"], h["score"]) for h in asked] == [(h["id"], h["score"]) for h in plain]
+    assert all(-1.0 - 1e-6 <= h["score"] <= 1.0 + 1e-6 for h in asked)  # cosines, not ITM logits

@@ -191,6 +191,7 @@ def test_text_search_returns_ranked_products_with_image_urls(client, pipeline, c
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["query"] == item.title and body["k"] == 5 and len(body["results"]) == 5
+    assert body["reranked"] is False  # asked for by default, but this pipeline never re-ranks: the response says so
     scores = [r["score"] for r in body["results"]]
     assert scores == sorted(scores, reverse=True) and scores[0] == 1.0
     assert any(r["id"] == item.id for r in body["results"] if r["score"] == 1.0)

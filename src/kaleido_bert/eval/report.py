@@ -218,6 +218,10 @@ def write_report(metrics: dict[str, Any], extras: dict[str, Any], config, out: s
                   f"Every {config.eval.split} image against every {config.eval.split} product description "
                   f"({metrics.get('gallery/images')} images, {metrics.get('gallery/products')} products); the top "
                   f"{config.eval.rerank_k} of the dual encoder re-ranked by ITM."
+                  + ("" if metrics.get("gallery/reranks", True) else
+                     " The model ranks by its dual encoder alone: on validation, re-ranking did not beat it (the "
+                     "checkpoint's `rerank.json`), so its rows in the tables are the dual encoder's; the re-ranked "
+                     "row is shown for comparison.")
                   + (f" The dual encoder's scores normalised by a bank of training queries (inverted softmax, "
                      f"β = {metrics['gallery/query_bank_beta']:g}, chosen on validation mean recall: "
                      f"{metrics['gallery/query_bank_grid']})." if metrics.get("gallery/query_bank_grid") else ""),

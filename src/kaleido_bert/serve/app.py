@@ -6,7 +6,7 @@
 ``GET /``                      the search page (``web/index.html``; its script and style under ``/static/``)
 ``GET /healthz``               ``{"status": "ok", ...pipeline.info()}``
 ``GET /api/categories``        the category names the search can be limited to
-``POST /api/search/text``      JSON ``{"query", "k", "category", "rerank"}`` → ranked products
+``POST /api/search/text``      JSON ``{"query", "k", "category", "rerank"}`` → ranked products (``reranked``: re-scored or not)
 ``POST /api/search/image``     multipart ``file`` + ``k`` → similar products and matching descriptions
 ``POST /api/caption``          multipart ``file`` → a generated description
 ``POST /api/classify``         multipart ``file`` (+ optional ``text``) → top categories and sub-categories;
@@ -98,6 +98,9 @@ class SearchPipeline(Protocol):
 
     def info(self) -> dict[str, Any]: ...
 
+    @property
+    def reranks(self) -> bool: ...
+
 
 # ---------------------------------------------------------------------------------------------- API models
 
@@ -135,6 +138,9 @@ class TextSearchResponse(BaseModel):
     query: str
     k: int
     category: str | None
+    reranked: bool = Field(description="whether the cross-encoder re-scored the results: asked for (rerank) and the "
+                                       "model's own choice on validation (it re-ranks only where that beat its dual "
+                                       "encoder; /healthz: rerank_choice)")
     results: list[Product]
 
 
@@ -369,7 +375,8 @@ def create_app(
         k: Count = Field(10, ge=1, le=max_k, description="number of results")
         category: Text | None = Field(None, description="only products of this category (see /api/categories); "
                                           "null or \"\" for all", json_schema_extra={"enum": [None, "", *known]})
-        rerank: Flag = Field(True, description="re-score the candidates with the cross-modal model")
+        rerank: Flag = Field(True, description="re-score the candidates with the cross-modal model, where the "
+                                               "model chose to on validation (the response's reranked says)")
 
     app = FastAPI(
         title="kaleido-bert product search",
@@ -417,7 +424,9 @@ def create_app(
             raise HTTPException(400, f"unknown category {category!r} (known: {', '.join(names)})")
         with lock, input_faults(query=query, category=category):
             hits = pipeline.search_text(query, body.k, category=category, rerank=body.rerank)
-        return TextSearchResponse(query=query, k=body.k, category=category, results=[_product(h) for h in hits])
+        return TextSearchResponse(query=query, k=body.k, category=category,
+                                  reranked=bool(body.rerank and pipeline.reranks),
+                                  results=[_product(h) for h in hits])
 
     @app.post("/api/search/image", response_model=ImageSearchResponse, responses=_UPLOAD_ERRORS)
     def search_image(

@@ -238,6 +238,12 @@ class KaleidoBertPipeline:
                 return list(best.values())[:n]
             depth = min(pool, 2 * depth)
 
+    @property
+    def reranks(self) -> bool:
+        """Whether text search and image captions-by-description re-score with the cross-encoder: an ITM head and
+        the checkpoint's validation choice (:attr:`~kaleido_bert.model.dual_encoder.DualEncoder.rerank`)."""
+        return self.encoder.rerank
+
     def _rerank_depth(self, k: int) -> int:
         return max(k, min(int(self.config.eval.rerank_k), RERANK_CAP))
 
@@ -266,7 +272,7 @@ class KaleidoBertPipeline:
             if category not in self.by_category:
                 raise KaleidoError(f"unknown category {category!r} (known: {', '.join(self.categories())})")
             allowed = self.by_category[category]
-        rerank = rerank and self.encoder.rerank
+        rerank = rerank and self.reranks
         hits = self._top_products(self.encode_text([query]), self._rerank_depth(k) if rerank else k, allowed)
         if rerank and hits:
             ids = [item_id for item_id, _ in hits]
@@ -293,7 +299,7 @@ class KaleidoBertPipeline:
         query = self.encoder.embed_patches(feats, pos)
         products = [self._hit(i, s) for i, s in self._top_products(query, k, None, normalised=False)]
         found = self.index.texts.search(query, self._rerank_depth(DESCRIPTIONS))[0]
-        if self.encoder.rerank and found:
+        if self.reranks and found:
             texts = [self.descriptions[p] for p, _ in found]
             logits = self.encoder.pair_scores(texts, feats.expand(len(texts), -1, -1),
                                               pos.expand(len(texts), -1, -1), [score for _, score in found],
@@ -439,4 +445,4 @@ class KaleidoBertPipeline:
                 "catalogue": self.data.catalogue.root.resolve().name, "items": len(self.index.images),
                 "products": len(self.index.texts), "index": self.index.images.kind,
                 "config_hash": self.index.config_hash, "patch_generator": settings,
-                "rerank": self.encoder.rerank, "rerank_choice": self.encoder.rerank_choice, "device": str(self.device)}
+                "rerank": self.reranks, "rerank_choice": self.encoder.rerank_choice, "device": str(self.device)}
