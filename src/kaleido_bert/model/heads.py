@@ -350,8 +350,8 @@ class KaleidoBertForPreTraining(KaleidoBertPreTrainedModel):
         if "shortlist_text_ids" in batch:
             valid = batch["shortlist_valid"][rows].bool()
             neg_ids, neg_mask = batch["shortlist_text_ids"][rows[:half]], batch["shortlist_text_mask"][rows[:half]]
-            pair_text_ids = _padded(text_ids, neg_ids, text_ids[half:])  # positives, then the negatives
-            pair_mask = _padded(mask, neg_mask, mask[half:])
+            pair_text_ids = pad_stack(text_ids, neg_ids, text_ids[half:])  # positives, then the negatives
+            pair_mask = pad_stack(mask, neg_mask, mask[half:])
             pair_features = torch.cat([features, features[:half], batch["shortlist_patch_features"][rows[half:]]])
             pair_positions = torch.cat([positions, positions[:half], batch["shortlist_patch_positions"][rows[half:]]])
             prior = batch["itm_prior"][rows]  # (N, 3): positive, negative text, negative image
@@ -381,7 +381,7 @@ class KaleidoBertForPreTraining(KaleidoBertPreTrainedModel):
         return F.cross_entropy(score, target), (score[:, 0] > score[:, 1]).float().mean()
 
 
-def _padded(*parts: Tensor) -> Tensor:
+def pad_stack(*parts: Tensor) -> Tensor:
     """``(N_i, T_i)`` id or mask tensors right-padded with 0 to one width and stacked: ``(ΣN_i, max T_i)``."""
     width = max(t.shape[1] for t in parts)
     return torch.cat([F.pad(t, (0, width - t.shape[1])) for t in parts])
