@@ -114,7 +114,7 @@ def baseline_section(metrics: dict[str, Any], baseline: dict[str, Any],
              "logistic regression for CR/SUB; captions = the nearest training description. Same test items and "
              f"candidate lists as the model; mean ± std over seeds {seeds}. All values in %. Chance: a random "
              "ranking, the training majority class, a random training description. The model's full-gallery rows "
-             "are after ITM re-ranking when the run has it.", ""]
+             "are after ITM re-ranking when the run has it and chose it on validation.", ""]
     if intervals:
         lines += [f"kaleido − baseline: {INTERVAL_NOTE}", "",
                   "| metric | chance | frozen baseline | kaleido-bert | kaleido − baseline [95% interval] |",
