@@ -19,7 +19,6 @@ from typing import Any
 
 from kaleido_bert.atomic import atomic_write_json
 from kaleido_bert.config import RunConfig
-from kaleido_bert.errors import KaleidoError
 from kaleido_bert.model.dual_encoder import RERANK_FILE
 
 
@@ -42,11 +41,8 @@ def choose_rerank(checkpoint: str | Path, config: RunConfig, *, progress: bool =
     if not (encoder.has_itm and encoder.has_itc and config.eval.rerank_k > 0 and val):
         return None
     scorer = PairScorer(encoder, store, product_descriptions(catalogue.items), pair_score=config.eval.pair_score)
-    try:
-        found = evaluate_gallery(scorer, catalogue, val, split="val", rerank_k=config.eval.rerank_k,
-                                 progress=progress)["metrics"]
-    except KaleidoError:
-        return None
+    found = evaluate_gallery(scorer, catalogue, val, split="val", rerank_k=config.eval.rerank_k,
+                             progress=progress)["metrics"]
     plain = (found["itr_gallery/mean_recall"] + found["tir_gallery/mean_recall"]) / 2
     reranked = (found["itr_gallery_rerank/mean_recall"] + found["tir_gallery_rerank/mean_recall"]) / 2
     choice = {"rerank": bool(reranked > plain), "rerank_k": int(config.eval.rerank_k),

@@ -158,10 +158,8 @@ class PretrainDataset(Dataset):
         negative = self.negatives.has_negative(product) & (scalars[:, 0] < m.itm_negative_ratio)
         easy = negative & (m.itm_hard_ratio < 1) & (scalars[:, 1] >= m.itm_hard_ratio)
         text_product = self.negatives.sample(product, negative, easy, scalars[:, 2])
-        lengths = self.lengths[text_product]
-        width = int(lengths.max())
-        text_ids = self.tokens[torch.from_numpy(text_product), :width]
-        text_mask = (torch.arange(width)[None, :] < torch.from_numpy(lengths)[:, None]).long()
+        text_ids, text_mask, lengths = self._descriptions(text_product)
+        width = text_ids.shape[1]
         rows = self.item_row[index]
         if tuple(indices) not in self._prefetched:  # not hinted by read_ahead already
             self.prefetch(indices)
@@ -211,6 +209,14 @@ class PretrainDataset(Dataset):
             "blank_index": blank_index, "blank_target": blank_target,
         }
 
+    def _descriptions(self, ranks: np.ndarray) -> tuple[Tensor, Tensor, np.ndarray]:
+        """The descriptions of products ``ranks (B,)``, right-padded to the longest: ids and mask ``(B, T)``, and
+        their lengths ``(B,)``."""
+        lengths = self.lengths[ranks]
+        width = int(lengths.max())
+        mask = (torch.arange(width)[None, :] < torch.from_numpy(lengths)[:, None]).long()
+        return self.tokens[torch.from_numpy(ranks), :width], mask, lengths
+
     def _shortlisted(self, index: np.ndarray, product: np.ndarray, draws: np.ndarray) -> dict[str, Tensor]:
         """One ITM negative of each kind per item, uniform over its shortlist (:meth:`set_shortlists`): another
         product's description (``shortlist_text_ids`` / ``_mask`` ``(B, T)``) and another product's image
@@ -227,12 +233,10 @@ class PretrainDataset(Dataset):
         (text_pick, text_logit, has_text), (image_pick, image_logit, has_image) = picks
         valid = has_text & has_image
         text_pick, image_pick = np.where(valid, text_pick, product), np.where(valid, image_pick, index)
-        lengths = self.lengths[text_pick]
-        width = int(lengths.max())
+        text_ids, text_mask, _ = self._descriptions(text_pick)
         image_rows = self.item_row[image_pick]
         prior = np.stack([s.positive_logits[index], text_logit, image_logit], 1)
-        return {"shortlist_text_ids": self.tokens[torch.from_numpy(text_pick), :width],
-                "shortlist_text_mask": (torch.arange(width)[None, :] < torch.from_numpy(lengths)[:, None]).long(),
+        return {"shortlist_text_ids": text_ids, "shortlist_text_mask": text_mask,
                 "shortlist_patch_features": torch.from_numpy(self.features.read(image_rows)[:, :NUM_COLOUR]).float(),
                 "shortlist_patch_positions": torch.from_numpy(self.positions.read(image_rows)),
                 "itm_prior": torch.from_numpy(np.where(valid[:, None], prior, 0.0).astype(np.float32)),

@@ -13,11 +13,13 @@ blank_to_color     hidden states of the blanked 5×5 tokens     ``PatchReconstru
 itc (optional)     clean text-only and patch-only passes       two projections (+ skip)   InfoNCE
 =================  ==========================================  =========================  ================
 
-ITM negatives: the dataset's sampled ones (the paper), plus, with ``itm_negatives = "mined"`` and ITC on, one hard
-negative per positive pair mined from the batch (ALBEF §3.2): the first half of the positives get the text of
-another positive drawn by softmax of their ITC image→text similarity, the rest the image of another drawn by the
-text→image similarity; pairs of the same product (``batch["product"]`` when the batch carries it, else only the
-pair itself) are never drawn. Each mined pair costs one more joint pass; ITM is then CE over both sets.
+ITM negatives: the dataset's sampled ones (the paper), scored by CE on the joint pass. With ``itm_negatives =
+"mined"`` and ITC on, ITM is instead a correction to ITC (:meth:`KaleidoBertForPreTraining.itm_ranking`): each
+positive pair meets one negative (the first half of the positives another text, the rest another image), drawn from
+the linear probe's shortlists when the batch carries them (:mod:`kaleido_bert.train.shortlists`), else mined from the
+batch by softmax of the ITC similarities (ALBEF §3.2; never the same product or the same text); both pairs go
+through one more joint pass on the clean views, scored ITC logit + ITM log-odds, CE of the positive against its
+negative.
 
 ITC queue (``queue_size`` > 0, ``train.itc_queue``; ALBEF §3.1 and MoCo): InfoNCE contrasts each positive pair with
 the other positives of the batch **and** with the detached embeddings of the last ``queue_size`` positives of
