@@ -194,7 +194,9 @@ def stage_finetune(work: Path, config) -> dict:
 
 def stage_evaluate(work: Path, config) -> dict:
     from kaleido_bert.eval.evaluate import evaluate_run
+    from kaleido_bert.workflows.stages import calibrate_stage
 
+    calibrate_stage(_run(work, config), work / "run", progress=False)  # the validation choices evaluation reads
     metrics = evaluate_run(work / "run", _run(work, config), work / "run" / "report", progress=False,
                            dataset_label="held-out Myntra photos", baseline_seeds=(0, 1, 2))
     return {"timings": metrics.get("timings")}

@@ -20,7 +20,6 @@ from fixtures import pretrain_itc_run, tiny_config_on
 from kaleido_bert.config import load_config
 from kaleido_bert.errors import KaleidoError
 from kaleido_bert.eval.caption_retrieval import (
-    CHOICE,
     NgramSimilarity,
     caption_choice,
     caption_k,
@@ -30,6 +29,7 @@ from kaleido_bert.eval.caption_retrieval import (
     nearest_descriptions,
     nearest_neighbours,
 )
+from kaleido_bert.model.calibration import CALIBRATION_FILE, write_calibration
 
 VOCAB = ["red", "blue", "cotton", "shirt", "dress", "long", "sleeve", "slim"]
 
@@ -219,7 +219,8 @@ def test_caption_k_is_chosen_on_validation_kept_and_read_back(pretrained, tmp_pa
     grid = [1, 2, 4]
     config = _config(pretrained, "eval.caption_retrieval_k=3", f"eval.caption_retrieval_grid={grid}")
     checkpoint = resolve_checkpoint(run / "pretrain")
-    assert caption_k(checkpoint, config) == 3  # nothing chosen yet: eval.caption_retrieval_k
+    with pytest.raises(KaleidoError, match="run `kaleido calibrate"):  # the config asks for a choice not made yet
+        caption_k(checkpoint, config)
 
     # brute force: every k's validation SumCAP, from the pieces the protocol is made of
     catalogue, store = open_data(config)
@@ -242,29 +243,35 @@ def test_caption_k_is_chosen_on_validation_kept_and_read_back(pretrained, tmp_pa
     assert [g["k"] for g in found["grid"]] == grid and found["items"] == len(val)
     assert [g["sum_cap"] for g in found["grid"]] == pytest.approx(expected)
     assert found["k"] == grid[int(np.argmax(expected))]  # the first k on a tie
-    assert json.loads((checkpoint / CHOICE).read_text())["k"] == found["k"] == caption_k(checkpoint, config)
+    write_calibration(checkpoint, config, {"caption_k": found}, {})
+    assert caption_choice(checkpoint, config) == found and caption_k(checkpoint, config) == found["k"]
 
-    # the evaluation reads the kept choice (no second grid) and reports it
+    # the evaluation reads the kept choice and reports it
     metrics = evaluate_run(run, config, tmp_path / "report", progress=False, gallery=False, baseline_seeds=())
     assert metrics["fc/consensus/k"] == found["k"] and "caption_k" not in metrics["timings"]
     assert metrics["fc/consensus/k_grid"] == ", ".join(f"{g['k']}: {g['sum_cap']:.1f}" for g in found["grid"])
     assert "k chosen on validation SumCAP" in (tmp_path / "report" / "report.md").read_text()
-    # without a grid the k as set wins; another grid is a new choice
+    # without a grid the k as set wins; another grid makes the record stale
     assert caption_k(checkpoint, _config(pretrained, "eval.caption_retrieval_k=3")) == 3
-    assert caption_choice(checkpoint, _config(pretrained, "eval.caption_retrieval_grid=[1,2]")) is None
+    with pytest.raises(KaleidoError, match="other weights or eval settings"):
+        caption_choice(checkpoint, _config(pretrained, "eval.caption_retrieval_grid=[1,2]"))
     assert len(load_catalogue(pretrained / "catalogue").split("test")) > 0
 
 
-def test_a_corrupt_caption_choice_is_a_one_line_error(tmp_path):
+def test_a_corrupt_caption_choice_is_a_one_line_error(pretrained, tmp_path):
+    from kaleido_bert.runs import resolve_checkpoint
+
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(resolve_checkpoint(pretrained / "run" / "pretrain"), checkpoint)
     config = load_config("tiny", ["eval.caption_retrieval_k=3", "eval.caption_retrieval_grid=[1,3]"])
-    assert caption_k(tmp_path, config) == 3
-    (tmp_path / CHOICE).write_text('{"k": 3, "gri')
-    with pytest.raises(KaleidoError, match="caption_retrieval.json is not valid JSON") as err:
-        caption_k(tmp_path, config)
+    assert caption_k(checkpoint, load_config("tiny", ["eval.caption_retrieval_k=3"])) == 3
+    (checkpoint / CALIBRATION_FILE).write_text('{"k": 3, "gri')
+    with pytest.raises(KaleidoError, match="calibration.json is not valid JSON") as err:
+        caption_k(checkpoint, config)
     assert "\n" not in str(err.value)
-    (tmp_path / CHOICE).write_text('{"k": 0, "grid": []}')
+    write_calibration(checkpoint, config, {"caption_k": {"k": 0, "grid": []}}, {})
     with pytest.raises(KaleidoError, match="k must be a positive integer"):
-        caption_k(tmp_path, config)
+        caption_k(checkpoint, config)
 
 
 @pytest.mark.parametrize("grid", ["[0, 3]", "[3, 3]", "[true]"])

@@ -130,7 +130,8 @@ def test_rerank_choice_decides_how_evaluation_ranks(tiny, tmp_path):
     from kaleido_bert.eval.baseline_report import shown_key
     from kaleido_bert.eval.rerank_choice import choose_rerank
     from kaleido_bert.eval.retrieval import PairScorer, build_candidates, evaluate_sample100
-    from kaleido_bert.model.dual_encoder import RERANK_FILE, DualEncoder, product_descriptions
+    from kaleido_bert.model.calibration import write_calibration
+    from kaleido_bert.model.dual_encoder import DualEncoder, product_descriptions
     from kaleido_bert.patches.store import FeatureStore
 
     config, train_set, model, _ = _setup(tiny, "eval.pair_score=itm+itc")
@@ -139,7 +140,8 @@ def test_rerank_choice_decides_how_evaluation_ranks(tiny, tmp_path):
     path = save_checkpoint(tmp_path, 1, model=model, run_config=config, train_state={"step": 1},
                            tokenizer=load_tokenizer(config.data.tokenizer))
     choice = choose_rerank(path, config, progress=False)
-    assert choice is not None and (path / RERANK_FILE).is_file()
+    assert choice is not None and DualEncoder.from_checkpoint(path).rerank_choice is None  # not kept yet
+    write_calibration(path, config, {"rerank": choice}, {})
     assert choice["rerank"] == (choice["validation"]["reranked"] > choice["validation"]["dual_encoder"])
     encoder = DualEncoder.from_checkpoint(path)
     assert encoder.rerank == choice["rerank"] and encoder.rerank_choice == choice

@@ -248,14 +248,15 @@ def test_a_run_without_a_caption_model_captions_by_retrieval(run_root, tmp_path)
     assert nearest_differs  # the consensus is at work, not just the nearest description
 
     # a k chosen on validation among eval.caption_retrieval_grid (kept in the checkpoint) is the service's k too
-    import json
-
-    from kaleido_bert.eval.caption_retrieval import CHOICE
+    from kaleido_bert.model.calibration import write_calibration
 
     assert "caption_retrieval_grid: []" in text
     (copy / "run.yaml").write_text((copy / "run.yaml").read_text().replace("caption_retrieval_grid: []",
                                                                            "caption_retrieval_grid: [1, 2]"))
-    (copy / CHOICE).write_text(json.dumps({"k": 2, "grid": [{"k": 1, "sum_cap": 1.0}, {"k": 2, "sum_cap": 2.0}]}))
+    with pytest.raises(KaleidoError, match=f"run `kaleido calibrate {run}` first"):  # the grid asks for a choice
+        KaleidoBertPipeline.from_pretrained(run, device="cpu", progress=False)
+    choice = {"k": 2, "grid": [{"k": 1, "sum_cap": 1.0}, {"k": 2, "sum_cap": 2.0}]}
+    write_calibration(copy, load_config(copy / "run.yaml"), {"caption_k": choice}, {})
     pipe = KaleidoBertPipeline.from_pretrained(run, device="cpu", progress=False)
     assert pipe.caption_k == 2
     _, image = _photo(pipe, 0)
@@ -266,11 +267,13 @@ def test_a_query_bank_in_the_checkpoint_normalises_the_services_search(run_root,
     """A β kept in the retrieval checkpoint (eval.query_bank_betas) gives the index's vectors their offsets: a
     description query ranks images by ``cos − offset`` (brute force over every image), a photo ranks products by
     the plain cosine, and the config hash changes, so an index built without the bank is refused."""
-    from kaleido_bert.eval.query_bank import BANK_CONFIG, load_query_bank
+    from kaleido_bert.eval.query_bank import load_query_bank
     from kaleido_bert.eval.query_bank_fit import choose_query_bank
+    from kaleido_bert.inputs.sources import open_data
+    from kaleido_bert.model.calibration import write_calibration
     from kaleido_bert.model.dual_encoder import store_patches
     from kaleido_bert.runs import resolve_checkpoint
-    from kaleido_bert.serve.catalogue_index import CatalogueIndex, open_run
+    from kaleido_bert.serve.catalogue_index import CatalogueIndex
     from kaleido_bert.serve.pipeline import KaleidoBertPipeline
 
     run = tmp_path / "query-bank"
@@ -282,10 +285,10 @@ def test_a_query_bank_in_the_checkpoint_normalises_the_services_search(run_root,
     text = (copy / "run.yaml").read_text()
     assert "query_bank_betas: []" in text
     (copy / "run.yaml").write_text(text.replace("query_bank_betas: []", "query_bank_betas: [0, 4]"))
-    data = open_run(run)
-    choose_query_bank(copy, data.config, progress=False, data=(data.catalogue, data.store))
-    kept = json.loads((copy / BANK_CONFIG).read_text())
-    (copy / BANK_CONFIG).write_text(json.dumps({**kept, "beta": 4.0}))  # active whatever validation preferred
+    config = load_config(copy / "run.yaml")
+    data = open_data(config)
+    kept = choose_query_bank(copy, config, progress=False, data=data)
+    write_calibration(copy, config, {"query_bank": {**kept, "beta": 4.0}}, {})  # active whatever validation preferred
     pipe = KaleidoBertPipeline.from_pretrained(run, device="cpu", progress=False)
     assert pipe.index.images.offsets and pipe.index.texts.offsets
     assert pipe.data.config_hash() != plain.data.config_hash()
@@ -554,9 +557,9 @@ def test_page_with_the_real_pipeline(in_process_server, pipeline, tmp_path):
 
 
 def test_a_model_that_chose_not_to_rerank_ranks_by_its_dual_encoder(run_root, tmp_path):
-    """``rerank.json`` saying no (validation search was better without the cross-encoder): text search asked to
-    re-rank gives the dual encoder's ranking and scores, and ``info()`` says so with the validation numbers."""
-    from kaleido_bert.model.dual_encoder import RERANK_FILE
+    """A calibration record saying no (validation search was better without the cross-encoder): text search asked
+    to re-rank gives the dual encoder's ranking and scores, and ``info()`` says so with the validation numbers."""
+    from kaleido_bert.model.calibration import write_calibration
     from kaleido_bert.runs import resolve_checkpoint
     from kaleido_bert.serve.pipeline import KaleidoBertPipeline
 
@@ -564,7 +567,7 @@ def test_a_model_that_chose_not_to_rerank_ranks_by_its_dual_encoder(run_root, tm
     checkpoint = resolve_checkpoint(run_root / "run" / "pretrain")
     copy = shutil.copytree(checkpoint, run / "pretrain" / checkpoint.name)
     choice = {"rerank": False, "rerank_k": 20, "validation": {"dual_encoder": 50.0, "reranked": 41.0}}
-    (copy / RERANK_FILE).write_text(json.dumps(choice))
+    write_calibration(copy, load_config(copy / "run.yaml"), {"rerank": choice}, {})
     pipe = KaleidoBertPipeline.from_pretrained(run, device="cpu", progress=False)
     assert pipe.encoder.has_itm and not pipe.reranks
     assert pipe.info()["rerank"] is False and pipe.info()["rerank_choice"] == choice

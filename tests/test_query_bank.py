@@ -3,7 +3,8 @@
 The offsets against a one-pair-at-a-time reference, the augmented inner product against ``cos − offset``, a hub
 that steals every query until the bank discounts it, ``evaluate_gallery`` against a brute-force ranking, and on a
 tiny pre-trained run (11 synthetic products): β chosen on validation equal to a brute-force grid, kept in the
-checkpoint, read back by the evaluation and reported, and refused or re-chosen when it no longer fits.
+checkpoint's calibration record, read back by the evaluation and reported, and refused when the record no longer
+fits; ``kaleido calibrate`` then ``evaluate``, which reads and leaves every file of the run as it was.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from kaleido_bert.config import load_config
 from kaleido_bert.errors import KaleidoError
 from kaleido_bert.eval.baseline import EmbeddingScorer
 from kaleido_bert.eval.query_bank import (
-    BANK_CONFIG,
     BANK_WEIGHTS,
     QueryBank,
     as_queries,
@@ -30,6 +30,7 @@ from kaleido_bert.eval.query_bank import (
     with_offsets,
 )
 from kaleido_bert.eval.query_bank_fit import choose_query_bank
+from kaleido_bert.model.calibration import CALIBRATION_FILE, write_calibration
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -127,7 +128,8 @@ def test_beta_is_chosen_on_validation_kept_and_read_back(pretrained, tmp_path):
     shutil.copytree(pretrained / "run", run)  # the choice is written into the checkpoint: keep the fixture's clean
     config = _config(pretrained, f"eval.query_bank_betas={BETAS}")
     checkpoint = resolve_checkpoint(run / "pretrain")
-    assert query_bank_choice(checkpoint, config) is None
+    with pytest.raises(KaleidoError, match="no validation choices .* run `kaleido calibrate"):
+        query_bank_choice(checkpoint, config)
 
     # brute force: the banks and each β's validation mean recall, from cosines and one offset per gallery item
     catalogue, store = open_data(config)
@@ -163,17 +165,17 @@ def test_beta_is_chosen_on_validation_kept_and_read_back(pretrained, tmp_path):
     assert [g["mean_recall"] for g in found["grid"]] == pytest.approx(expected, abs=1e-6)
     assert found["beta"] == BETAS[int(np.argmax(expected))]  # the first on a tie
     assert (found["images"], found["texts"], found["mix"]) == (len(train), len(bank_texts), 1.0)
-    kept = json.loads((checkpoint / BANK_CONFIG).read_text())
-    assert kept["beta"] == found["beta"] and query_bank_choice(checkpoint, config)["grid"] == found["grid"]
+    assert (checkpoint / BANK_WEIGHTS).is_file() and not (checkpoint / CALIBRATION_FILE).exists()
+    write_calibration(checkpoint, config, {"query_bank": found}, {})
+    assert query_bank_choice(checkpoint, config) == found
 
     # force an active bank to check the round trip of the embeddings
-    kept["beta"] = 3.0
-    (checkpoint / BANK_CONFIG).write_text(json.dumps(kept))
+    write_calibration(checkpoint, config, {"query_bank": {**found, "beta": 3.0}}, {})
     bank = load_query_bank(checkpoint, config, encoder)
     assert bank is not None and bank.beta == 3.0
     assert bank.images == pytest.approx(bank_images, abs=1e-6) and bank.texts == pytest.approx(bank_texts, abs=1e-6)
 
-    # the evaluation reads the kept choice (no second grid), ranks with it and reports it
+    # the evaluation reads the kept choice, ranks with it and reports it
     metrics = evaluate_run(run, config, tmp_path / "report", progress=False)
     assert metrics["gallery/query_bank_beta"] == 3.0 and "query_bank" not in metrics["timings"]
     assert metrics["gallery/query_bank_grid"] == ", ".join(f"{g['beta']:g}: {g['mean_recall']:.1f}"
@@ -181,24 +183,77 @@ def test_beta_is_chosen_on_validation_kept_and_read_back(pretrained, tmp_path):
     assert "normalised by a bank of training queries (inverted softmax, β = 3" in (
         tmp_path / "report" / "report.md").read_text()
 
-    # another grid, no grid, or another WiSE-FT weight: no kept choice (the evaluation would choose again)
-    assert query_bank_choice(checkpoint, _config(pretrained, "eval.query_bank_betas=[0, 3]")) is None
-    assert query_bank_choice(checkpoint, _config(pretrained)) is None
-    (checkpoint / "itc_member.json").write_text(json.dumps({"mix": 0.5}))
-    assert query_bank_choice(checkpoint, config) is None
+    # another grid or another WiSE-FT weight: a stale record, refused in one line naming the command
+    for stale in (_config(pretrained, "eval.query_bank_betas=[0, 3]"), config):
+        if stale is config:
+            (checkpoint / "itc_member.json").write_text(json.dumps({"mix": 0.5}))
+        with pytest.raises(KaleidoError, match="other weights or eval settings .* `kaleido calibrate") as err:
+            query_bank_choice(checkpoint, stale)
+        assert "\n" not in str(err.value)
+    assert query_bank_choice(checkpoint, _config(pretrained)) is None  # no grid: no β asked for
 
 
-def test_the_evaluation_chooses_beta_once_when_none_is_kept(pretrained, tmp_path):
+def test_calibrate_makes_the_choices_and_evaluate_only_reads_them(pretrained, tmp_path):
+    """``kaleido evaluate`` refuses a run without the choices its config asks for, naming ``kaleido calibrate``;
+    after it, the evaluation ranks with the kept β and leaves every file of the run byte-identical, and the
+    service's search is the same before and after the evaluation."""
+    from kaleido_bert.cli import main
     from kaleido_bert.eval.evaluate import evaluate_run
     from kaleido_bert.runs import resolve_checkpoint
+    from kaleido_bert.serve.pipeline import KaleidoBertPipeline
 
     run = tmp_path / "run"
     shutil.copytree(pretrained / "run", run)
     config = _config(pretrained, f"eval.query_bank_betas={BETAS}")
-    metrics = evaluate_run(run, config, tmp_path / "report", progress=False)
+    config.save(run / "run.yaml")
+    config.save(resolve_checkpoint(run / "pretrain") / "run.yaml")  # the service reads the checkpoint's
+    with pytest.raises(KaleidoError, match=f"run `kaleido calibrate {run}` first") as err:
+        evaluate_run(run, config, tmp_path / "refused", progress=False)
+    assert "\n" not in str(err.value) and not (tmp_path / "refused" / "metrics.json").exists()
+    assert main(["calibrate", str(run)]) == 0
     kept = query_bank_choice(resolve_checkpoint(run / "pretrain"), config)
-    assert kept is not None and "query_bank" in metrics["timings"]
-    assert metrics["gallery/query_bank_beta"] == (kept["beta"] if kept["beta"] else 0.0)
+    assert kept is not None and [g["beta"] for g in kept["grid"]] == BETAS
+
+    def files() -> dict[str, bytes]:
+        return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+    def searched() -> list[list[tuple[str, float]]]:
+        pipe = KaleidoBertPipeline.from_pretrained(run, device="cpu", progress=False)
+        return [[(h["id"], round(h["score"], 5)) for h in pipe.search_text(title, 4, rerank=False)]
+                for title in ("a red dress", "blue shirt")]
+
+    before, served = files(), searched()
+    metrics = evaluate_run(run, config, tmp_path / "report", progress=False)
+    assert files() == before and searched() == served
+    assert metrics["gallery/query_bank_beta"] == kept["beta"] and "query_bank" not in metrics["timings"]
+
+
+def test_a_record_goes_stale_when_the_weights_change_and_the_stage_keeps_a_current_one(pretrained, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from kaleido_bert.model.calibration import current_calibration, read_calibration
+    from kaleido_bert.runs import WEIGHTS, resolve_checkpoint
+    from kaleido_bert.workflows.stages import calibrate_stage
+
+    run = tmp_path / "run"
+    shutil.copytree(pretrained / "run", run)
+    config = _config(pretrained, f"eval.query_bank_betas={BETAS}")
+    checkpoint = resolve_checkpoint(run / "pretrain")
+    made = calibrate_stage(config, run, progress=False)["pretrain"]
+    assert made == read_calibration(checkpoint) == current_calibration(checkpoint, config)
+    stamp = (checkpoint / CALIBRATION_FILE).stat().st_mtime_ns
+    assert calibrate_stage(config, run, progress=False)["pretrain"] == made  # current: kept, not made again
+    assert (checkpoint / CALIBRATION_FILE).stat().st_mtime_ns == stamp
+
+    weights = load_file(str(checkpoint / WEIGHTS))  # the model trained further: one weight moves
+    name = sorted(weights)[0]
+    weights[name] = weights[name] + 1e-3
+    save_file(weights, str(checkpoint / WEIGHTS))
+    with pytest.raises(KaleidoError, match=f"other weights .* run `kaleido calibrate {run}` first") as err:
+        current_calibration(checkpoint, config, run=run)
+    assert "\n" not in str(err.value)
+    again = calibrate_stage(config, run, progress=False)["pretrain"]
+    assert again["fingerprint"] != made["fingerprint"] and current_calibration(checkpoint, config) == again
 
 
 def test_a_corrupt_bank_is_a_one_line_error(pretrained, tmp_path):
@@ -208,21 +263,21 @@ def test_a_corrupt_bank_is_a_one_line_error(pretrained, tmp_path):
     checkpoint = tmp_path / "ckpt"
     shutil.copytree(resolve_checkpoint(pretrained / "run" / "pretrain"), checkpoint)
     config = _config(pretrained, f"eval.query_bank_betas={BETAS}")
-    (checkpoint / BANK_CONFIG).write_text('{"beta": 3, "gri')
-    with pytest.raises(KaleidoError, match="query_bank.json is not valid JSON") as err:
+    (checkpoint / CALIBRATION_FILE).write_text('{"fingerprint": "0", "gri')
+    with pytest.raises(KaleidoError, match="calibration.json is not valid JSON") as err:
         query_bank_choice(checkpoint, config)
     assert "\n" not in str(err.value)
     body = {"beta": -1, "grid": [], "mix": 1.0, "dim": 8, "images": 2, "texts": 2}
-    (checkpoint / BANK_CONFIG).write_text(json.dumps(body))
+    write_calibration(checkpoint, config, {"query_bank": body}, {})
     with pytest.raises(KaleidoError, match="beta must be a finite number"):
         query_bank_choice(checkpoint, config)
     encoder = DualEncoder.from_checkpoint(checkpoint, batch_size=4)
-    (checkpoint / BANK_CONFIG).write_text(json.dumps({**body, "beta": 3, "dim": encoder.dim}))
+    write_calibration(checkpoint, config, {"query_bank": {**body, "beta": 3, "dim": encoder.dim}}, {})
     (checkpoint / BANK_WEIGHTS).write_bytes(b"not safetensors")
     with pytest.raises(KaleidoError, match="query_bank.safetensors is unreadable") as err:
         load_query_bank(checkpoint, config, encoder)
     assert "\n" not in str(err.value)
-    (checkpoint / BANK_CONFIG).write_text(json.dumps({**body, "beta": 3, "dim": encoder.dim + 1}))
+    write_calibration(checkpoint, config, {"query_bank": {**body, "beta": 3, "dim": encoder.dim + 1}}, {})
     with pytest.raises(KaleidoError, match="banks of width"):
         load_query_bank(checkpoint, config, encoder)
 

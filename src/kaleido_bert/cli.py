@@ -205,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(fine, default=None)
     fine.set_defaults(func=commands.cmd_finetune)
 
+    cal = sub.add_parser("calibrate", help="the choices made on validation after training (re-ranking, the query "
+                                           "bank's β, the caption k), kept with each ranking model of a run")
+    cal.add_argument("run", type=_run_path, help="run directory (RUN/pretrain, RUN/finetune/...) or a pre-training checkpoint")
+    _add_config_args(cal, default=None)
+    cal.set_defaults(func=commands.cmd_calibrate)
+
     ev = sub.add_parser("evaluate", help="the paper's protocols over a run: report.md, metrics.json, plots")
     ev.add_argument("run", type=_run_path, help="run directory (RUN/pretrain, RUN/finetune/...) or a pre-training checkpoint")
     ev.add_argument("--out", type=_out_dir, help="report directory (default RUN/report)")

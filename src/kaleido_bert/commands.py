@@ -182,6 +182,12 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict | list)}, indent=2))
 
 
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from kaleido_bert.workflows.calibrate import calibrate_run
+
+    calibrate_run(args.run, run_config(args, args.run))
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from kaleido_bert import distributed as dist
     from kaleido_bert.eval.evaluate import evaluate_run

@@ -13,9 +13,10 @@ the frozen baseline's), embedded by the text side; queries: the FC protocol's it
   ``nearest``; k is capped at G.
 
 With ``eval.caption_retrieval_grid`` (a list of k), k is chosen on the **validation** split instead: each k's
-SumCAP on the first ``eval.caption_items`` validation images (k = 1 is ``nearest``; the first k on a tie), kept in
-the retrieval model's checkpoint as :data:`CHOICE` so the evaluation and the service read the same k
-(:func:`caption_k`; ``eval.caption_retrieval_k`` when the checkpoint has no choice).
+SumCAP on the first ``eval.caption_items`` validation images (k = 1 is ``nearest``; the first k on a tie), made by
+``kaleido calibrate`` and kept in the retrieval model's calibration record (:mod:`kaleido_bert.model.calibration`)
+so the evaluation and the service read the same k (:func:`caption_k`; ``eval.caption_retrieval_k`` when the record
+has no choice).
 
 Shapes: query embeddings ``(Q, D)``, gallery embeddings ``(G, D)``, neighbour indices ``(Q, k)``, chosen ``(Q,)``.
 :func:`evaluate_caption_retrieval` scores both methods with :func:`~kaleido_bert.eval.caption_metrics.caption_metrics`
@@ -43,8 +44,6 @@ if TYPE_CHECKING:
     from kaleido_bert.eval.caption_metrics import CaptionScorer
     from kaleido_bert.patches.store import FeatureStore
 
-CHOICE = "caption_retrieval.json"
-"""The caption k chosen on validation, in the retrieval model's checkpoint: ``{"k", "grid", "split", "items"}``."""
 MAX_N = 4
 """The longest n-gram of the consensus similarity."""
 TIE_TOLERANCE = 1e-9
@@ -261,19 +260,16 @@ def caption_gallery(checkpoint: str | Path, config: RunConfig, *, data: tuple[Ca
 def choose_caption_k(checkpoint: str | Path, config: RunConfig, *, scorer: CaptionScorer, progress: bool,
                      data: tuple[Catalogue, FeatureStore] | None = None,
                      gallery: CaptionGallery | None = None) -> dict[str, Any]:
-    """Choose k among ``eval.caption_retrieval_grid`` by validation SumCAP and keep it in ``checkpoint``
-    (:data:`CHOICE`, written atomically); ``gallery``: the checkpoint's :func:`caption_gallery` (embedded here
-    when None).
+    """Choose k among ``eval.caption_retrieval_grid`` by validation SumCAP; ``gallery``: the checkpoint's
+    :func:`caption_gallery` (embedded here when None).
 
     Returns:
         ``{"k", "grid": [{"k", "sum_cap"}], "split": "val", "items", "seconds"}``; without validation items with
         features the grid is empty and k is ``eval.caption_retrieval_k``.
     """
-    from kaleido_bert.atomic import atomic_write_json
     from kaleido_bert.eval.caption_metrics import caption_metrics
 
     start = time.perf_counter()
-    checkpoint = Path(checkpoint)
     grid: list[dict[str, float]] = []
     gallery = gallery or caption_gallery(checkpoint, config, data=data, progress=progress)
     texts, gallery_emb = gallery.texts, gallery.embeddings
@@ -285,33 +281,30 @@ def choose_caption_k(checkpoint: str | Path, config: RunConfig, *, scorer: Capti
             hyps = {it.id: texts[j] for it, j in zip(items, rows, strict=True)}
             grid.append({"k": int(k), "sum_cap": caption_metrics(references, hyps, scorer=scorer)["sum_cap"]})
     best = max(range(len(grid)), key=lambda j: (grid[j]["sum_cap"], -j)) if grid else None
-    report = {"k": int(grid[best]["k"]) if best is not None else int(config.eval.caption_retrieval_k), "grid": grid,
-              "split": "val", "items": len(items), "seconds": round(time.perf_counter() - start, 1)}
-    atomic_write_json(checkpoint / CHOICE, report)
-    return report
+    return {"k": int(grid[best]["k"]) if best is not None else int(config.eval.caption_retrieval_k), "grid": grid,
+            "split": "val", "items": len(items), "seconds": round(time.perf_counter() - start, 1)}
 
 
 def caption_choice(checkpoint: str | Path, config: RunConfig) -> dict[str, Any] | None:
-    """The choice kept in a retrieval model's checkpoint (:data:`CHOICE`) when it was made among this config's
-    ``eval.caption_retrieval_grid``; None when there is none, the grid is empty, or the grid has changed since.
+    """The k choice in ``checkpoint``'s calibration record; None when the record has none or ``config`` asks for
+    no choice (``eval.caption_retrieval_grid`` empty).
 
     Raises:
-        KaleidoError: an unreadable or malformed choice file (one line naming it).
+        KaleidoError: a stale or malformed record, or a missing one where the config asks for a choice (one line).
     """
-    from kaleido_bert.atomic import read_json
+    from kaleido_bert.model.calibration import CALIBRATION_FILE, current_calibration
 
-    path = Path(checkpoint) / CHOICE
-    if not config.eval.caption_retrieval_grid or not path.is_file():
+    if not config.eval.caption_retrieval_grid:
         return None
-    again = "delete it to choose k on validation again"
-    choice = read_json(path, dict, fix=again)
-    try:
-        k, among = choice["k"], [g["k"] for g in choice["grid"]]
-    except (KeyError, TypeError) as err:
-        raise KaleidoError(f"{path} lacks k and grid ({err.__class__.__name__}): {again}") from None
+    record = current_calibration(checkpoint, config)
+    choice = record["caption_k"] if record is not None else None
+    if choice is None:
+        return None
+    k = choice.get("k")
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise KaleidoError(f"{path}: k must be a positive integer, got {k!r}")
-    return choice if not among or among == list(config.eval.caption_retrieval_grid) else None
+        raise KaleidoError(f"{Path(checkpoint) / CALIBRATION_FILE}: caption_k's k must be a positive integer, got "
+                           f"{k!r}: run `kaleido calibrate` again")
+    return choice
 
 
 def caption_k(checkpoint: str | Path, config: RunConfig) -> int:

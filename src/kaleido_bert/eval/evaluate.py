@@ -13,6 +13,10 @@ skipped without Java). A bare checkpoint directory is evaluated as a pre-trained
 metric key names its protocol (``itr_sample100/R@1``, ``cr/image+text/accuracy``, ``fc/seq2seq/bleu4`` …). Output: ``metrics.json``,
 ``report.md``, ``candidates.json`` (the sample-100 draw, re-usable with ``--candidates``) and the plots of
 :mod:`kaleido_bert.eval.report`.
+
+Evaluation only reads the run: the choices made on validation after training (re-ranking, the query bank's β, the
+caption k) are ``kaleido calibrate``'s (:mod:`kaleido_bert.model.calibration`); a stale record, or a missing one
+where the config asks for a choice, is refused before any protocol runs.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from kaleido_bert.data.catalogue import Catalogue
 from kaleido_bert.data.tokenizer import load_tokenizer
 from kaleido_bert.inputs.pretraining import collate
 from kaleido_bert.inputs.sources import open_data
+from kaleido_bert.model.calibration import current_calibration
 from kaleido_bert.model.loading import load_pretrained, require_head
 from kaleido_bert.patches.store import FeatureStore
 from kaleido_bert.runs import CLASSIFIERS, run_parts
@@ -202,12 +207,8 @@ def _evaluate_parts(parts: dict[str, Path], config: RunConfig, out: Path, *, can
         return result
 
     searched = parts.get("retrieval", parts["pretrain"])  # the model whose dual encoder ranks the full gallery
-    if gallery and config.eval.query_bank_betas:
-        from kaleido_bert.eval.query_bank import query_bank_choice
-        from kaleido_bert.eval.query_bank_fit import choose_query_bank
-
-        if query_bank_choice(searched, config) is None:  # once per grid (and WiSE-FT weight)
-            timed("query_bank", lambda: choose_query_bank(searched, config, progress=progress, data=data))
+    for checkpoint in dict.fromkeys((parts["pretrain"], searched)):  # the validation choices, only read here
+        current_calibration(checkpoint, config, run=run)
     retrieval = timed("sample100", lambda: evaluate_retrieval(
         parts["pretrain"], config, candidates_in=candidates, out=out, gallery=gallery and "retrieval" not in parts,
         progress=progress, data=data))
@@ -242,7 +243,6 @@ def _evaluate_parts(parts: dict[str, Path], config: RunConfig, out: Path, *, can
         from kaleido_bert.eval.caption_retrieval import (
             caption_choice,
             caption_gallery,
-            choose_caption_k,
             chosen_k,
             evaluate_caption_retrieval,
         )
@@ -264,9 +264,6 @@ def _evaluate_parts(parts: dict[str, Path], config: RunConfig, out: Path, *, can
                 described = timed("caption_gallery", lambda: caption_gallery(model, config, data=data,
                                                                              progress=progress))  # embedded once
                 choice = caption_choice(model, config)
-                if config.eval.caption_retrieval_grid and choice is None:  # once per grid
-                    choice = timed("caption_k", lambda: choose_caption_k(
-                        model, config, scorer=scorer, progress=progress, data=data, gallery=described))
                 k = chosen_k(choice, config)
                 add(timed("caption_retrieval", lambda: evaluate_caption_retrieval(
                     model, config, k=k, scorer=scorer, progress=progress, data=data, gallery=described)))

@@ -11,11 +11,12 @@ and a FAISS inner-product index ranks by it. ``β = 0`` is off (no offset).
 
 Banks, from the **training** split: the training images for a gallery of descriptions (ITR), the training
 products' descriptions for a gallery of images (TIR). ``β`` is chosen among ``eval.query_bank_betas`` by
-full-gallery mean recall (ITR and TIR averaged) on the **validation** split (the first on a tie) and kept in the
-retrieval checkpoint with the banks' embeddings (:data:`BANK_CONFIG`, :data:`BANK_WEIGHTS`), so the evaluation and
-the search service rank alike. Embedding the banks and choosing ``β`` (which needs the full-gallery evaluation of
-:mod:`kaleido_bert.eval.retrieval`) is :mod:`kaleido_bert.eval.query_bank_fit`; this module is the bank itself,
-the offsets and the files kept in the checkpoint.
+full-gallery mean recall (ITR and TIR averaged) on the **validation** split (the first on a tie) by ``kaleido
+calibrate``, which keeps the choice in the retrieval checkpoint's calibration record
+(:mod:`kaleido_bert.model.calibration`) and the banks' embeddings beside it (:data:`BANK_WEIGHTS`), so the
+evaluation and the search service rank alike. Embedding the banks and choosing ``β`` (which needs the full-gallery
+evaluation of :mod:`kaleido_bert.eval.retrieval`) is :mod:`kaleido_bert.eval.query_bank_fit`; this module is the
+bank itself, the offsets and the embeddings kept in the checkpoint.
 
 Shapes: bank ``(B, D)``, gallery ``(G, D)`` → offsets ``(G,)``; :func:`with_offsets` ``(G, D)`` → ``(G, D + 1)``,
 :func:`as_queries` ``(Q, D)`` → ``(Q, D + 1)``.
@@ -29,14 +30,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kaleido_bert.atomic import atomic_path, atomic_write_json, read_json
+from kaleido_bert.atomic import atomic_path
 from kaleido_bert.errors import KaleidoError
 
 if TYPE_CHECKING:
     from kaleido_bert.config import RunConfig
 
-BANK_CONFIG = "query_bank.json"
-"""In the retrieval checkpoint: ``{"beta", "grid", "split", "mix", "dim", "images", "texts", "seconds"}``."""
 BANK_WEIGHTS = "query_bank.safetensors"
 """In the retrieval checkpoint: the banks' embeddings, ``images`` ``(B_i, D)`` and ``texts`` ``(B_t, D)``."""
 _CHUNK = 1024  # gallery columns per similarity block: (B, 1024) float32
@@ -109,41 +108,42 @@ def member_mix(checkpoint: str | Path) -> float:
     return float(member["mix"]) if member is not None else 1.0
 
 
-def save_query_bank(checkpoint: str | Path, bank: QueryBank, report: dict[str, Any]) -> None:
-    """Write the banks' embeddings then ``report`` into ``checkpoint``, each file atomically (the config last, so a
-    reader never sees a config without its embeddings)."""
+def save_bank_embeddings(checkpoint: str | Path, bank: QueryBank) -> None:
+    """Write the banks' embeddings into ``checkpoint`` (:data:`BANK_WEIGHTS`, atomically); the choice that uses
+    them is kept in the calibration record, written after them."""
     from safetensors.numpy import save_file
 
-    checkpoint = Path(checkpoint)
-    with atomic_path(checkpoint / BANK_WEIGHTS) as tmp:
+    with atomic_path(Path(checkpoint) / BANK_WEIGHTS) as tmp:
         save_file({"images": np.ascontiguousarray(bank.images, np.float32),
                    "texts": np.ascontiguousarray(bank.texts, np.float32)}, str(tmp))
-    atomic_write_json(checkpoint / BANK_CONFIG, report)
 
 
 def query_bank_choice(checkpoint: str | Path, config: RunConfig) -> dict[str, Any] | None:
-    """The report kept in ``checkpoint`` (:data:`BANK_CONFIG`) when it was chosen among this config's
-    ``eval.query_bank_betas``; None when there is none, the grid is empty, the grid has changed since, or the banks
-    were embedded at another WiSE-FT weight than the checkpoint ranks with now (its member was fitted again).
+    """The β choice in ``checkpoint``'s calibration record (``{"beta", "grid", "split", "mix", "dim", "images",
+    "texts", "seconds"}``); None when the record has none or ``config`` asks for no β (``eval.query_bank_betas``
+    empty).
 
     Raises:
-        KaleidoError: an unreadable or malformed file (one line naming it).
+        KaleidoError: a stale or malformed record, or a missing one where the config asks for a choice (one line).
     """
-    path = Path(checkpoint) / BANK_CONFIG
-    if not config.eval.query_bank_betas or not path.is_file():
+    from kaleido_bert.model.calibration import CALIBRATION_FILE, current_calibration
+
+    if not config.eval.query_bank_betas:
         return None
-    again = "delete it to choose β on validation again"
-    report = read_json(path, dict, fix=again)
+    record = current_calibration(checkpoint, config)
+    report = record["query_bank"] if record is not None else None
+    if report is None:
+        return None
     try:
-        beta, among = float(report["beta"]), [float(g["beta"]) for g in report["grid"]]
-        float(report["mix"]), int(report["dim"])
+        beta = float(report["beta"])
+        float(report["mix"]), int(report["dim"]), int(report["images"]), int(report["texts"])
     except (ValueError, KeyError, TypeError) as err:
-        raise KaleidoError(f"{path} lacks beta, grid, mix and dim ({err.__class__.__name__}): {again}") from None
+        raise KaleidoError(f"{Path(checkpoint) / CALIBRATION_FILE}: query_bank lacks beta, mix, dim, images and "
+                           f"texts ({err.__class__.__name__}): run `kaleido calibrate` again") from None
     if not np.isfinite(beta) or beta < 0:
-        raise KaleidoError(f"{path}: beta must be a finite number ≥ 0, got {report['beta']!r}")
-    if among and among != [float(b) for b in config.eval.query_bank_betas]:
-        return None
-    return report if abs(float(report["mix"]) - member_mix(checkpoint)) <= 1e-6 else None
+        raise KaleidoError(f"{Path(checkpoint) / CALIBRATION_FILE}: beta must be a finite number ≥ 0, got "
+                           f"{report['beta']!r}")
+    return report
 
 
 def load_query_bank(checkpoint: str | Path, config: RunConfig, encoder) -> QueryBank | None:
@@ -157,8 +157,8 @@ def load_query_bank(checkpoint: str | Path, config: RunConfig, encoder) -> Query
     if report is None or float(report["beta"]) == 0:
         return None
     if int(report["dim"]) != int(encoder.dim):
-        raise KaleidoError(f"{Path(checkpoint) / BANK_CONFIG}: banks of width {report['dim']}, but the model embeds "
-                           f"in {encoder.dim}: delete it to choose β on validation again")
+        raise KaleidoError(f"{checkpoint}: banks of width {report['dim']}, but the model embeds in {encoder.dim}: "
+                           f"run `kaleido calibrate` again")
     from safetensors.numpy import load_file
 
     path = Path(checkpoint) / BANK_WEIGHTS
@@ -166,10 +166,9 @@ def load_query_bank(checkpoint: str | Path, config: RunConfig, encoder) -> Query
         arrays = load_file(str(path))
         images, texts = arrays["images"], arrays["texts"]
     except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for a missing or corrupt file
-        raise KaleidoError(f"{path} is unreadable ({type(err).__name__}): delete {BANK_CONFIG} beside it to "
-                           f"choose β on validation again") from None
+        raise KaleidoError(f"{path} is unreadable ({type(err).__name__}): run `kaleido calibrate` again") from None
     expected = ((int(report["images"]), int(report["dim"])), (int(report["texts"]), int(report["dim"])))
     if (images.shape, texts.shape) != expected:
-        raise KaleidoError(f"{path}: embeddings {images.shape} and {texts.shape} disagree with {BANK_CONFIG} "
-                           f"({expected[0]} and {expected[1]}): delete both to choose β again")
+        raise KaleidoError(f"{path}: embeddings {images.shape} and {texts.shape} disagree with the calibration "
+                           f"record ({expected[0]} and {expected[1]}): run `kaleido calibrate` again")
     return QueryBank(images, texts, float(report["beta"]))

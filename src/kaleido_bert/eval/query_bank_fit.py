@@ -1,7 +1,7 @@
 """Fitting the query bank of full-gallery search (beyond the paper; the inverted softmax of
 :mod:`kaleido_bert.eval.query_bank`): embed the training banks with the retrieval model and choose ``β`` on the
-validation split's full-gallery mean recall (ITR and TIR averaged, the first ``β`` on a tie), then keep both in the
-checkpoint.
+validation split's full-gallery mean recall (ITR and TIR averaged, the first ``β`` on a tie); ``kaleido calibrate``
+keeps the banks' embeddings in the checkpoint and the choice in its calibration record.
 
 Shapes: banks ``(B_i, D)`` training images and ``(B_t, D)`` training product descriptions; validation galleries are
 embedded once and ranked at every ``β``.
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kaleido_bert.errors import KaleidoError
-from kaleido_bert.eval.query_bank import QueryBank, member_mix, save_query_bank
+from kaleido_bert.eval.query_bank import QueryBank, member_mix, save_bank_embeddings
 from kaleido_bert.eval.retrieval import PairScorer, evaluate_gallery
 
 if TYPE_CHECKING:
@@ -34,12 +34,13 @@ def embed_bank(scorer: PairScorer, catalogue: Catalogue, available: set[str], *,
 
 def choose_query_bank(checkpoint: str | Path, config: RunConfig, *, progress: bool,
                       data: tuple[Catalogue, FeatureStore] | None = None) -> dict[str, Any]:
-    """Embed the training banks with the retrieval model of ``checkpoint``, choose ``β`` among
-    ``eval.query_bank_betas`` on validation full-gallery mean recall and keep both in ``checkpoint``.
+    """Embed the training banks with the retrieval model of ``checkpoint`` (written into it,
+    :data:`~kaleido_bert.eval.query_bank.BANK_WEIGHTS`) and choose ``β`` among ``eval.query_bank_betas`` on
+    validation full-gallery mean recall.
 
     Returns:
-        The report written to :data:`~kaleido_bert.eval.query_bank.BANK_CONFIG`: ``beta``, ``grid`` (``[{"beta", "mean_recall"}]``, in %),
-        the banks' sizes and ``seconds``. Without validation items the grid is empty and ``β = 0``.
+        The choice: ``beta``, ``grid`` (``[{"beta", "mean_recall"}]``, in %), the member's weight ``mix``, the
+        banks' width ``dim`` and sizes, and ``seconds``. Without validation items the grid is empty and ``β = 0``.
 
     Raises:
         KaleidoError: the checkpoint has no ITC head (no dual encoder to normalise).
@@ -63,7 +64,7 @@ def choose_query_bank(checkpoint: str | Path, config: RunConfig, *, progress: bo
               "selection": "validation full-gallery mean recall (ITR and TIR averaged, no re-ranking)",
               "mix": member_mix(checkpoint), "dim": int(encoder.dim), "images": len(bank.images), "texts": len(bank.texts),
               "seconds": round(time.perf_counter() - start, 1)}
-    save_query_bank(checkpoint, bank, report)
+    save_bank_embeddings(checkpoint, bank)
     return report
 
 

@@ -220,7 +220,7 @@ def write_report(metrics: dict[str, Any], extras: dict[str, Any], config, out: s
                   f"{config.eval.rerank_k} of the dual encoder re-ranked by ITM."
                   + ("" if metrics.get("gallery/reranks", True) else
                      " The model ranks by its dual encoder alone: on validation, re-ranking did not beat it (the "
-                     "checkpoint's `rerank.json`), so its rows in the tables are the dual encoder's; the re-ranked "
+                     "checkpoint's calibration record), so its rows in the tables are the dual encoder's; the re-ranked "
                      "row is shown for comparison.")
                   + (f" The dual encoder's scores normalised by a bank of training queries (inverted softmax, "
                      f"β = {metrics['gallery/query_bank_beta']:g}, chosen on validation mean recall: "

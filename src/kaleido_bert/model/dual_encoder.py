@@ -19,18 +19,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from kaleido_bert.atomic import read_json
 from kaleido_bert.data.catalogue import Item
 from kaleido_bert.data.tokenizer import load_tokenizer
 from kaleido_bert.errors import KaleidoError
+from kaleido_bert.model.calibration import read_calibration
 from kaleido_bert.model.itc_member import ITCMember, ensemble, load_itc_member
 from kaleido_bert.model.loading import load_pretrained
 from kaleido_bert.patches.features import NUM_COLOUR
 from kaleido_bert.patches.store import FeatureStore
 from kaleido_bert.runs import resolve_checkpoint
-
-RERANK_FILE = "rerank.json"
-"""A checkpoint's choice whether its cross-encoder re-ranks (:mod:`kaleido_bert.eval.rerank_choice` writes it)."""
 
 
 class DualEncoder:
@@ -44,8 +41,8 @@ class DualEncoder:
         device: where the model runs.
         member: the frozen member (:class:`~kaleido_bert.model.itc_member.ITCMember`) whose ensemble the
             embeddings are, or None for the model alone.
-        rerank_choice: the checkpoint's ``rerank.json`` (chosen on validation), or None: re-rank when there is
-            an ITM head.
+        rerank_choice: the checkpoint's choice whether to re-rank (made on validation, kept in its calibration
+            record: :mod:`kaleido_bert.model.calibration`), or None: re-rank when there is an ITM head.
     """
 
     def __init__(self, model, tokenizer, *, max_text_len: int, batch_size: int = 64,
@@ -67,7 +64,8 @@ class DualEncoder:
         model = load_pretrained(KaleidoBertForPreTraining, checkpoint)
         directory = resolve_checkpoint(checkpoint)
         found = load_itc_member(directory) if member else None
-        choice = read_json(directory / RERANK_FILE) if (directory / RERANK_FILE).is_file() else None
+        record = read_calibration(directory)
+        choice = record["rerank"] if record is not None else None
         return cls(model, load_tokenizer(checkpoint), max_text_len=int(model.config.max_text_len),
                    batch_size=batch_size, device=device, member=found, rerank_choice=choice)
 
@@ -82,7 +80,7 @@ class DualEncoder:
     @property
     def rerank(self) -> bool:
         """Whether ranking re-scores the dual encoder's shortlist with the cross-encoder: an ITM head, and the
-        checkpoint's validation choice when it has one (``rerank.json``)."""
+        checkpoint's validation choice when it has one."""
         return self.has_itm and (self.rerank_choice is None or bool(self.rerank_choice["rerank"]))
 
     def tokenize(self, texts: list[str]) -> tuple[Tensor, Tensor]:

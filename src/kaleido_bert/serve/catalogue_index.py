@@ -46,16 +46,17 @@ from kaleido_bert.config import RunConfig, load_config
 from kaleido_bert.data.catalogue import Catalogue, Item, is_view, load_catalogue
 from kaleido_bert.errors import KaleidoError
 from kaleido_bert.eval.query_bank import load_query_bank, query_bank_choice
+from kaleido_bert.model.calibration import current_calibration, model_hash
 from kaleido_bert.model.dual_encoder import DualEncoder, product_descriptions, store_patches
 from kaleido_bert.patches.store import FeatureStore
-from kaleido_bert.runs import WEIGHTS, run_parts
+from kaleido_bert.runs import run_parts
 from kaleido_bert.serve.index import IndexKind, ProductIndex
 
 IMAGES_DIR, TEXTS_DIR, INDEX_JSON = "images", "texts", "index.json"
 HASH_KEYS = ("backbone", "weights", "seed", "mode", "patch_size", "image_size", "saliency", "levels", "feature_size")
 """Feature-store manifest fields that decide how an image becomes patch features (part of the config hash)."""
 BANK_KEYS = ("beta", "mix", "dim", "images", "texts")
-"""Query-bank facts (``query_bank.json`` of the checkpoint, when its β is active) that the config hash covers."""
+"""Query-bank facts (the calibration record's β choice, when active) that the config hash covers."""
 
 
 # ---------------------------------------------------------------------------------------------- what a run serves
@@ -90,8 +91,9 @@ def open_run(run: str | Path, *, catalogue: str | Path | None = None,
         features: its feature store (default ``data.features`` of the run.yaml).
 
     Raises:
-        KaleidoError: no checkpoint, no run.yaml, no catalogue/store given or configured, a store built from
-            another catalogue or with another feature size than the model's (one line each).
+        KaleidoError: no checkpoint, no run.yaml, a stale calibration record or none where the run config asks for
+            validation choices, no catalogue/store given or configured, a store built from another catalogue or
+            with another feature size than the model's (one line each).
     """
 
     run = Path(run)
@@ -100,6 +102,8 @@ def open_run(run: str | Path, *, catalogue: str | Path | None = None,
     if not (checkpoint / "run.yaml").is_file():
         raise KaleidoError(f"checkpoint {checkpoint} has no run.yaml: it was not written by kaleido pretrain/finetune")
     config = load_config(checkpoint / "run.yaml")
+    for ranked in dict.fromkeys((parts["pretrain"], checkpoint)):  # the validation choices search reads
+        current_calibration(ranked, config, run=run)
     catalogue_dir = catalogue or config.data.catalogue
     features_dir = features or config.data.features
     if not catalogue_dir or not features_dir:
@@ -116,29 +120,14 @@ def open_run(run: str | Path, *, catalogue: str | Path | None = None,
     return RunData(run=run, parts=parts, checkpoint=checkpoint, config=config, catalogue=cat, store=store)
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def config_hash(checkpoint: str | Path, manifest: dict[str, Any], *, query_bank: dict[str, Any] | None = None) -> str:
     """16 hex digits identifying what an index's embeddings depend on: model, vocabulary and patch generator.
 
-    Covers the checkpoint's ``config.json``, the SHA-256 of its ``model.safetensors``, its ``vocab.txt`` (when
-    present) and the :data:`HASH_KEYS` of the feature store's manifest; not the catalogue itself.
+    Covers the checkpoint's model (:func:`~kaleido_bert.model.calibration.model_hash`: weights, ``config.json``,
+    vocabulary, frozen member), the :data:`HASH_KEYS` of the feature store's manifest and an active query bank's
+    facts; not the catalogue itself.
     """
-    checkpoint = Path(checkpoint)
-    weights = checkpoint / WEIGHTS
-    if not weights.is_file():
-        raise KaleidoError(f"checkpoint {checkpoint} has no {WEIGHTS}")
-    digest = hashlib.sha256()
-    digest.update((checkpoint / "config.json").read_bytes())
-    digest.update(_file_sha256(weights).encode())
-    if (checkpoint / "vocab.txt").is_file():
-        digest.update((checkpoint / "vocab.txt").read_bytes())
+    digest = hashlib.sha256(model_hash(checkpoint).encode())
     digest.update(json.dumps({k: manifest.get(k) for k in HASH_KEYS}, sort_keys=True).encode())
     if query_bank is not None and float(query_bank["beta"]) > 0:  # the offsets the vectors carry
         digest.update(json.dumps({k: query_bank.get(k) for k in BANK_KEYS}, sort_keys=True).encode())

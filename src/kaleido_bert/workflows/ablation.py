@@ -132,7 +132,7 @@ def ablate(config: RunConfig, out: str | Path, *, protocols: tuple[str, ...] = P
         only: column names to run (default all).
     """
     from kaleido_bert.eval.evaluate import evaluate_run
-    from kaleido_bert.workflows.stages import finetune_jobs, finetune_stage, pretrain_stage
+    from kaleido_bert.workflows.stages import calibrate_stage, finetune_jobs, finetune_stage, pretrain_stage
 
     bad = sorted(set(protocols) - set(PROTOCOLS))
     if bad:
@@ -160,6 +160,7 @@ def ablate(config: RunConfig, out: str | Path, *, protocols: tuple[str, ...] = P
                                               classifiers="classification" in protocols):
             if not image_only:  # Table 4 reports the paper's image + text classifiers
                 finetune_stage(run, root, task, image_only, progress=progress)
+        calibrate_stage(run, root, progress=progress)
         metrics = evaluate_run(root, run, root / "report", candidates=candidates if candidates.is_file() else None,
                                progress=progress, dataset_label=f"ablation {column.name}", gallery=False)
         if not candidates.is_file():

@@ -4,7 +4,7 @@ Every stage writes into ``OUT/<stage>`` and is skipped when its output is alread
 interruption picks up where it stopped (training stages resume from their last checkpoint). Stages: synthetic
 catalogue → Kaleido patches and features → alignment captioner and token↔patch alignments → pre-training (loss
 curves) → fine-tuning (retrieval, category and sub-category from image+text and from the image alone, captioning)
-→ evaluation (``OUT/report``: the paper's Tables 2–3 beside ours) → the product index of the search service
+→ the choices made on validation (``kaleido calibrate``: re-ranking, the query bank's β, the caption k) → evaluation (``OUT/report``: the paper's Tables 2–3 beside ours) → the product index of the search service
 (``OUT/index``) → each checkpoint's model card (``README.md``) with the report's metrics. It first names the recipe
 it runs and why (:func:`demo_recipe`). At the end it prints the report's model-against-baseline table with its paired
 intervals and one line saying whether the test split can tell the two apart
@@ -26,6 +26,7 @@ from kaleido_bert.runs import FINETUNE, PRETRAIN, RUN_CONFIG
 from kaleido_bert.workflows.stages import (
     Stages,
     align,
+    calibrate_stage,
     extract_store,
     finetune_jobs,
     finetune_stage,
@@ -208,6 +209,7 @@ def run_demo(config: RunConfig, out: str | Path, *, catalogue: str | Path | None
     stages.run("align", make_alignments)
     stages.run("pretrain", make_pretrained)
     stages.run("finetune", make_finetuned)
+    stages.run("calibrate", lambda: calibrate_stage(run, out))
     metrics = stages.run("evaluate", make_report)
     stages.run("index", make_index)
     stages.run("card", make_cards)

@@ -72,23 +72,15 @@ def pretrain_stage(run: RunConfig, root: str | Path, *, progress: bool = True) -
     member = itc_member_stage(run, target, progress=progress)
     if member is not None:
         summary = {**(summary or {}), "itc_member": member}
-    choice = rerank_stage(run, target, progress=progress)
-    if choice is not None:
-        summary = {**(summary or {}), "rerank": choice}
     return summary
 
 
-def rerank_stage(run: RunConfig, pretrained: str | Path, *, progress: bool = True) -> dict[str, Any] | None:
-    """Choose on validation whether the latest checkpoint of ``pretrained`` re-ranks with its cross-encoder
-    (:mod:`kaleido_bert.eval.rerank_choice`) unless it already holds the choice; the choice, else None."""
-    from kaleido_bert.eval.rerank_choice import choose_rerank
-    from kaleido_bert.model.dual_encoder import RERANK_FILE
-    from kaleido_bert.runs import resolve_checkpoint
+def calibrate_stage(run: RunConfig, root: str | Path, *, progress: bool = True) -> dict[str, Any]:
+    """The validation choices of the run in ``root`` (:mod:`kaleido_bert.workflows.calibrate`), kept where a
+    checkpoint's record is current; part name → record."""
+    from kaleido_bert.workflows.calibrate import calibrate_run
 
-    checkpoint = resolve_checkpoint(pretrained)
-    if (checkpoint / RERANK_FILE).is_file():
-        return None
-    return choose_rerank(checkpoint, run, progress=progress)
+    return calibrate_run(root, run, progress=progress, redo=False)
 
 
 def itc_member_stage(run: RunConfig, pretrained: str | Path, *, progress: bool = True) -> dict[str, Any] | None:
