@@ -284,10 +284,6 @@ def _member_choice(work: Path, run) -> str:
             f"{found['mix']:g}, chosen on validation full-gallery mean recall ({grid}; {found['seconds']:.0f} s)")
 
 
-def _queue_note(run) -> str:
-    return f"; ITC also against the last {run.train.itc_queue} positives, train.itc_queue" if run.train.itc_queue else ""
-
-
 def _arm_seconds(root: Path) -> float:
     """An arm's wall time from what its stages recorded: pre-training (and its frozen member), each classifier's
     probe and fine-tune, and the evaluation's protocols."""
@@ -392,7 +388,7 @@ def stage_report(work: Path, config) -> dict:
              f"started from the linear probe (train.probe_init={run.train.probe_init}, model.itc_pool="
              f"{run.model.itc_pool}), pre-training {run.train.max_steps} steps × {run.train.batch_size} pairs "
              f"(train.epochs={run.train.epochs}, lr {run.train.lr:g}; the patch embedding and the new heads at "
-             f"{run.train.new_lr_scale:g}× that, train.new_lr_scale{_queue_note(run)}){_member_choice(work, run)}, "
+             f"{run.train.new_lr_scale:g}× that, train.new_lr_scale){_member_choice(work, run)}, "
              f"classifiers {run.finetune.head} head "
              f"(sentence={run.finetune.sentence}, loss weights {_weights_note(run)}) with probe={run.finetune.probe} (C among {run.finetune.probe_c}, head "
              f"weight α among {run.finetune.probe_mix} against a frozen member, finetune.probe_mix, "

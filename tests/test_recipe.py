@@ -161,47 +161,32 @@ def test_demo_on_a_real_catalogue_defaults_to_the_recipe(monkeypatch, tmp_path):
     assert seen == ["real", "demo", "small"]
 
 
-def test_itc_queue_adds_earlier_positives_as_negatives_and_masks_the_same_product():
+def test_itc_is_infonce_over_the_batchs_positive_pairs():
     import math
 
     from kaleido_bert.model.heads import ContrastiveHead
 
     torch.manual_seed(0)
     head = ContrastiveHead(8, dim=6).train()
-    head.queue_size = 5
-    scale = float(head.logit_scale.exp())
+    scale = float(head.logit_scale.detach().exp())
 
     def unit(n):
         return F.normalize(torch.randn(n, 6, dtype=torch.float64), dim=-1).float()
 
-    def brute(texts, images, rows_products, negatives):
-        """Mean of both directions' CE, one row at a time: a row's candidates are the batch's other side plus the
-        queued ones whose product differs from the row's."""
+    def brute(texts, images):
+        """Mean of both directions' CE, one row at a time against the other side of the batch."""
         total = 0.0
         for r in range(len(texts)):
-            for query, side, q_side in ((texts[r], images, 1), (images[r], texts, 0)):
-                cands = list(side) + [q[q_side] for q in negatives if q[2] != rows_products[r]]
-                logits = [scale * float(query @ c) for c in cands]
+            for query, side in ((texts[r], images), (images[r], texts)):
+                logits = [scale * float(query @ c) for c in side]
                 total += -(logits[r] - math.log(sum(math.exp(v) for v in logits)))
         return total / (2 * len(texts))
 
-    t1, i1 = unit(4), unit(4)
-    loss1 = head(t1, i1, torch.ones(4), torch.tensor([0, 1, 2, 3]))
-    assert float(loss1) == pytest.approx(brute(t1, i1, [0, 1, 2, 3], []), rel=1e-5)  # empty queue: in-batch
-    t2, i2 = unit(4).requires_grad_(), unit(4)
-    positive, product = torch.tensor([1, 0, 1, 1]), torch.tensor([3, 9, 5, 0])
-    loss2 = head(t2, i2, positive, product)
-    queued = [(t1[j], i1[j], j) for j in range(4)]
+    texts, images = unit(4).requires_grad_(), unit(4)
+    positive = torch.tensor([1, 0, 1, 1])
+    loss = head(texts, images, positive)
     kept = [0, 2, 3]
-    want = brute(t2.detach()[kept], i2[kept], [3, 5, 0], queued)  # products 3 and 0 never meet their own pair
-    assert float(loss2) == pytest.approx(want, rel=1e-5)
-    loss2.backward()
-    assert t2.grad is not None and t2.grad[1].abs().sum() == 0  # the negative row takes no part
-    text_q, image_q, product_q = head._queue
-    assert text_q.shape == (5, 6) and not text_q.requires_grad
-    assert product_q.tolist() == [3, 5, 0, 0, 1]  # newest first, the oldest dropped past the size
-    assert torch.equal(image_q[:3], i2[kept]) and torch.equal(image_q[3:], i1[:2])
-    head.eval()  # validation stays in-batch and leaves the queue alone
-    assert float(head(t2, i2, positive, product)) == pytest.approx(brute(t2.detach()[kept], i2[kept], [3, 5, 0], []),
-                                                                   rel=1e-5)
-    assert torch.equal(head._queue[2], product_q)
+    assert float(loss) == pytest.approx(brute(texts.detach()[kept], images[kept]), rel=1e-5)
+    loss.backward()
+    assert texts.grad is not None and texts.grad[1].abs().sum() == 0  # the negative row takes no part
+    assert float(head(texts, images, torch.tensor([1, 0, 0, 0]))) == 0.0  # one positive pair: nothing to contrast

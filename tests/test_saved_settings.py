@@ -1,5 +1,5 @@
-"""Everything training sets on a model is saved with it: ``from_pretrained`` restores the ITC queue size, the ITM
-negatives and the classifiers' loss weights, and the reloaded model computes the same losses (a model without the
+"""Everything training sets on a model is saved with it: ``from_pretrained`` restores the ITM negatives and the
+classifiers' loss weights, and the reloaded model computes the same losses (a model without the
 setting computes others, so each test fails if the setting is lost). Checkpoints without the fields load as before."""
 
 from __future__ import annotations
@@ -35,26 +35,6 @@ def _saved(tmp_path, *sets: str) -> tuple[KaleidoBertForPreTraining, str]:
     model, _ = build_model(load_config("tiny", [TASKS, *sets]))
     model.save_pretrained(str(tmp_path))
     return model, str(tmp_path)
-
-
-def _second_itc_loss(model: KaleidoBertForPreTraining) -> float:
-    """The ITC loss of a second batch in training mode, after a first one (which fills a queue, if any)."""
-    model.train()
-    with torch.no_grad():
-        model(_batch(1))
-        return float(model(_batch(2)).losses["itc"])
-
-
-def test_the_itc_queue_size_is_saved_and_restored(tmp_path):
-    model, checkpoint = _saved(tmp_path, "train.itc_queue=4")
-    assert model.config.itc_queue == 4 and model.heads.itc.queue_size == 4  # built from the config
-    assert json.loads((tmp_path / "config.json").read_text())["itc_queue"] == 4
-    reloaded = KaleidoBertForPreTraining.from_pretrained(checkpoint)
-    assert reloaded.config.itc_queue == 4 and reloaded.heads.itc.queue_size == 4
-    trained = _second_itc_loss(model)
-    assert _second_itc_loss(reloaded) == pytest.approx(trained, rel=1e-6)
-    without = KaleidoBertForPreTraining.from_pretrained(checkpoint, itc_queue=0)  # what a lost setting gives
-    assert without.heads.itc.queue_size == 0 and _second_itc_loss(without) != pytest.approx(trained, rel=1e-3)
 
 
 def test_mined_itm_negatives_are_saved_and_restored(tmp_path):
@@ -112,13 +92,12 @@ def test_bad_class_weights_are_refused_in_one_line(weights, message):
 
 
 def test_checkpoints_without_the_fields_load_with_the_old_defaults(tmp_path):
-    model, checkpoint = _saved(tmp_path / "pretrain", "train.itc_queue=4", "masking.itm_negatives=mined")
+    model, checkpoint = _saved(tmp_path / "pretrain", "masking.itm_negatives=mined")
     found = json.loads((tmp_path / "pretrain" / "config.json").read_text())
-    for key in ("itc_queue", "itm_negatives"):
-        del found[key]
-    (tmp_path / "pretrain" / "config.json").write_text(json.dumps(found))
+    del found["itm_negatives"]
+    (tmp_path / "pretrain" / "config.json").write_text(json.dumps({**found, "itc_queue": 1024}))  # a retired key
     old = KaleidoBertForPreTraining.from_pretrained(checkpoint)
-    assert old.heads.itc.queue_size == 0 and old.heads.itm_negatives == "sampled"
+    assert old.heads.itm_negatives == "sampled"
     _classifier([1.0, 2.0, 3.0]).save_pretrained(str(tmp_path / "clf"))
     found = json.loads((tmp_path / "clf" / "config.json").read_text())
     del found["classifier_class_weights"]
@@ -127,9 +106,7 @@ def test_checkpoints_without_the_fields_load_with_the_old_defaults(tmp_path):
 
 
 def test_the_model_config_carries_the_training_settings_and_refuses_an_unknown_negative_kind():
-    config = pretraining_model_config(load_config("tiny", [TASKS, "train.itc_queue=8", "masking.itm_negatives=mined"]))
-    assert (config.itc_queue, config.itm_negatives) == (8, "mined")
-    plain = KaleidoBertConfig()
-    assert (plain.itc_queue, plain.itm_negatives) == (0, "sampled")
+    config = pretraining_model_config(load_config("tiny", [TASKS, "masking.itm_negatives=mined"]))
+    assert config.itm_negatives == "mined" and KaleidoBertConfig().itm_negatives == "sampled"
     with pytest.raises(KaleidoError, match="itm_negatives='hard'"):
         KaleidoBertForPreTraining(KaleidoBertConfig.from_model_config(load_config("tiny").model, itm_negatives="hard"))

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from kaleido_bert.config.sections import RunConfig, config_from_dict
-from kaleido_bert.config.validation import ConfigError
+from kaleido_bert.config.validation import RETIRED, ConfigError
 
 PRESET_NAMES = ("tiny", "demo", "small", "real", "paper")
 
@@ -44,6 +44,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     """Apply ``a.b=value`` overrides to a nested dict; unknown keys and wrong types fail in :func:`~kaleido_bert.config.validation.build`."""
     for text in overrides:
         path, value = _parse_override(text)
+        if ".".join(path) in RETIRED:
+            raise ConfigError(f"override {text!r}: {'.'.join(path)} was removed ({RETIRED['.'.join(path)]})")
         node = data
         for part in path[:-1]:
             child = node.setdefault(part, {})

@@ -53,9 +53,6 @@ class TrainConfig:
     probe_init: bool = False
     """Start the ITC projections (``model.itc_pool = mean``) from the frozen linear probe fitted on the training
     split (LP-FT, Kumar et al. 2022): the dual encoder starts where the frozen baseline ends."""
-    itc_queue: int = 0
-    """ITC negatives beyond the batch: the detached embeddings of the last N positive pairs of earlier batches
-    (ALBEF's queue, without its momentum encoder; same-product pairs masked). 0 = the batch's own pairs only."""
     probe_mix: list[float] = field(default_factory=lambda: [1.0])
     """The pre-trained dual encoder's weights α in (0, 1] to try against a frozen member (WiSE-FT's output
     ensemble, :mod:`kaleido_bert.model.itc_member`): below 1, a linear probe on frozen features (the text
@@ -69,7 +66,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_ranges("train", self, positive=("lr", "new_lr_scale"),
                      at_least_one=("batch_size", "grad_accum", "eval_every", "save_every", "keep_last"),
-                     non_negative=("max_steps", "epochs", "weight_decay", "grad_clip", "seed", "itc_queue"),
+                     non_negative=("max_steps", "epochs", "weight_decay", "grad_clip", "seed"),
                      fractions=("warmup_ratio",))
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"train.precision={self.precision!r} must be auto, fp32, bf16 or fp16")

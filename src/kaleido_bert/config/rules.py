@@ -11,7 +11,6 @@ setting                        needs
 ``masking.itm_negatives``      ``mined`` draws ITM negatives from ITC similarities: ``itc`` in ``model.tasks``
 ``train.probe_init``           the ITC head to start, pooled by means: ``itc`` in ``model.tasks``, ``itc_pool=mean``
 ``train.probe_mix`` below 1    the ITC head the frozen member is ensembled with: ``itc`` in ``model.tasks``
-``train.itc_queue`` above 0    the ITC loss the queue feeds: ``itc`` in ``model.tasks``
 ``eval.query_bank_betas``      a dual encoder to normalise: ``itc`` in ``model.tasks`` or ``retrieval`` in
                                ``finetune.tasks`` (the fine-tuned retrieval model always has ITC)
 ``train.grad_accum``           divides ``train.batch_size`` and ``finetune.batch_size`` (fine-tuning accumulates
@@ -40,9 +39,6 @@ def broken_rule(config: RunConfig) -> str | None:
     if train.itc_member and not itc:
         return (f"train.probe_mix={train.probe_mix} ensembles the ITC head with a frozen member: add itc to "
                 f"model.tasks, or set train.probe_mix=[1.0]")
-    if train.itc_queue > 0 and not itc:
-        return (f"train.itc_queue={train.itc_queue} keeps negatives for the ITC loss: add itc to model.tasks, or set "
-                f"train.itc_queue=0")
     if config.eval.query_bank_betas and not (itc or "retrieval" in config.finetune.tasks):
         return ("eval.query_bank_betas normalises the dual encoder's gallery scores, which needs an ITC head: add itc "
                 "to model.tasks or retrieval to finetune.tasks, or set eval.query_bank_betas=[]")

@@ -71,8 +71,16 @@ def check_value(key: str, value: Any, annotation: Any) -> Any:
     raise ConfigError(f"{key}: unsupported field type {annotation!r}")
 
 
+RETIRED = {
+    "train.itc_queue": "ITC against a queue of earlier positives tied with the batch alone on validation",
+}
+"""Fields a run config once had, with why they went: a file (an older run's ``run.yaml``) that sets one still
+loads without it, since none changes how a trained model is evaluated; ``--set`` refuses it."""
+
+
 def build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """A ``cls`` dataclass from the nested dict ``data``, each value checked against its field's annotation.
+    """A ``cls`` dataclass from the nested dict ``data``, each value checked against its field's annotation;
+    :data:`RETIRED` keys are left out.
 
     Raises:
         ConfigError: an unknown key, a wrong type or an invalid value (one line naming ``prefix`` + the key).
@@ -81,6 +89,7 @@ def build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    data = {key: value for key, value in data.items() if f"{prefix}{key}" not in RETIRED}
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"unknown config key {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")

@@ -43,21 +43,20 @@ refusing a checkpoint of another config (a resumed run must agree on every field
 class KaleidoBertConfig(BertConfig):
     """BERT's config plus the patch side: ``patch_feature_size`` F, ``num_levels`` and the pre-training ``tasks``.
 
-    Also the pre-training heads' training settings, so that a reloaded model trains as the saved one did:
-    ``itm_negatives`` (``masking.itm_negatives``: ``sampled`` or ``mined``) and ``itc_queue`` (``train.itc_queue``:
-    earlier positives kept as ITC negatives). A ``config.json`` without them (older checkpoints) reads as
-    ``sampled`` and 0, the behaviour of those checkpoints.
+    Also the pre-training heads' training setting, so that a reloaded model trains as the saved one did:
+    ``itm_negatives`` (``masking.itm_negatives``: ``sampled`` or ``mined``). A ``config.json`` without it (older
+    checkpoints) reads as ``sampled``, the behaviour of those checkpoints; an older ``itc_queue`` key is kept as
+    read and not used.
     """
 
     model_type = "kaleido_bert"
 
     def __init__(self, patch_feature_size: int = 2048, num_levels: int = 5, tasks: list[str] | None = None,
                  max_text_len: int = 64, patch_levels: list[int] | None = None, itc_pool: str = "cls",
-                 itm_negatives: str = "sampled", itc_queue: int = 0, **kwargs) -> None:
+                 itm_negatives: str = "sampled", **kwargs) -> None:
         super().__init__(**kwargs)
         self.itc_pool = itc_pool
         self.itm_negatives = itm_negatives
-        self.itc_queue = int(itc_queue)
         self.patch_levels = list(range(1, num_levels + 1) if patch_levels is None else patch_levels)
         self.patch_feature_size = patch_feature_size
         self.num_levels = num_levels
@@ -71,7 +70,7 @@ class KaleidoBertConfig(BertConfig):
     @classmethod
     def from_model_config(cls, m: ModelConfig, **settings: Any) -> KaleidoBertConfig:
         """Map the run config's ``model`` section onto BERT's field names (through :data:`MODEL_CONFIG_FIELDS`);
-        ``settings`` are further ``config.json`` fields (``itm_negatives=``, ``itc_queue=`` …)."""
+        ``settings`` are further ``config.json`` fields (``itm_negatives=``)."""
         values = {key: getattr(m, field) for field, key in MODEL_CONFIG_FIELDS.items()}
         values["tasks"], values["patch_levels"] = list(values["tasks"]), list(values["patch_levels"])
         return cls(**values, **settings, attention_probs_dropout_prob=m.dropout,

@@ -21,16 +21,8 @@ batch by softmax of the ITC similarities (ALBEF §3.2; never the same product or
 through one more joint pass on the clean views, scored ITC logit + ITM log-odds, CE of the positive against its
 negative.
 
-ITC queue (``queue_size`` > 0, ``train.itc_queue``; ALBEF §3.1 and MoCo): InfoNCE contrasts each positive pair with
-the other positives of the batch **and** with the detached embeddings of the last ``queue_size`` positives of
-earlier batches, so a batch of 32 still sees hundreds of negatives (the frozen baseline's InfoNCE sees 255). Queued
-pairs of the same product as a row are masked out of its row. The queue is filled in training mode only (validation
-losses stay in-batch) and lives on the head; its size is saved in ``config.json`` (``itc_queue``), the queued
-embeddings are not: a resumed run starts it empty. ALBEF fills its queue from a momentum encoder; here the encoder
-itself fills it, which is close at LP-FT's small learning rates.
-
-Both settings are fields of :class:`~kaleido_bert.model.encoder.KaleidoBertConfig` (``itm_negatives``,
-``itc_queue``), set when the heads are built, so ``from_pretrained`` restores them with the weights.
+``itm_negatives`` is a field of :class:`~kaleido_bert.model.encoder.KaleidoBertConfig`, set when the heads are
+built, so ``from_pretrained`` restores it with the weights.
 
 The KL follows the original: prediction and target are both softmaxed over the F feature dimensions and the loss
 is KL(target ‖ prediction), averaged over the masked patches. Losses are summed unweighted.
@@ -120,12 +112,10 @@ class ContrastiveHead(nn.Module):
     frozen features stay one linear map away, the frozen baseline's map when ``train.probe_init`` starts from it).
     """
 
-    def __init__(self, hidden_size: int, dim: int = 256, *, pool: str = "cls", feature_size: int | None = None,
-                 queue_size: int = 0) -> None:
+    def __init__(self, hidden_size: int, dim: int = 256, *, pool: str = "cls", feature_size: int | None = None
+                 ) -> None:
         super().__init__()
         self.pool = pool
-        # config.itc_queue (train.itc_queue): earlier positives kept as extra negatives; 0 = in-batch only
-        self.queue_size = int(queue_size)
         self.text = nn.Linear(hidden_size, dim)
         self.image = nn.Linear(hidden_size, dim)
         if pool == "mean":
@@ -154,43 +144,15 @@ class ContrastiveHead(nn.Module):
         raw = masked_mean(patch_features.to(out.hidden.dtype), attended)  # (B, F)
         return F.normalize(self.image(states) + self.skip(raw), dim=-1)
 
-    def forward(self, text_emb: Tensor, image_emb: Tensor, positive: Tensor, product: Tensor | None = None) -> Tensor:
-        """InfoNCE over the matching pairs of the batch (``positive`` marks them), ``(B, d)`` embeddings → scalar;
-        with a queue, also against the queued pairs (``product (B,)`` masks the same product's)."""
+    def forward(self, text_emb: Tensor, image_emb: Tensor, positive: Tensor) -> Tensor:
+        """InfoNCE over the matching pairs of the batch (``positive`` marks them), ``(B, d)`` embeddings → scalar."""
         keep = positive.bool()
         if keep.sum() < 2:
             return (text_emb.sum() + image_emb.sum()) * 0.0
         t, i = text_emb[keep].float(), image_emb[keep].float()
-        scale = self.logit_scale.exp().clamp(max=100)
+        logits = self.logit_scale.exp().clamp(max=100) * t @ i.T  # (N, N): text rows, image columns
         target = torch.arange(len(t), device=t.device)
-        products = None if product is None else product[keep]
-        queued = getattr(self, "_queue", None) if self.training and self.queue_size > 0 else None
-        if queued is None:
-            logits = scale * t @ i.T  # (N, N): text rows, image columns
-            loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-        else:
-            q_text, q_image, q_product = queued  # (Q, d), (Q, d), (Q,)
-            to_images = scale * t @ torch.cat([i, q_image]).T  # (N, N + Q)
-            to_texts = scale * i @ torch.cat([t, q_text]).T
-            if products is not None and q_product is not None:
-                same = torch.cat([torch.zeros(len(t), len(t), dtype=torch.bool, device=t.device),
-                                  products[:, None] == q_product[None, :]], dim=1)
-                to_images, to_texts = to_images.masked_fill(same, float("-inf")), to_texts.masked_fill(same, float("-inf"))
-            loss = (F.cross_entropy(to_images, target) + F.cross_entropy(to_texts, target)) / 2
-        if self.training and self.queue_size > 0:
-            self._enqueue(t.detach(), i.detach(), None if products is None else products.detach())
-        return loss
-
-    def _enqueue(self, text: Tensor, image: Tensor, product: Tensor | None) -> None:
-        """Put the batch's positives in front of the queue and drop what falls past ``queue_size`` (FIFO)."""
-        queued = getattr(self, "_queue", None)
-        if queued is not None and (product is None) != (queued[2] is None):
-            queued = None  # a batch without products (or the first with them): start the queue again
-        if queued is not None:
-            text, image = torch.cat([text, queued[0]]), torch.cat([image, queued[1]])
-            product = None if product is None else torch.cat([product, queued[2]])
-        n = self.queue_size
-        self._queue = (text[:n], image[:n], None if product is None else product[:n])
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
 def mine_negatives(image_emb: Tensor, text_emb: Tensor, scale: Tensor | float, same: Tensor | None = None,
@@ -246,8 +208,7 @@ class PretrainingHeads(nn.Module):
         self.reconstruct = nn.ModuleDict({name: PatchReconstructor(level, d, f)
                                           for name, level in RECONSTRUCTION_TASKS.items() if name in tasks})
         if "itc" in tasks:
-            self.itc = ContrastiveHead(d, pool=getattr(config, "itc_pool", "cls"), feature_size=f,
-                                       queue_size=config.itc_queue)
+            self.itc = ContrastiveHead(d, pool=getattr(config, "itc_pool", "cls"), feature_size=f)
 
     def losses(self, hidden: Tensor, pooled: Tensor, num_text: int, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         text_hidden, patch_hidden = hidden[:, :num_text], hidden[:, num_text:]  # (B, T, D), (B, P, D)
@@ -301,7 +262,7 @@ class KaleidoBertForPreTraining(KaleidoBertPreTrainedModel):
         metrics: dict[str, Tensor] = {}
         if hasattr(self.heads, "itc"):  # on the clean text and patches (ALBEF), when the batch carries them
             text_emb, image_emb = self.itc_embeddings(batch)
-            losses["itc"] = self.heads.itc(text_emb, image_emb, batch["itm_label"], batch.get("product"))
+            losses["itc"] = self.heads.itc(text_emb, image_emb, batch["itm_label"])
             if self.heads.itm_negatives == "mined" and hasattr(self.heads, "itm"):
                 ranked = self.itm_ranking(batch, text_emb, image_emb)
                 if ranked is None:

@@ -129,10 +129,9 @@ def build_task(task: str, config: RunConfig, checkpoint: Path, tokenizer, *, ima
     if task == "retrieval":
         from kaleido_bert.model.heads import KaleidoBertForPreTraining, pretraining_loss_counts
 
-        # the heads' settings through config.json: the run's ITM negatives; ITC against the batch alone, as
-        # retrieval fine-tuning always has (the pre-training queue size is not carried over)
+        # the heads' settings through config.json: the run's ITM negatives
         model = load_pretrained(KaleidoBertForPreTraining, checkpoint, tasks=list(RETRIEVAL_TASKS),
-                                itm_negatives=config.masking.itm_negatives, itc_queue=0)
+                                itm_negatives=config.masking.itm_negatives)
         make = partial(PretrainDataset, catalogue, store, tokenizer, masking=config.masking, max_text_len=max_len,
                        seed=config.train.seed, corrupt=False)
         return model, make(split="train"), make(split="val"), collate_fn, pretraining_loss_counts

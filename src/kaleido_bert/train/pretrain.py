@@ -33,9 +33,8 @@ from kaleido_bert.train.loop import train
 
 def pretraining_model_config(config: RunConfig) -> KaleidoBertConfig:
     """The model's ``config.json``: the ``model`` section plus the heads' training settings, which the checkpoint
-    keeps so that ``from_pretrained`` restores them (``masking.itm_negatives``, ``train.itc_queue``)."""
-    return KaleidoBertConfig.from_model_config(config.model, itm_negatives=config.masking.itm_negatives,
-                                               itc_queue=config.train.itc_queue)
+    keeps so that ``from_pretrained`` restores them (``masking.itm_negatives``)."""
+    return KaleidoBertConfig.from_model_config(config.model, itm_negatives=config.masking.itm_negatives)
 
 
 def build_model(config: RunConfig) -> tuple[KaleidoBertForPreTraining, dict[str, list[str]] | None]:
