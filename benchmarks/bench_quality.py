@@ -1,4 +1,4 @@
-"""Quality on real products: the `real` recipe against the frozen dual-encoder baseline (issue 13, item 3).
+"""Quality on real products: the `real` recipe against the frozen dual-encoder baseline.
 
 Data: the two Myntra samples of ``../shared/data`` (1,109 full-size photos, 5,598 thumbnails; disjoint ids). Half
 of the photos' products (a seeded hash order) are the **test** split; every other product (the thumbnails and the
@@ -427,7 +427,7 @@ def stage_report(work: Path, config) -> dict:
     lines += ["", ("**The recipe beats the frozen baseline on every row at this budget.**" if not losing else
                    f"**The recipe does not beat the frozen baseline on every row at this budget**: it is not above "
                    f"on {len(losing)} of {len(decided)} rows (level: {'; '.join(level) or 'none'}; below: "
-                   f"{'; '.join(below) or 'none'}). The acceptance criterion of issue 13 is not met by this run."),
+                   f"{'; '.join(below) or 'none'})."),
               "", *query_bank_note(metrics, baseline),
               f"Paired intervals: the recipe is resolved above the baseline on {len(resolved_above)} of "
               f"{len(intervals)} rows with an interval ({'; '.join(resolved_above) or 'none'}) and resolved below on "

@@ -1,4 +1,4 @@
-"""The frozen dual-encoder baseline (issue 13) on a tiny real pipeline: features, InfoNCE, metrics, report, CLI.
+"""The frozen dual-encoder baseline on a tiny real pipeline: features, InfoNCE, metrics, report, CLI.
 
 One module-scoped run: a 14-product synthetic catalogue, its ResNet-18 (random weights) feature store and a tiny
 6-step pre-trained model; the baseline's text side is the offline all-MiniLM-L6-v2 (the tiny preset leaves

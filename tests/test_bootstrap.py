@@ -1,4 +1,4 @@
-"""Per-query outcomes and the paired bootstrap of Table 4's contrasts (issue 13)."""
+"""Per-query outcomes and the paired bootstrap of Table 4's contrasts."""
 
 from __future__ import annotations
 

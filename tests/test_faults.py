@@ -1,4 +1,4 @@
-"""Fault injection (issue 12): damaged stores, hostile CSVs, a full disk, mismatched catalogue/store pairs,
+"""Fault injection: damaged stores, hostile CSVs, a full disk, mismatched catalogue/store pairs,
 corrupt files of every kind the project writes, bad configs and paths, symlinks, truncated GIF/WebP, killed imports.
 
 Every case runs the CLI in process (``kaleido_bert.cli.main``) and asserts the exit code, exactly one ``error:``

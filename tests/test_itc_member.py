@@ -1,4 +1,4 @@
-"""The dual encoder's frozen member (issue 13, WiSE-FT): the ensemble space, the fit after pre-training, α chosen on
+"""The dual encoder's frozen member (WiSE-FT): the ensemble space, the fit after pre-training, α chosen on
 validation, save/load and a corrupt member file.
 
 A tiny 15-product synthetic catalogue (ResNet-18 random-weight store, F = 512), a D = 32 model with a mean-pooled ITC

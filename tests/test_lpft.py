@@ -1,4 +1,4 @@
-"""LP-FT for the dual encoder (issue 13): ITC mean pooling with a skip, the probe start, clean views, pair scores.
+"""LP-FT for the dual encoder: ITC mean pooling with a skip, the probe start, clean views, pair scores.
 
 A tiny 14-product synthetic pipeline (ResNet-18 random-weight store, F = 512) with a pre-training model whose ITC
 head pools by the mean; odd sizes everywhere (D = 32, text lengths vary).
@@ -228,3 +228,20 @@ def test_demo_on_a_catalogue_runs_the_lpft_recipe_end_to_end(tiny, tmp_path):
     report = (run / "report" / "report.md").read_text()
     assert "frozen dual-encoder baseline" in report
     assert {"sample100/SumR", "sub/image/accuracy"} <= set(available_metrics(load_outcomes(run / "report")))
+
+
+def test_the_probe_that_starts_an_itc_head_takes_the_heads_width():
+    """An ITC head of an odd width (7, not the probe's default 256) is started from a probe of that width: its
+    text map is the probe's with the standardisation folded in, and its deep image map starts at zero."""
+    from kaleido_bert.model.heads import ContrastiveHead
+    from kaleido_bert.model.linear_probe import BaselineSettings, init_itc_from_probe
+
+    rng = np.random.default_rng(3)
+    text, images = rng.normal(2.0, 3.0, (40, 9)).astype(np.float32), rng.normal(size=(40, 11)).astype(np.float32)
+    head = ContrastiveHead(9, dim=7, pool="mean", feature_size=11)
+    history = init_itc_from_probe(head, text, images, seed=0, settings=BaselineSettings(epochs=1, batch_size=16))
+    assert history["pairs"] == 40 and head.text.weight.shape == (7, 9)
+    assert float(head.image.weight.abs().sum()) == 0.0
+    before = head.text.weight.detach().clone()
+    init_itc_from_probe(head, text, images, seed=1, settings=BaselineSettings(dim=256, epochs=1, batch_size=16))
+    assert head.text.weight.shape == (7, 9) and not torch.equal(head.text.weight, before)  # a 256 asked: still 7

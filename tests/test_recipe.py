@@ -1,4 +1,4 @@
-"""The recipe for real catalogues (issue 13): mined ITM negatives, epoch budgets, class-balanced losses, the preset."""
+"""The recipe for real catalogues: mined ITM negatives, epoch budgets, class-balanced losses, the preset."""
 
 from __future__ import annotations
 

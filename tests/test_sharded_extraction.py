@@ -1,4 +1,4 @@
-"""Sharded feature extraction (issue 14): ``torchrun`` with 2 gloo processes on CPU writes, byte for byte, the store
+"""Sharded feature extraction: ``torchrun`` with 2 gloo processes on CPU writes, byte for byte, the store
 one process writes, also when it grows a store whose catalogue gained items; a killed rank resumes only its own
 remainder; one process finishes a store two processes left;
 the projected store size is printed and a disk that cannot hold it is refused in one line.

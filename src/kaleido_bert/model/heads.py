@@ -52,6 +52,9 @@ from kaleido_bert.model.encoder import (
 )
 from kaleido_bert.patches.grid import level_slice
 
+ITC_DIM = 256
+"""The width d of the shared ITC space (ALBEF's), which the frozen baseline's linear probe shares."""
+
 LEVEL_TASKS = {"rotation": (1, 4), "jigsaw": (2, 24), "camouflage": (3, 9)}
 RECONSTRUCTION_TASKS = {"grey_to_color": 4, "blank_to_color": 5}
 
@@ -112,7 +115,7 @@ class ContrastiveHead(nn.Module):
     frozen features stay one linear map away, the frozen baseline's map when ``train.probe_init`` starts from it).
     """
 
-    def __init__(self, hidden_size: int, dim: int = 256, *, pool: str = "cls", feature_size: int | None = None
+    def __init__(self, hidden_size: int, dim: int = ITC_DIM, *, pool: str = "cls", feature_size: int | None = None
                  ) -> None:
         super().__init__()
         self.pool = pool

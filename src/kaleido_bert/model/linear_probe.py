@@ -12,7 +12,7 @@ embeddings ``(·, dim)``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from torch import nn
 
 from kaleido_bert.errors import KaleidoError
 from kaleido_bert.model.encoder import masked_mean
+from kaleido_bert.model.heads import ITC_DIM
 from kaleido_bert.patches.features import NUM_COLOUR
 from kaleido_bert.patches.store import FeatureStore
 
@@ -32,7 +33,11 @@ IMAGE_POOLS = ("whole", "mean")
 
 @dataclass
 class BaselineSettings:
-    dim: int = 256
+    """How the linear probe is trained: its embedding width (the ITC head's, :data:`ITC_DIM`; a probe that
+    starts an ITC head takes the head's own), InfoNCE epochs, batch and learning rate, the text length of the frozen
+    encoder, and the logistic regressions' C and iterations."""
+
+    dim: int = ITC_DIM
     epochs: int = 5
     batch_size: int = 256
     lr: float = 1e-3
@@ -204,6 +209,7 @@ def init_itc_from_probe(itc: nn.Module, text: np.ndarray, images: np.ndarray, *,
     """
     if not hasattr(itc, "skip"):
         raise KaleidoError("train.probe_init needs the ITC head's mean pooling: set model.itc_pool=mean")
+    settings = replace(settings or BaselineSettings(), dim=itc.text.out_features)  # the head's width, not a default
     probe, history = fit_into(itc.text, itc.skip, text, images, seed=seed, settings=settings)
     with torch.no_grad():
         itc.image.weight.zero_()
