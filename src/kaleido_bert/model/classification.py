@@ -44,7 +44,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kaleido_bert.errors import KaleidoError
-from kaleido_bert.model.encoder import KaleidoBertModel, KaleidoBertPreTrainedModel, masked_mean
+from kaleido_bert.model.encoder import (
+    KaleidoBertModel,
+    KaleidoBertPreTrainedModel,
+    masked_mean,
+    sentence_embedding,
+)
 
 HEADS = ("pooled", "wide")
 """The two classifier heads: the pooled ``[CLS]`` (the released code) or the wide concatenation."""
@@ -191,9 +196,7 @@ class KaleidoBertForClassification(KaleidoBertPreTrainedModel):
         colour = masked_mean(batch["patch_features"].float(), keep)  # (B, F): the attended patches' mean
         parts = [out.pooled.float(), masked_mean(text, text_mask).float(), masked_mean(patches, keep).float(), colour]
         if self.sentence is not None:
-            with torch.no_grad():  # frozen: the text initialisation's own features
-                states = self.sentence(input_ids=batch["text_ids"], attention_mask=batch["text_mask"]).last_hidden_state
-            parts.append(masked_mean(states.float(), text_mask))
+            parts.append(sentence_embedding(self.sentence, batch["text_ids"], batch["text_mask"]))  # frozen
         return torch.cat(parts, dim=-1)
 
     def head_logits(self, features: Tensor) -> Tensor:

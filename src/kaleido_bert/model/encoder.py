@@ -148,6 +148,15 @@ def masked_mean(states: Tensor, mask: Tensor) -> Tensor:
     return (states * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 
+@torch.no_grad()
+def sentence_embedding(bert: nn.Module, ids: Tensor, mask: Tensor) -> Tensor:
+    """A frozen BERT's sentence embedding, as sentence encoders such as all-MiniLM-L6-v2 are trained: token ids
+    and mask ``(B, T)`` → the last hidden states' mean over real tokens ``(B, S)`` float32. The one owner of the
+    frozen text embedding (the linear probe, the frozen members of the dual encoder and the classifiers)."""
+    hidden = bert(input_ids=ids, attention_mask=mask).last_hidden_state
+    return masked_mean(hidden.float(), mask[..., None])
+
+
 def attention_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
     """Turn a key mask ``(B, S)`` or a full mask ``(B, S, S)`` (1 = may attend) into an additive ``(B, 1, S, S)``."""
     if mask.dim() == 2:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from kaleido_bert.atomic import atomic_path, atomic_write_json, read_json
 from kaleido_bert.errors import KaleidoError
-from kaleido_bert.model.encoder import masked_mean
+from kaleido_bert.model.encoder import masked_mean, sentence_embedding
 
 MEMBER_CONFIG = "itc_member.json"
 MEMBER_WEIGHTS = "itc_member.safetensors"
@@ -73,8 +73,7 @@ class ITCMember(nn.Module):
     @torch.no_grad()
     def sentence_features(self, ids: Tensor, mask: Tensor) -> Tensor:
         """Token ids and mask ``(B, T)`` → the frozen sentence embedding ``(B, S)`` (mean over real tokens)."""
-        hidden = self.sentence(input_ids=ids, attention_mask=mask).last_hidden_state
-        return masked_mean(hidden, mask[..., None])
+        return sentence_embedding(self.sentence, ids, mask)
 
     @staticmethod
     def image_features(patch_features: Tensor, keep: Tensor) -> Tensor:

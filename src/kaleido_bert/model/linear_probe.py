@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kaleido_bert.errors import KaleidoError
-from kaleido_bert.model.encoder import masked_mean
+from kaleido_bert.model.encoder import sentence_embedding
 from kaleido_bert.model.heads import ITC_DIM
 from kaleido_bert.patches.features import NUM_COLOUR
 from kaleido_bert.patches.store import FeatureStore
@@ -81,8 +81,7 @@ class FrozenText:
         for lo in range(0, len(texts), batch_size):
             enc = self.tokenizer(texts[lo:lo + batch_size], padding=True, truncation=True, max_length=max_len,
                                  return_tensors="pt")
-            hidden = self.model(**enc).last_hidden_state  # (B, T, H)
-            parts.append(masked_mean(hidden, enc["attention_mask"][..., None]).float().numpy())
+            parts.append(sentence_embedding(self.model, enc["input_ids"], enc["attention_mask"]).numpy())
         return np.concatenate(parts)
 
 
