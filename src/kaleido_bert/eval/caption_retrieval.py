@@ -292,12 +292,9 @@ def caption_choice(checkpoint: str | Path, config: RunConfig) -> dict[str, Any] 
     Raises:
         KaleidoError: a stale or malformed record, or a missing one where the config asks for a choice (one line).
     """
-    from kaleido_bert.model.calibration import CALIBRATION_FILE, current_calibration
+    from kaleido_bert.model.calibration import CALIBRATION_FILE, current_choice
 
-    if not config.eval.caption_retrieval_grid:
-        return None
-    record = current_calibration(checkpoint, config)
-    choice = record["caption_k"] if record is not None else None
+    choice = current_choice(checkpoint, config, "caption_k") if config.eval.caption_retrieval_grid else None
     if choice is None:
         return None
     k = choice.get("k")

@@ -126,12 +126,9 @@ def query_bank_choice(checkpoint: str | Path, config: RunConfig) -> dict[str, An
     Raises:
         KaleidoError: a stale or malformed record, or a missing one where the config asks for a choice (one line).
     """
-    from kaleido_bert.model.calibration import CALIBRATION_FILE, current_calibration
+    from kaleido_bert.model.calibration import CALIBRATION_FILE, current_choice
 
-    if not config.eval.query_bank_betas:
-        return None
-    record = current_calibration(checkpoint, config)
-    report = record["query_bank"] if record is not None else None
+    report = current_choice(checkpoint, config, "query_bank") if config.eval.query_bank_betas else None
     if report is None:
         return None
     try:

@@ -129,3 +129,14 @@ def current_calibration(checkpoint: str | Path, config: RunConfig, *, run: str |
         raise KaleidoError(f"{Path(checkpoint) / CALIBRATION_FILE} was made for other weights or eval settings "
                            f"({', '.join(SETTINGS)}): {command}")
     return record
+
+
+def current_choice(checkpoint: str | Path, config: RunConfig, name: str) -> dict[str, Any] | None:
+    """The ``name`` choice (one of :data:`CHOICES`) of ``checkpoint``'s :func:`current_calibration`; None when
+    the record has none.
+
+    Raises:
+        KaleidoError: as :func:`current_calibration`.
+    """
+    record = current_calibration(checkpoint, config)
+    return record[name] if record is not None else None
