@@ -45,7 +45,7 @@ from torch import Tensor, nn  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, matmul_peak_gflops, write_result  # noqa: E402
 
-from kaleido_bert.config import MaskingConfig, ModelConfig, load_config  # noqa: E402
+from kaleido_bert.config import ModelConfig, load_config  # noqa: E402
 from kaleido_bert.distributed import (  # noqa: E402
     BF16_MIN_SPEEDUP,
     autocast,
@@ -55,6 +55,7 @@ from kaleido_bert.distributed import (  # noqa: E402
     machine_line,
 )
 from kaleido_bert.inputs.masking import IGNORE, text_budget  # noqa: E402
+from kaleido_bert.inputs.synthetic import synthetic_batch  # noqa: E402
 
 BATCH_CAP = {"tiny": 32, "demo": 32, "small": 16, "paper": 64}
 """Batch = min(the preset's train.batch_size, this cap); tiny's own batch is 6."""
@@ -70,32 +71,6 @@ PEAK_SLOW_S = 10.0
 
 
 # -------------------------------------------------------------------------------------------- the worker side
-def synthetic_batch(m: ModelConfig, masking: MaskingConfig, b: int, seed: int = 0) -> dict[str, Tensor]:
-    """A batch shaped like ``collate``'s: (B, T) text, (B, 55, F) patches, the AKPM labels and targets."""
-    g = torch.Generator().manual_seed(seed)
-    t, p, f = m.max_text_len, m.num_patches, m.patch_feature_size
-    text_ids = torch.randint(0, m.vocab_size, (b, t), generator=g)
-    mlm_labels = torch.full((b, t), IGNORE, dtype=torch.long)
-    k = text_budget(t - 2, masking.text_ratio, masking.text_max)  # candidates: not [CLS] nor the final [SEP]
-    for row in range(b):
-        picked = 1 + torch.randperm(t - 2, generator=g)[:k]
-        mlm_labels[row, picked] = text_ids[row, picked]
-
-    def index(level: int, n: int) -> Tensor:
-        return torch.stack([torch.randperm(level * level, generator=g)[:n] for _ in range(b)])
-
-    return {
-        "text_ids": text_ids, "text_mask": torch.ones(b, t, dtype=torch.long), "mlm_labels": mlm_labels,
-        "patch_features": torch.randn(b, p, f, generator=g).relu(),
-        "patch_positions": torch.rand(b, p, 5, generator=g), "itm_label": torch.arange(b) % 2,
-        "rotation_label": torch.randint(0, 4, (b,), generator=g),
-        "jigsaw_label": torch.randint(0, 24, (b,), generator=g),
-        "camouflage_label": torch.randint(0, 9, (b,), generator=g),
-        "grey_index": index(4, masking.grey), "grey_target": torch.randn(b, masking.grey, f, generator=g),
-        "blank_index": index(5, masking.blank), "blank_target": torch.randn(b, masking.blank, f, generator=g),
-    }
-
-
 LossFn = Callable[[nn.Module], Tensor]
 
 

@@ -4,10 +4,12 @@ Every stage writes into ``OUT/<stage>`` and is skipped when its output is alread
 interruption picks up where it stopped (training stages resume from their last checkpoint). Stages: synthetic
 catalogue → Kaleido patches and features → alignment captioner and token↔patch alignments → pre-training (loss
 curves) → fine-tuning (retrieval, category and sub-category from image+text and from the image alone, captioning)
-→ the choices made on validation (``kaleido calibrate``: re-ranking, the query bank's β, the caption k) → evaluation (``OUT/report``: the paper's Tables 2–3 beside ours) → the product index of the search service
+→ the choices made on validation (``kaleido calibrate``: re-ranking, the query bank's β, the caption k) →
+evaluation (``OUT/report``: the paper's Tables 2–3 beside ours) → the product index of the search service
 (``OUT/index``) → each checkpoint's model card (``README.md``) with the report's metrics. It first names the recipe
-it runs and why (:func:`demo_recipe`). At the end it prints the report's model-against-baseline table with its paired
-intervals and one line saying whether the test split can tell the two apart
+it runs and why (:func:`demo_recipe`) and, once the catalogue is there, how long training will take on this machine
+(:mod:`kaleido_bert.workflows.estimate`). At the end it prints the report's model-against-baseline table with its
+paired intervals and one line saying whether the test split can tell the two apart
 (:mod:`kaleido_bert.eval.baseline_verdict`), then the wall time of each stage and the command that serves the demo
 model.
 """
@@ -22,7 +24,7 @@ from kaleido_bert.config import RunConfig
 from kaleido_bert.data.catalogue import Catalogue
 from kaleido_bert.distributed import machine_line, world_size
 from kaleido_bert.errors import KaleidoError
-from kaleido_bert.runs import FINETUNE, PRETRAIN, RUN_CONFIG
+from kaleido_bert.runs import FINETUNE, PRETRAIN, RUN_CONFIG, training_state
 from kaleido_bert.workflows.stages import (
     Stages,
     align,
@@ -146,6 +148,11 @@ def run_demo(config: RunConfig, out: str | Path, *, catalogue: str | Path | None
         print(check_catalogue(catalogue, progress=False).format())
         if not own:  # a catalogue given was checked before anything ran
             check_batches(config, load_catalogue(catalogue))
+        items = len(load_catalogue(catalogue).split("train"))
+        if training_state(out / PRETRAIN, config.with_train_items(items).train.max_steps) != "done":
+            from kaleido_bert.workflows.estimate import estimate_training  # before the first expensive stage
+
+            print(f"[demo] {estimate_training(config, items).line()}", flush=True)
 
     def make_features() -> None:
         print(json.dumps(extract_store(run, catalogue, features)))
