@@ -127,7 +127,7 @@ def current_calibration(checkpoint: str | Path, config: RunConfig, *, run: str |
         return None
     if record["fingerprint"] != fingerprint(checkpoint, config):
         raise KaleidoError(f"{Path(checkpoint) / CALIBRATION_FILE} was made for other weights or eval settings "
-                           f"({', '.join(SETTINGS)}): {command}")
+                           f"({', '.join(SETTINGS)}): {command}, with the --config and --set you evaluate with")
     return record
 
 
