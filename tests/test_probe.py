@@ -8,6 +8,7 @@ sklearn, resume, and ``kaleido finetune`` + ``evaluate_classifier`` end to end.
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import numpy as np
 import pytest
@@ -444,3 +445,34 @@ def test_finetune_pooled_probe_image_only_reports_the_probe_and_evaluates(pipeli
     assert "classifier_head" not in json.loads((out / "step-000002" / "config.json").read_text())
     scores = evaluate_classifier(out / "step-000002", _config(pipeline), progress=False)
     assert scores["input"] == "image" and 0.0 <= scores["accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize(("lr", "kept"), [("1e-12", "fine-tuned"), ("3.0", "probe start")])
+def test_the_probe_start_is_kept_where_fine_tuning_loses_to_it_on_validation(pipeline, tmp_path, lr, kept):
+    """A fine-tune that barely moves the probe-started head ties with it and is kept; one at an absurd learning rate
+    scores below it on validation, and the final checkpoint then holds the probe start, whose validation scores the
+    reloaded checkpoint reproduces."""
+    from kaleido_bert.data.catalogue import load_catalogue
+    from kaleido_bert.data.tokenizer import load_tokenizer
+    from kaleido_bert.inputs.downstream import ClassificationDataset
+    from kaleido_bert.inputs.pretraining import collate
+    from kaleido_bert.model.loading import load_pretrained
+    from kaleido_bert.patches.store import FeatureStore
+    from kaleido_bert.train.finetune import finetune
+    from kaleido_bert.train.probe import validation_scores
+
+    out = tmp_path / kept.replace(" ", "-")
+    config = _config(pipeline, "finetune.probe=true", "finetune.head=wide", f"finetune.lr={lr}",
+                     "finetune.max_steps=3", "finetune.warmup_ratio=0")
+    summary = finetune("category", config, pipeline / "pretrain", out, progress=False)
+    choice = summary["kept"]
+    assert choice["kept"] == kept and json.loads((out / "summary.json").read_text())["kept"] == choice
+    assert (choice["fine_tuned"]["score"] >= choice["probe_start"]["score"]) == (kept == "fine-tuned")
+    model = load_pretrained(KaleidoBertForClassification, out / "step-000003")
+    tokenizer = load_tokenizer(out / "step-000003")
+    val = ClassificationDataset(load_catalogue(pipeline / "catalogue"), FeatureStore(pipeline / "store"), tokenizer,
+                                split="val", field="category", label2id=dict(model.config.label2id),
+                                image_only=False, max_text_len=config.model.max_text_len)
+    found = validation_scores(model, val, partial(collate, pad_id=tokenizer.pad_token_id), batch_size=8,
+                              device=torch.device("cpu"))
+    assert found == choice["probe_start" if kept == "probe start" else "fine_tuned"]

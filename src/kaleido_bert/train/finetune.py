@@ -19,7 +19,9 @@ Classifiers read ``finetune.head`` (``pooled``, the released code, or ``wide``: 
 :mod:`kaleido_bert.model.classification`; with ``finetune.sentence`` the wide head also reads the frozen sentence
 embedding of the text initialisation) and, with ``finetune.probe``, start from a linear probe of the frozen
 encoder (LP-FT, Kumar et al. 2022; :mod:`kaleido_bert.train.probe`; its C chosen on validation among
-``finetune.probe_c``), fitted once per run and recorded in ``probe.json`` and the summary's ``probe``.
+``finetune.probe_c``), fitted once per run and recorded in ``probe.json`` and the summary's ``probe``; after the
+fine-tune the probe start is kept instead when it scores higher on validation (:func:`keep_the_better`, the
+summary's ``kept``).
 """
 
 from __future__ import annotations
@@ -44,12 +46,14 @@ from kaleido_bert.inputs.sources import open_data
 from kaleido_bert.model.loading import load_pretrained
 from kaleido_bert.runs import (
     FINETUNE_TASKS,
+    checkpoint_step,
     latest_checkpoint,
     list_checkpoints,
     part_name,
     resolve_checkpoint,
 )
 from kaleido_bert.train.loop import train
+from kaleido_bert.train.probe import validation_scores
 
 TASKS = FINETUNE_TASKS
 RETRIEVAL_TASKS = ["itm", "itc"]
@@ -170,15 +174,51 @@ def finetune(task: str, config: RunConfig, checkpoint: str | Path, out_dir: str 
     probe = None
     if task in LABEL_FIELDS and resume:
         _check_head(Path(out_dir), config.finetune.head)
+    start = None
     if task in LABEL_FIELDS and config.finetune.probe:
+        fresh = not (resume or list_checkpoints(out_dir))
         probe = probe_head(model, train_set, val_set, collate_fn, config, Path(out_dir), resume=resume,
                            progress=progress)
+        if fresh and val_set is not None and len(val_set):  # the probe start, to keep if fine-tuning loses to it
+            start = ({k: v.detach().clone() for k, v in model.state_dict().items()},
+                     validation_scores(model, val_set, collate_fn, batch_size=config.eval.batch_size,
+                                       device=dist.device(), num_workers=config.data.num_workers))
     summary = train(model, train_set, val_set, collate_fn, run, out_dir, resume=resume, tokenizer=tokenizer,
                     progress=progress, loss_counts=counts, part=part_name(task, image_only))
     summary.update(task=task, input="image" if image_only else "image+text", init=str(checkpoint))
     if probe is not None:
         summary["probe"] = probe
+    if start is not None:
+        summary["kept"] = keep_the_better(model, *start, val_set, collate_fn, run, Path(out_dir), tokenizer)
+        if dist.is_main():
+            atomic_write_json(Path(out_dir) / "summary.json", summary)
     return summary
+
+
+def keep_the_better(model, start_state: dict[str, torch.Tensor], start_scores: dict[str, float], val_set,
+                    collate_fn, run: RunConfig, out_dir: Path, tokenizer) -> dict[str, Any]:
+    """LP-FT, fine-tuned only where validation says it helps: the fine-tuned classifier's validation accuracy +
+    macro-F1 against its probe start's; when the start scores higher, its weights replace the final
+    checkpoint's (atomically; the fine-tuned ones are discarded). On a tie the fine-tuned model is kept.
+
+    Returns:
+        ``{"kept": "fine-tuned" | "probe start", "probe_start": scores, "fine_tuned": scores}``.
+    """
+    from kaleido_bert.checkpoint import TRAIN_STATE, save_checkpoint
+
+    tuned = validation_scores(model, val_set, collate_fn, batch_size=run.eval.batch_size, device=dist.device(),
+                              num_workers=run.data.num_workers)
+    kept = "fine-tuned" if tuned["score"] >= start_scores["score"] else "probe start"
+    if kept == "probe start":
+        model.load_state_dict(start_state)
+        if dist.is_main():
+            final = latest_checkpoint(out_dir)
+            state = torch.load(final / TRAIN_STATE, map_location="cpu", weights_only=False)
+            save_checkpoint(out_dir, checkpoint_step(final), model=model, run_config=run, train_state=state,
+                            tokenizer=tokenizer, keep_last=run.train.keep_last)
+        dist.barrier()
+    return {"kept": kept, "probe_start": start_scores, "fine_tuned": tuned,
+            "selection": "validation accuracy + macro-F1, the fine-tuned model on a tie"}
 
 
 def probe_head(model, train_set, val_set, collate_fn, config: RunConfig, out_dir: Path, *, resume: bool,

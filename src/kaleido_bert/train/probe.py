@@ -187,3 +187,14 @@ def fit_probe(model: KaleidoBertForClassification, train_set: Dataset, val_set: 
                               "items": len(y), "converged": converged, "grid": grid}
     result["seconds"] = round(time.perf_counter() - started, 2)
     return result
+
+
+def validation_scores(model: KaleidoBertForClassification, val_set: Dataset, collate_fn: Callable, *,
+                      batch_size: int, device: torch.device, num_workers: int = 0) -> dict[str, float]:
+    """The model's accuracy and macro-F1 (over its label map) on ``val_set``, in eval mode: ``{"accuracy",
+    "macro_f1", "score"}``, ``score`` their sum (how the probe's settings are ranked)."""
+    x, y = head_features(model, val_set, collate_fn, batch_size=batch_size, device=device, progress=False,
+                         num_workers=num_workers, desc="validation")
+    scores = classification_metrics(y, head_predictions(model, x), model.config.num_labels)
+    return {"accuracy": round(scores["accuracy"], 5), "macro_f1": round(scores["macro_f1"], 5),
+            "score": round(scores["accuracy"] + scores["macro_f1"], 5)}
