@@ -110,3 +110,32 @@ def test_the_model_config_carries_the_training_settings_and_refuses_an_unknown_n
     assert config.itm_negatives == "mined" and KaleidoBertConfig().itm_negatives == "sampled"
     with pytest.raises(KaleidoError, match="itm_negatives='hard'"):
         KaleidoBertForPreTraining(KaleidoBertConfig.from_model_config(load_config("tiny").model, itm_negatives="hard"))
+
+
+@torch.no_grad()
+def test_the_wide_heads_standardisation_and_member_weight_survive_a_reload(tmp_path):
+    """The wide head's feature mean and std and the frozen member's α are buffers saved with the weights: a reload
+    gives them back (transformers' weight init must not reset what the checkpoint holds), and a classifier built
+    from a checkpoint without them starts at mean 0, std 1, α 1."""
+    from kaleido_bert.model.loading import load_pretrained
+
+    config = KaleidoBertConfig.from_model_config(load_config("tiny").model)
+    config.num_labels, config.classifier_head, config.classifier_frozen_member = 3, "wide", True
+    config.classifier_class_weights = [0.5, 2.0, 1.0]  # class weights as the recipe has them
+    torch.manual_seed(0)
+    model = KaleidoBertForClassification(config).eval()
+    model.feature_mean.normal_()
+    model.feature_std.uniform_(0.5, 2.0)
+    model.frozen_mix.fill_(0.25)
+    model.save_pretrained(str(tmp_path / "clf"))
+    reloaded = load_pretrained(KaleidoBertForClassification, tmp_path / "clf").eval()
+    for name in ("feature_mean", "feature_std", "frozen_mix"):
+        assert torch.equal(getattr(reloaded, name), getattr(model, name)), name
+    batch = _batch(1, b=4)
+    assert torch.allclose(reloaded(batch).logits, model(batch).logits, atol=1e-6)
+
+    _, checkpoint = _saved(tmp_path / "pretrain")
+    fresh = load_pretrained(KaleidoBertForClassification, checkpoint, num_labels=3, classifier_head="wide",
+                            classifier_frozen_member=True)
+    assert torch.equal(fresh.feature_mean, torch.zeros_like(fresh.feature_mean))
+    assert torch.equal(fresh.feature_std, torch.ones_like(fresh.feature_std)) and float(fresh.frozen_mix) == 1.0

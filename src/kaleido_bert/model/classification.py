@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import transformers.initialization as hf_init
 from torch import Tensor, nn
 
 from kaleido_bert.errors import KaleidoError
@@ -177,12 +178,11 @@ class KaleidoBertForClassification(KaleidoBertPreTrainedModel):
         if module is self and self.class_weight is not None:  # non-persistent: rebuilt from config.json
             with torch.no_grad():
                 self.class_weight.copy_(class_weight_of(self.config))
-        if module is self and self.head_type == "wide":
-            with torch.no_grad():
-                self.feature_mean.zero_()
-                self.feature_std.fill_(1.0)
-                if self.frozen_member:
-                    self.frozen_mix.fill_(1.0)
+        if module is self and self.head_type == "wide":  # transformers' init skips what the checkpoint loaded
+            hf_init.zeros_(self.feature_mean)
+            hf_init.ones_(self.feature_std)
+            if self.frozen_member:
+                hf_init.ones_(self.frozen_mix)
 
     def head_input(self, batch: dict[str, Tensor]) -> Tensor:
         """The encoder's features the head reads, ``(B, H)``, before standardisation."""
