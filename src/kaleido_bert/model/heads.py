@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import transformers.initialization as hf_init
 from torch import Tensor, nn
 from transformers.models.bert.modeling_bert import BertLMPredictionHead
 
@@ -248,14 +249,13 @@ class KaleidoBertForPreTraining(KaleidoBertPreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
+        # transformers' init functions skip what a checkpoint loaded, so a reload never resets these
         if isinstance(module, ContrastiveHead):  # CLIP's temperature 0.07, also when a checkpoint lacks the head
-            with torch.no_grad():
-                module.logit_scale.fill_(math.log(1 / 0.07))
+            hf_init.constant_(module.logit_scale, math.log(1 / 0.07))
         heads = getattr(self, "heads", None)
         if heads is not None and module is getattr(heads, "itm", None) and heads.itm_negatives == "mined":
-            with torch.no_grad():  # ITM as a correction to ITC starts at zero: the score starts as the dual encoder's
-                module.weight.zero_()
-                module.bias.zero_()
+            hf_init.zeros_(module.weight)  # ITM as a correction to ITC starts at zero: the score starts as ITC's
+            hf_init.zeros_(module.bias)
 
     def forward(self, batch: dict[str, Tensor]) -> PretrainingOutput:
         """One joint pass over text + patches (plus text-only and patch-only passes when ITC is on)."""
