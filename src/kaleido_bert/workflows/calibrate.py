@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kaleido_bert.config import RunConfig
-from kaleido_bert.model.calibration import CHOICES, read_calibration, write_calibration
+from kaleido_bert.model.calibration import CHOICES, fingerprint, read_calibration, write_calibration
 from kaleido_bert.runs import run_parts
 
 
@@ -34,7 +34,6 @@ def calibrate_run(run: str | Path, config: RunConfig, *, progress: bool = True, 
     """
     from kaleido_bert.eval.caption_metrics import JAVA_HINT
     from kaleido_bert.inputs.sources import open_data
-    from kaleido_bert.model.calibration import fingerprint
 
     parts = run_parts(run)
     searched = parts.get("retrieval", parts["pretrain"])
