@@ -22,7 +22,8 @@ how much of an attribute survives each way of making the features:
 * ``crop 64``: each patch cropped and encoded on its own at the recipe's 64 px (the paper's way, at its 224 px
   in the paper).
 
-Beside them, what the pixels themselves carry: ``pixels``, the mean RGB of each of the 55 patch boxes (165 values),
+Where both the recipe's and the cropped store are measured, their strong sets side by side (the roi 1×1 patch
+and the cropped 5×5 max): whether one input can keep colour and shape. Beside them, what the pixels carry: ``pixels``, the mean RGB of each of the 55 patch boxes (165 values),
 read from the images with the recipe store's boxes.
 
     python benchmarks/bench_attributes.py [--products 500] [--variants recipe,roi512,crop64] [--render-only]
@@ -206,6 +207,14 @@ def run(products: int, variants: list[str]) -> dict:
             y = np.array([str(v) for v in values])[keep]
             floors[name]["pixels"] = balanced(y, cross_validated(pixels[keep], y, groups[keep]),
                                               groups[keep], rng)
+    if {"recipe", "crop64"} <= set(variants):  # each mode where it is strong: shape from roi, colour from crops
+        both = np.concatenate([feature_sets(FeatureStore(CACHE / f"store-{products}-recipe"), ids)["1×1"],
+                               feature_sets(FeatureStore(CACHE / f"store-{products}-crop64"), ids)["5×5 max"]], axis=1)
+        for name, values in truth.items():
+            if name in floors:
+                keep = np.array([v is not None for v in values])
+                y = np.array([str(v) for v in values])[keep]
+                floors[name]["combined"] = balanced(y, cross_validated(both[keep], y, groups[keep]), groups[keep], rng)
     return result
 
 
@@ -243,6 +252,12 @@ def render(result: dict) -> str:
                   f"{result['stores'][v]['gflops_per_image']} backbone GFLOPs per image.", "",
                   "| attribute | " + " | ".join(SETS) + " |", "|---|" + "---|" * len(SETS)]
         lines += [f"| {name} | " + " | ".join(fmt(rows[name][v][s]) for s in SETS) + " |" for name in floors]
+    if all("combined" in fl for fl in floors.values()):
+        lines += ["", "## Both: the roi 1×1 patch beside the cropped 5×5 max", "",
+                  "The two stores' strong sets side by side (2F): does one input keep colour and shape?", "",
+                  "| attribute | roi 256: 1×1 | crop 64: 5×5 max | both |", "|---|---|---|---|"]
+        lines += [f"| {name} | {fmt(rows[name]['recipe']['1×1'])} | {fmt(rows[name]['crop64']['5×5 max'])} | "
+                  f"{fmt(fl['combined'])} |" for name, fl in floors.items()]
     if sal:
         lines += ["", f"Where the saliency box falls (recipe store, quartiles): IoU with the drawn object's box "
                   f"{sal['iou']}, share of the object inside it {sal['object_covered']}; a small attribute's width "
