@@ -71,7 +71,7 @@ def targets(items: list) -> dict[str, list]:
     for it in items:
         extra = it.extra
         for name in SINGLE:
-            out[name].append(extra.get(name) if name != "pattern" or "pattern" in extra else None)
+            out[name].append(extra.get(name))
         for d in DETAILS:
             out[d].append(d in extra.get("details", ()))
     return out
@@ -155,19 +155,22 @@ def run(products: int, variants: list[str]) -> dict:
     ids = [it.id for it in items]
     groups = np.array([it.product_id for it in items])
     subs = np.array([it.subcategory for it in items])
-    truth = targets(items)
-    rng = np.random.default_rng(0)
-    onehot = (subs[:, None] == np.unique(subs)[None]).astype(np.float32)
-    result = {"products": products, "views": len(items), "folds": FOLDS, "stores": {}, "rows": {}}
-    floors: dict[str, dict] = {}
-    for name, values in truth.items():
+    labelled = {}  # attribute → (views it applies to, their values as labels), where it has two values or more
+    for name, values in targets(items).items():
         keep = np.array([v is not None for v in values])
         y = np.array([str(v) for v in values])[keep]
-        if len(set(y)) < 2:
-            continue
-        pred = cross_validated(onehot[keep], y, groups[keep])
-        floors[name] = {"classes": len(set(y)), "views": int(keep.sum()), "chance": round(100 / len(set(y)), 1),
-                        "sub-category": balanced(y, pred, groups[keep], rng)}
+        if len(set(y)) > 1:
+            labelled[name] = (keep, y)
+    rng = np.random.default_rng(0)
+
+    def score(x: np.ndarray, name: str) -> tuple[float, float, float]:
+        keep, y = labelled[name]
+        return balanced(y, cross_validated(x[keep], y, groups[keep]), groups[keep], rng)
+
+    onehot = (subs[:, None] == np.unique(subs)[None]).astype(np.float32)
+    result = {"products": products, "views": len(items), "folds": FOLDS, "stores": {}, "rows": {}}
+    floors = {name: {"classes": len(set(y)), "views": int(keep.sum()), "chance": round(100 / len(set(y)), 1),
+                     "sub-category": score(onehot, name)} for name, (keep, y) in labelled.items()}
     result["floors"] = floors
     done_file = CACHE / f"rows-{products}.json"
     done = json.loads(done_file.read_text()) if done_file.is_file() else {}
@@ -184,15 +187,8 @@ def run(products: int, variants: list[str]) -> dict:
                                                                                  "patch_size", "saliency")},
                                      "gflops_per_image": summary["gflops_per_image"]}
         sets = feature_sets(FeatureStore(store_dir), ids)
-        for name, values in truth.items():
-            if name not in floors:
-                continue
-            keep = np.array([v is not None for v in values])
-            y = np.array([str(v) for v in values])[keep]
-            for set_name in SETS:
-                pred = cross_validated(sets[set_name][keep], y, groups[keep])
-                result["rows"].setdefault(name, {}).setdefault(variant, {})[set_name] = balanced(
-                    y, pred, groups[keep], rng)
+        for name in labelled:
+            result["rows"].setdefault(name, {})[variant] = {set_name: score(sets[set_name], name) for set_name in SETS}
             print(f"{variant:8s} {name:11s} " + "  ".join(
                 f"{s} {result['rows'][name][variant][s][0]:5.1f}" for s in SETS), flush=True)
         done[variant] = {"sets": list(SETS), "store": result["stores"][variant],
@@ -201,20 +197,13 @@ def run(products: int, variants: list[str]) -> dict:
     first = FeatureStore(CACHE / f"store-{products}-{variants[0]}")
     result["saliency"] = saliency_fit(first, items)
     pixels = patch_colours(cat, first, items)
-    for name, values in truth.items():
-        if name in floors:
-            keep = np.array([v is not None for v in values])
-            y = np.array([str(v) for v in values])[keep]
-            floors[name]["pixels"] = balanced(y, cross_validated(pixels[keep], y, groups[keep]),
-                                              groups[keep], rng)
+    for name in labelled:
+        floors[name]["pixels"] = score(pixels, name)
     if {"recipe", "crop64"} <= set(variants):  # each mode where it is strong: shape from roi, colour from crops
         both = np.concatenate([feature_sets(FeatureStore(CACHE / f"store-{products}-recipe"), ids)["1×1"],
                                feature_sets(FeatureStore(CACHE / f"store-{products}-crop64"), ids)["5×5 max"]], axis=1)
-        for name, values in truth.items():
-            if name in floors:
-                keep = np.array([v is not None for v in values])
-                y = np.array([str(v) for v in values])[keep]
-                floors[name]["combined"] = balanced(y, cross_validated(both[keep], y, groups[keep]), groups[keep], rng)
+        for name in labelled:
+            floors[name]["combined"] = score(both, name)
     return result
 
 
