@@ -5,7 +5,6 @@ field, including what a result's ``score`` means (:data:`PRODUCT_SCORE`, :data:`
 Request models live with their endpoints in :func:`kaleido_bert.serve.app.create_app` (they depend on its limits).
 """
 
-
 from pydantic import BaseModel, ConfigDict, Field
 
 PRODUCT_SCORE = (

@@ -176,8 +176,8 @@ def finetune(task: str, config: RunConfig, checkpoint: str | Path, out_dir: str 
         _check_head(Path(out_dir), config.finetune.head)
     start = None
     if task in LABEL_FIELDS and config.finetune.probe:
-        fresh = not (resume or list_checkpoints(out_dir))
-        probe = probe_head(model, train_set, val_set, collate_fn, config, Path(out_dir), resume=resume,
+        fresh = not (resume or list_checkpoints(out_dir))  # the loop refuses an out_dir with checkpoints
+        probe = probe_head(model, train_set, val_set, collate_fn, config, Path(out_dir), fresh=fresh,
                            progress=progress)
         if fresh and val_set is not None and len(val_set):  # the probe start, to keep if fine-tuning loses to it
             start = ({k: v.detach().clone() for k, v in model.state_dict().items()},
@@ -221,19 +221,19 @@ def keep_the_better(model, start_state: dict[str, torch.Tensor], start_scores: d
             "selection": "validation accuracy + macro-F1, the fine-tuned model on a tie"}
 
 
-def probe_head(model, train_set, val_set, collate_fn, config: RunConfig, out_dir: Path, *, resume: bool,
+def probe_head(model, train_set, val_set, collate_fn, config: RunConfig, out_dir: Path, *, fresh: bool,
                progress: bool = True) -> dict[str, Any] | None:
     """LP-FT's linear probe of a classifier's head (``finetune.probe``), fitted once per run into ``out_dir``.
 
-    A fresh run fits it (:func:`kaleido_bert.train.probe.fit_probe`, batches of ``eval.batch_size``, the
-    fine-tuning class weights) and records it in ``out_dir/probe.json``; a run that resumes, or one that the loop
-    will refuse because ``out_dir`` already holds checkpoints, fits nothing (the checkpoint holds the head) and
-    returns the record, if any. Under ``torchrun`` every rank fits the same probe on the same data.
+    A ``fresh`` run fits it (:func:`kaleido_bert.train.probe.fit_probe`, batches of ``eval.batch_size``, the
+    fine-tuning class weights) and records it in ``out_dir/probe.json``; any other (one that resumes, or one that
+    the loop will refuse because ``out_dir`` already holds checkpoints) fits nothing (the checkpoint holds the
+    head) and returns the record, if any. Under ``torchrun`` every rank fits the same probe on the same data.
     """
     from kaleido_bert.train.probe import fit_probe
 
     record = out_dir / PROBE_RECORD
-    if resume or list_checkpoints(out_dir):
+    if not fresh:
         return read_json(record, dict) if record.is_file() else None
     probe = fit_probe(model, train_set, val_set, collate_fn, batch_size=config.eval.batch_size,
                       device=dist.device(), class_weight=model.class_weight, c_values=config.finetune.probe_c,
